@@ -1,0 +1,288 @@
+//! Daemon configuration: `/etc/nodemirror/config.toml` overlaid by
+//! command-line flags (flags win), validated into [`Settings`]; and the
+//! upstream routes under `hosts.d` ([`hosts`]).
+
+pub mod hosts;
+pub mod source;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use source::{visit_table, Source};
+pub use source::{ConfigError, ConfigErrors};
+
+use crate::reference::Namespace;
+
+/// Where the daemon looks for its configuration when not told.
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/nodemirror/config.toml";
+/// Default listen address: loopback, away from a local registry on 5000.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:5780";
+pub const DEFAULT_HOSTS_DIR: &str = "/etc/nodemirror/hosts.d";
+pub const DEFAULT_AUTH_FILE: &str = "/etc/nodemirror/auth.json";
+
+/// Timeouts and back-off for upstream endpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamSettings {
+    /// TCP (and TLS) connect.
+    pub connect_timeout: Duration,
+    /// From sending a request to the response headers.
+    pub first_byte_timeout: Duration,
+    /// Longest silence while a response body streams.
+    pub idle_timeout: Duration,
+    /// How long a failed endpoint is skipped; doubles per consecutive
+    /// failure up to `backoff_max`.
+    pub backoff: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for UpstreamSettings {
+    fn default() -> Self {
+        UpstreamSettings {
+            connect_timeout: Duration::from_secs(3),
+            first_byte_timeout: Duration::from_secs(15),
+            idle_timeout: Duration::from_secs(30),
+            backoff: Duration::from_secs(10),
+            backoff_max: Duration::from_secs(300),
+        }
+    }
+}
+
+/// The validated daemon configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub cache_dir: PathBuf,
+    pub hosts_dir: PathBuf,
+    /// Namespace of requests that carry no `?ns=`.
+    pub default_namespace: Namespace,
+    /// A docker `config.json`-format file with upstream credentials.
+    pub auth_file: Option<PathBuf>,
+    pub upstream: UpstreamSettings,
+}
+
+/// Values given on the command line; each one wins over the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub cache_dir: Option<PathBuf>,
+    pub hosts_dir: Option<PathBuf>,
+    pub default_namespace: Option<Namespace>,
+    pub auth_file: Option<PathBuf>,
+}
+
+impl Settings {
+    /// Loads `config` (or [`DEFAULT_CONFIG_FILE`] if it exists) and applies
+    /// `overrides`. An explicitly named file must exist.
+    pub fn load(config: Option<&Path>, overrides: Overrides) -> Result<Settings, ConfigErrors> {
+        let mut settings = Settings::defaults();
+        let file = match config {
+            Some(p) => Some(p.to_path_buf()),
+            None => Some(PathBuf::from(DEFAULT_CONFIG_FILE)).filter(|p| p.exists()),
+        };
+        if let Some(path) = file {
+            let src = Source::read(&path)?;
+            settings.apply_file(&src)?;
+        }
+        let o = overrides;
+        settings.listen = o.listen.unwrap_or(settings.listen);
+        settings.cache_dir = o.cache_dir.unwrap_or(settings.cache_dir);
+        settings.hosts_dir = o.hosts_dir.unwrap_or(settings.hosts_dir);
+        settings.default_namespace = o.default_namespace.unwrap_or(settings.default_namespace);
+        if o.auth_file.is_some() {
+            settings.auth_file = o.auth_file;
+        }
+        Ok(settings)
+    }
+
+    /// The embedded defaults: loopback listener, a cache directory the user
+    /// can write, `/etc/nodemirror/hosts.d`, docker.io for bare requests.
+    pub fn defaults() -> Settings {
+        Settings {
+            // Both parse: they are constants checked by the tests below.
+            listen: DEFAULT_LISTEN
+                .parse()
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 5780))),
+            cache_dir: default_cache_dir(),
+            hosts_dir: PathBuf::from(DEFAULT_HOSTS_DIR),
+            default_namespace: docker_io(),
+            auth_file: Some(PathBuf::from(DEFAULT_AUTH_FILE)).filter(|p| p.exists()),
+            upstream: UpstreamSettings::default(),
+        }
+    }
+
+    fn apply_file(&mut self, src: &Source) -> Result<(), ConfigErrors> {
+        let mut errors = Vec::new();
+        let base = src.path.parent().unwrap_or(Path::new("/")).to_path_buf();
+        let root = src.doc.as_table();
+        let known = [
+            "listen",
+            "cache_dir",
+            "hosts_dir",
+            "default_namespace",
+            "auth_file",
+            "upstream",
+        ];
+        visit_table(src, root, &known, &mut errors, |f| {
+            match f.key {
+                "listen" => {
+                    self.listen = f.str()?.parse().map_err(|e| {
+                        src.error(
+                            f.span.clone(),
+                            format!("`listen` must be ADDRESS:PORT: {e}"),
+                        )
+                    })?
+                }
+                "cache_dir" => self.cache_dir = base.join(f.str()?),
+                "hosts_dir" => self.hosts_dir = base.join(f.str()?),
+                "auth_file" => self.auth_file = Some(base.join(f.str()?)),
+                "default_namespace" => {
+                    self.default_namespace = f
+                        .str()?
+                        .parse()
+                        .map_err(|e| src.error(f.span.clone(), format!("{e}")))?
+                }
+                "upstream" => {
+                    let table = f
+                        .item
+                        .as_table_like()
+                        .ok_or_else(|| src.error(f.span.clone(), "`upstream` must be a table"))?;
+                    let u = &mut self.upstream;
+                    let keys = [
+                        "connect_timeout",
+                        "first_byte_timeout",
+                        "idle_timeout",
+                        "backoff",
+                        "backoff_max",
+                    ];
+                    let mut inner = Vec::new();
+                    visit_table(src, table, &keys, &mut inner, |f| {
+                        let d = f.duration()?;
+                        match f.key {
+                            "connect_timeout" => u.connect_timeout = d,
+                            "first_byte_timeout" => u.first_byte_timeout = d,
+                            "idle_timeout" => u.idle_timeout = d,
+                            "backoff" => u.backoff = d,
+                            _ => u.backoff_max = d,
+                        }
+                        Ok(())
+                    });
+                    if let Some(e) = inner.into_iter().next() {
+                        return Err(e);
+                    }
+                }
+                _ => unreachable!("visit_table passes known keys only"),
+            }
+            Ok(())
+        });
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+}
+
+fn docker_io() -> Namespace {
+    // A constant that parses: checked by the `defaults_are_valid` test.
+    "docker.io"
+        .parse()
+        .unwrap_or_else(|_| unreachable!("docker.io is a valid namespace"))
+}
+
+/// `$CACHE_DIRECTORY` under systemd, `/var/cache/nodemirror` for root,
+/// else the user's cache folder.
+fn default_cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CACHE_DIRECTORY") {
+        // systemd may pass several, separated by ':'; the first is ours.
+        let first = dir
+            .to_string_lossy()
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        if !first.is_empty() {
+            return PathBuf::from(first);
+        }
+    }
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/cache/nodemirror");
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("nodemirror")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let p = dir.join("config.toml");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        assert_eq!(DEFAULT_LISTEN.parse::<SocketAddr>().unwrap().port(), 5780);
+        assert_eq!(Settings::defaults().default_namespace.as_str(), "docker.io");
+    }
+
+    #[test]
+    fn file_then_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "listen = \"127.0.0.1:9000\"\ncache_dir = \"cache\"\nhosts_dir = \"/x/hosts.d\"\n\n[upstream]\nconnect_timeout = \"250ms\"\nbackoff = 2\n",
+        );
+        let s = Settings::load(Some(&p), Overrides::default()).unwrap();
+        assert_eq!(s.listen.port(), 9000);
+        assert_eq!(s.cache_dir, dir.path().join("cache"));
+        assert_eq!(s.hosts_dir, PathBuf::from("/x/hosts.d"));
+        assert_eq!(s.upstream.connect_timeout, Duration::from_millis(250));
+        assert_eq!(s.upstream.backoff, Duration::from_secs(2));
+
+        let o = Overrides {
+            listen: Some("127.0.0.1:9100".parse().unwrap()),
+            hosts_dir: Some("/y".into()),
+            ..Default::default()
+        };
+        let s = Settings::load(Some(&p), o).unwrap();
+        assert_eq!(s.listen.port(), 9100);
+        assert_eq!(s.hosts_dir, PathBuf::from("/y"));
+        assert_eq!(s.cache_dir, dir.path().join("cache"));
+    }
+
+    #[test]
+    fn every_error_is_reported_with_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "listen = \"nope\"\nlisen = 1\n[upstream]\nidle_timeout = \"forever\"\n",
+        );
+        let e = Settings::load(Some(&p), Overrides::default()).unwrap_err();
+        let lines: Vec<usize> = e.0.iter().map(|e| e.line).collect();
+        assert_eq!(lines, [1, 2, 4], "{e}");
+        assert!(
+            e.to_string().contains("config.toml:2: unknown key `lisen`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn named_file_must_exist() {
+        let e = Settings::load(
+            Some(Path::new("/nonexistent/nm.toml")),
+            Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("/nonexistent/nm.toml:0: cannot read"),
+            "{e}"
+        );
+    }
+}

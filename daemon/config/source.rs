@@ -1,0 +1,241 @@
+//! A parsed TOML file that remembers where each value came from, so every
+//! configuration error can name the file and line.
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml_edit::{Item, TableLike, Value};
+
+/// One problem in one configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}:{line}: {message}", path.display())]
+pub struct ConfigError {
+    pub path: PathBuf,
+    /// 1-based; 0 when the problem concerns the file as a whole.
+    pub line: usize,
+    pub message: String,
+}
+
+/// Every problem found in a configuration, reported together so an
+/// operator fixes them in one pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl From<ConfigError> for ConfigErrors {
+    fn from(e: ConfigError) -> Self {
+        ConfigErrors(vec![e])
+    }
+}
+
+/// The text of a configuration file and its parsed document.
+pub struct Source {
+    pub path: PathBuf,
+    text: String,
+    pub doc: toml_edit::Document<String>,
+}
+
+impl Source {
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            path: path.to_path_buf(),
+            line: 0,
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::parse(path, text)
+    }
+
+    pub fn parse(path: &Path, text: String) -> Result<Self, ConfigError> {
+        match toml_edit::Document::parse(text.clone()) {
+            Ok(doc) => Ok(Source {
+                path: path.to_path_buf(),
+                text,
+                doc,
+            }),
+            Err(e) => {
+                let line = e.span().map_or(0, |s| line_of(&text, s.start));
+                Err(ConfigError {
+                    path: path.to_path_buf(),
+                    line,
+                    message: format!("TOML syntax error: {}", e.message().trim()),
+                })
+            }
+        }
+    }
+
+    /// The 1-based line where `span` starts, or 0 when unknown.
+    pub fn line(&self, span: Option<Range<usize>>) -> usize {
+        span.map_or(0, |s| line_of(&self.text, s.start))
+    }
+
+    pub fn error(&self, span: Option<Range<usize>>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            path: self.path.clone(),
+            line: self.line(span),
+            message: message.into(),
+        }
+    }
+
+    /// `path:line` of `span`, for log lines about where an endpoint came from.
+    pub fn origin(&self, span: Option<Range<usize>>) -> String {
+        format!("{}:{}", self.path.display(), self.line(span))
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// The span of an item, or of its key when the item has none (tables).
+pub fn span_of(table: &dyn TableLike, key: &str) -> Option<Range<usize>> {
+    let (k, item) = table.get_key_value(key)?;
+    item.span().or_else(|| k.span())
+}
+
+/// Typed reads of one value, with errors that name file and line.
+pub struct Field<'a> {
+    pub src: &'a Source,
+    pub key: &'a str,
+    pub item: &'a Item,
+    pub span: Option<Range<usize>>,
+}
+
+impl<'a> Field<'a> {
+    fn wrong(&self, want: &str) -> ConfigError {
+        self.src
+            .error(self.span.clone(), format!("`{}` must be {want}", self.key))
+    }
+
+    pub fn str(&self) -> Result<&'a str, ConfigError> {
+        self.item.as_str().ok_or_else(|| self.wrong("a string"))
+    }
+
+    pub fn bool(&self) -> Result<bool, ConfigError> {
+        self.item
+            .as_bool()
+            .ok_or_else(|| self.wrong("true or false"))
+    }
+
+    /// A string, or an array of strings.
+    pub fn strings(&self) -> Result<Vec<&'a str>, ConfigError> {
+        match self.item.as_value() {
+            Some(Value::String(s)) => Ok(vec![s.value().as_str()]),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .ok_or_else(|| self.wrong("a string or an array of strings"))
+                })
+                .collect(),
+            _ => Err(self.wrong("a string or an array of strings")),
+        }
+    }
+
+    /// A duration: whole seconds as an integer, or a string such as
+    /// `"500ms"`, `"5s"`, `"2m"`.
+    pub fn duration(&self) -> Result<Duration, ConfigError> {
+        let want = "a duration: seconds as an integer, or a string like \"500ms\", \"5s\", \"2m\"";
+        if let Some(n) = self.item.as_integer() {
+            return u64::try_from(n)
+                .map(Duration::from_secs)
+                .map_err(|_| self.wrong(want));
+        }
+        let s = self.item.as_str().ok_or_else(|| self.wrong(want))?;
+        parse_duration(s).ok_or_else(|| self.wrong(want))
+    }
+}
+
+/// Parses `"250ms"`, `"5s"`, `"2m"`, `"1h"` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    match unit.trim() {
+        "ms" => Some(Duration::from_millis(n)),
+        "" | "s" => Some(Duration::from_secs(n)),
+        "m" => n.checked_mul(60).map(Duration::from_secs),
+        "h" => n.checked_mul(3600).map(Duration::from_secs),
+        _ => None,
+    }
+}
+
+/// Walks the keys of a table, handing each known key to `visit` and
+/// reporting unknown keys, so a typo never silently changes behaviour.
+pub fn visit_table<'a>(
+    src: &'a Source,
+    table: &'a dyn TableLike,
+    known: &[&str],
+    errors: &mut Vec<ConfigError>,
+    mut visit: impl FnMut(Field<'a>) -> Result<(), ConfigError>,
+) {
+    for (key, item) in table.iter() {
+        let span = span_of(table, key);
+        if !known.contains(&key) {
+            errors.push(src.error(
+                span,
+                format!(
+                    "unknown key `{key}` (expected one of: {})",
+                    known.join(", ")
+                ),
+            ));
+            continue;
+        }
+        if let Err(e) = visit(Field {
+            src,
+            key,
+            item,
+            span,
+        }) {
+            errors.push(e);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5s"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_duration("5 s"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_duration("s"), None);
+        assert_eq!(parse_duration("5d"), None);
+        assert_eq!(parse_duration("-5s"), None);
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        let e = Source::parse(Path::new("x.toml"), "a = 1\nb = \n".into())
+            .err()
+            .unwrap();
+        assert_eq!(e.line, 2, "{e}");
+        assert!(
+            e.to_string().starts_with("x.toml:2: TOML syntax error"),
+            "{e}"
+        );
+    }
+}

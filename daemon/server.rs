@@ -1,0 +1,277 @@
+//! The HTTP front: accepts connections, routes the distribution pull API
+//! by path and `?ns=`, logs one line per request, and drains in-flight
+//! requests on shutdown.
+
+mod error;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tracing::Instrument;
+
+pub use error::ServeError;
+
+use crate::mirror::stream::BoxError;
+use crate::mirror::Mirror;
+use crate::reference::{Namespace, Reference};
+
+pub type ResponseBody = BoxBody<Bytes, BoxError>;
+
+pub const API_VERSION: (&str, &str) = ("docker-distribution-api-version", "registry/2.0");
+
+/// How long in-flight requests may take to finish after shutdown begins.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub fn full(b: Bytes) -> ResponseBody {
+    Full::new(b).map_err(|never| match never {}).boxed()
+}
+
+pub fn boxed<B>(body: B) -> ResponseBody
+where
+    B: http_body::Body<Data = Bytes, Error = BoxError> + Send + Sync + 'static,
+{
+    BoxBody::new(body)
+}
+
+/// What the server needs to answer requests.
+pub struct App {
+    pub mirror: Mirror,
+    /// For requests without `?ns=`.
+    pub default_namespace: Namespace,
+}
+
+/// A parsed request path.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route {
+    /// `/v2/`: API version check.
+    Base,
+    Manifest(crate::reference::Repository, Reference),
+    Blob(crate::reference::Repository, crate::reference::Digest),
+}
+
+/// Parses `/v2/`, `/v2/<name>/manifests/<ref>` and `/v2/<name>/blobs/<digest>`.
+pub fn route(path: &str) -> Result<Route, ServeError> {
+    if path == "/v2/" || path == "/v2" {
+        return Ok(Route::Base);
+    }
+    let unknown = || ServeError::UnknownRoute(path.to_string());
+    let rest = path.strip_prefix("/v2/").ok_or_else(unknown)?;
+    if rest.contains("/blobs/uploads") {
+        return Err(unknown());
+    }
+    // A reference holds no '/', so the last marker is the real one even
+    // when a repository path component is itself called "manifests".
+    if let Some(i) = rest.rfind("/manifests/") {
+        let name = rest[..i].parse()?;
+        let reference = rest[i + "/manifests/".len()..].parse()?;
+        return Ok(Route::Manifest(name, reference));
+    }
+    if let Some(i) = rest.rfind("/blobs/") {
+        let name = rest[..i].parse()?;
+        let digest = rest[i + "/blobs/".len()..].parse()?;
+        return Ok(Route::Blob(name, digest));
+    }
+    Err(unknown())
+}
+
+/// The `ns` query parameter, if any.
+fn namespace_param(query: Option<&str>) -> Result<Option<Namespace>, ServeError> {
+    let Some(q) = query else { return Ok(None) };
+    for (k, v) in url::form_urlencoded::parse(q.as_bytes()) {
+        if k == "ns" {
+            return Ok(Some(v.parse()?));
+        }
+    }
+    Ok(None)
+}
+
+impl App {
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
+        let head = req.method() == Method::HEAD;
+        match self.dispatch(&req).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                if e.status().is_server_error() {
+                    tracing::warn!(error = %e, "request failed");
+                } else {
+                    tracing::debug!(error = %e, "request refused");
+                }
+                e.into_response(head)
+            }
+        }
+    }
+
+    async fn dispatch(
+        &self,
+        req: &Request<Incoming>,
+    ) -> Result<Response<ResponseBody>, ServeError> {
+        let route = route(req.uri().path())?;
+        let method = req.method();
+        if method != Method::GET && method != Method::HEAD {
+            return Err(ServeError::MethodNotAllowed(method.clone()));
+        }
+        let ns =
+            namespace_param(req.uri().query())?.unwrap_or_else(|| self.default_namespace.clone());
+        tracing::Span::current().record("ns", ns.as_str());
+        match route {
+            Route::Base => {
+                let body = Bytes::from_static(b"{}");
+                Response::builder()
+                    .status(StatusCode::OK)
+                    .header(API_VERSION.0, API_VERSION.1)
+                    .header(CONTENT_TYPE, "application/json")
+                    .header(CONTENT_LENGTH, body.len())
+                    .body(full(if method == Method::HEAD {
+                        Bytes::new()
+                    } else {
+                        body
+                    }))
+                    .map_err(|e| ServeError::Internal(e.to_string()))
+            }
+            Route::Manifest(name, reference) => {
+                self.mirror
+                    .manifest(method, ns, name, reference, req.headers())
+                    .await
+            }
+            Route::Blob(name, digest) => {
+                self.mirror
+                    .blob(method, ns, name, digest, req.headers())
+                    .await
+            }
+        }
+    }
+}
+
+/// Serves `listener` until `shutdown` resolves, then stops accepting and
+/// gives in-flight requests up to [`DRAIN_TIMEOUT`] to finish.
+pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off, keep serving.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let app = app.clone();
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let app = app.clone();
+                    async move { Ok::<_, Infallible>(log_request(&app, req, peer).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(30))
+                    .serve_connection(TokioIo::new(stream), service);
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, %peer, "connection ended with an error");
+                    }
+                });
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tracing::info!("shutting down: draining in-flight requests");
+    tokio::select! {
+        _ = graceful.shutdown() => tracing::info!("all connections closed"),
+        _ = tokio::time::sleep(DRAIN_TIMEOUT) => tracing::warn!("drain timed out; closing remaining connections"),
+    }
+}
+
+async fn log_request(
+    app: &App,
+    req: Request<Incoming>,
+    peer: std::net::SocketAddr,
+) -> Response<ResponseBody> {
+    let start = Instant::now();
+    let span = tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), ns = tracing::field::Empty, %peer);
+    async move {
+        let resp = app.handle(req).await;
+        tracing::info!(
+            status = resp.status().as_u16(),
+            length = resp
+                .headers()
+                .get(CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-"),
+            ms = start.elapsed().as_millis() as u64,
+            "served"
+        );
+        resp
+    }
+    .instrument(span)
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    #[test]
+    fn routes() {
+        assert_eq!(route("/v2/").unwrap(), Route::Base);
+        let Route::Manifest(n, r) = route("/v2/library/busybox/manifests/latest").unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (n.as_str(), r.to_string().as_str()),
+            ("library/busybox", "latest")
+        );
+        let Route::Manifest(n, _) = route("/v2/a/manifests/manifests/v1").unwrap() else {
+            panic!()
+        };
+        assert_eq!(n.as_str(), "a/manifests");
+        let Route::Blob(n, d) = route(&format!("/v2/x/y/blobs/{D}")).unwrap() else {
+            panic!()
+        };
+        assert_eq!((n.as_str(), d.to_string()), ("x/y", D.to_string()));
+    }
+
+    #[test]
+    fn bad_routes_map_to_oci_codes() {
+        let code = |p: &str| route(p).unwrap_err().code();
+        assert_eq!(code("/v2/Bad/manifests/latest"), "NAME_INVALID");
+        assert_eq!(code("/v2/a/manifests/bad:tag"), "DIGEST_INVALID");
+        assert_eq!(code("/v2/a/manifests/.x"), "TAG_INVALID");
+        assert_eq!(code("/v2/a/blobs/sha256:zz"), "DIGEST_INVALID");
+        assert_eq!(code("/v2/a/blobs/uploads/"), "UNSUPPORTED");
+        assert_eq!(code("/v2/a/tags/list"), "UNSUPPORTED");
+        assert_eq!(code("/other"), "UNSUPPORTED");
+        assert_eq!(code("/v2/../etc/manifests/x"), "NAME_INVALID");
+    }
+
+    #[test]
+    fn ns_param() {
+        assert_eq!(namespace_param(None).unwrap(), None);
+        assert_eq!(
+            namespace_param(Some("a=1&ns=Quay.io"))
+                .unwrap()
+                .unwrap()
+                .as_str(),
+            "quay.io"
+        );
+        assert!(namespace_param(Some("ns=a/b")).is_err());
+    }
+}

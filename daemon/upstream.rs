@@ -1,0 +1,550 @@
+//! The upstream side: for each namespace an ordered chain of endpoints
+//! (hosts.d mirrors in file order, then the server), and the logic that
+//! tries them in turn — authenticating, following redirects, timing out —
+//! and falls back to the next before any byte reaches the client.
+
+pub mod auth;
+pub mod client;
+pub mod health;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{
+    ACCEPT, AUTHORIZATION, LOCATION, RANGE, USER_AGENT as USER_AGENT_HEADER, WWW_AUTHENTICATE,
+};
+use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use url::Url;
+
+use crate::config::hosts::{self, Capabilities, HostSettings, HostsDir};
+use crate::config::{ConfigError, UpstreamSettings};
+use crate::reference::{Namespace, Repository};
+use auth::{Auth, Credentials};
+use client::{ClientPool, HttpClient};
+use health::Health;
+
+pub const USER_AGENT: &str = concat!("nodemirror/", env!("CARGO_PKG_VERSION"));
+
+/// Redirect hops followed before giving up on an endpoint.
+const MAX_REDIRECTS: usize = 5;
+
+/// One place a namespace's content can be fetched from.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// API base, e.g. `https://registry-1.docker.io/v2`.
+    pub base: Url,
+    /// Mirrors get `?ns=<namespace>`; the server does not.
+    pub mirror: bool,
+    pub capabilities: Capabilities,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub client: HttpClient,
+    /// Where it was configured (`file:line`, or `implicit`).
+    pub origin: String,
+}
+
+impl Endpoint {
+    /// Identifies the endpoint in logs, health state and the auth cache.
+    pub fn key(&self) -> &str {
+        self.base.as_str()
+    }
+
+    fn url_for(&self, req: &UpstreamRequest) -> Url {
+        let mut url = self.base.clone();
+        let path = format!(
+            "{}/{}/{}",
+            url.path().trim_end_matches('/'),
+            req.repository,
+            req.tail
+        );
+        url.set_path(&path);
+        if self.mirror {
+            url.query_pairs_mut()
+                .append_pair("ns", req.namespace.as_str());
+        }
+        url
+    }
+}
+
+/// What the mirror asks of an upstream.
+#[derive(Debug, Clone)]
+pub struct UpstreamRequest {
+    pub method: Method,
+    pub namespace: Namespace,
+    pub repository: Repository,
+    /// `manifests/<ref>` or `blobs/<digest>`.
+    pub tail: String,
+    /// What the endpoint must be able to do: resolve for tags, pull else.
+    pub needs_resolve: bool,
+    pub accept: Option<HeaderValue>,
+    pub range: Option<HeaderValue>,
+}
+
+/// Why one endpoint could not serve a request.
+#[derive(Debug, thiserror::Error)]
+pub enum AttemptError {
+    #[error("connect: {0}")]
+    Connect(String),
+    #[error("no response headers within {0:?}")]
+    Timeout(Duration),
+    #[error("not found (404)")]
+    NotFound,
+    #[error("access denied ({0})")]
+    Denied(StatusCode),
+    #[error("answered {0}")]
+    Status(StatusCode),
+    #[error("authentication: {0}")]
+    Auth(#[from] auth::AuthError),
+    #[error("redirect: {0}")]
+    Redirect(String),
+    #[error("invalid response: {0}")]
+    Invalid(String),
+}
+
+impl AttemptError {
+    /// Whether the endpoint itself is at fault and should be skipped for a
+    /// while. A 404 or a refusal is an answer, not a failure.
+    pub fn marks_unhealthy(&self) -> bool {
+        !matches!(self, AttemptError::NotFound | AttemptError::Denied(_))
+    }
+}
+
+/// Every endpoint of a chain was tried and none could serve.
+#[derive(Debug)]
+pub struct Exhausted {
+    pub attempts: Vec<(String, AttemptError)>,
+}
+
+impl Exhausted {
+    /// True when every endpoint answered that it does not have the content
+    /// (or may not show it), rather than failing: the client gets a 404.
+    pub fn all_not_found(&self) -> bool {
+        self.attempts
+            .iter()
+            .all(|(_, e)| matches!(e, AttemptError::NotFound | AttemptError::Denied(_)))
+    }
+}
+
+impl std::fmt::Display for Exhausted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.attempts.is_empty() {
+            return f.write_str("no endpoint is configured for this request");
+        }
+        for (i, (ep, e)) in self.attempts.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{ep}: {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Exhausted {}
+
+/// Endpoint chains by namespace, built from one hosts.d snapshot.
+pub struct Routes {
+    namespaces: HashMap<Namespace, Vec<Arc<Endpoint>>>,
+    /// `_default` mirrors, for namespaces without a folder.
+    default_mirrors: Vec<Arc<Endpoint>>,
+    /// `_default`'s `server`, if it names one.
+    default_server: Option<Url>,
+    /// Client for servers of namespaces without a folder.
+    default_client: HttpClient,
+    default_capabilities: Capabilities,
+}
+
+impl Routes {
+    pub fn build(dir: &HostsDir, pool: &mut ClientPool) -> Result<Routes, Vec<ConfigError>> {
+        let mut errors = Vec::new();
+        let mut namespaces = HashMap::new();
+        for (ns, file) in &dir.namespaces {
+            let mut chain = endpoints(file, pool, &mut errors);
+            let server = file.server.clone().unwrap_or_else(|| implicit_server(ns));
+            if let Some(ep) = endpoint(
+                server,
+                false,
+                &file.server_settings,
+                file.server_origin.clone(),
+                pool,
+                &mut errors,
+            ) {
+                chain.push(ep);
+            }
+            namespaces.insert(ns.clone(), chain);
+        }
+        let empty = hosts::HostsFile::default();
+        let default = dir.default.as_ref().unwrap_or(&empty);
+        let default_mirrors = endpoints(default, pool, &mut errors);
+        let default_client = pool
+            .client(&default.server_settings)
+            .map_err(|e| vec![config_error(&default.server_origin, e)])?;
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Routes {
+            namespaces,
+            default_mirrors,
+            default_server: default.server.clone(),
+            default_client,
+            default_capabilities: default
+                .server_settings
+                .capabilities
+                .unwrap_or(Capabilities::ALL),
+        })
+    }
+
+    /// The endpoints for `ns`, in the order to try them.
+    pub fn chain(&self, ns: &Namespace) -> Vec<Arc<Endpoint>> {
+        if let Some(chain) = self.namespaces.get(ns) {
+            return chain.clone();
+        }
+        let mut chain = self.default_mirrors.clone();
+        chain.push(Arc::new(Endpoint {
+            base: self
+                .default_server
+                .clone()
+                .unwrap_or_else(|| implicit_server(ns)),
+            mirror: false,
+            capabilities: self.default_capabilities,
+            headers: Vec::new(),
+            client: self.default_client.clone(),
+            origin: "implicit".into(),
+        }));
+        chain
+    }
+}
+
+fn implicit_server(ns: &Namespace) -> Url {
+    // default_server() is "https://" + a validated host[:port].
+    let raw = format!("{}/v2", ns.default_server());
+    Url::parse(&raw).unwrap_or_else(|_| unreachable!("validated namespace makes a valid URL"))
+}
+
+fn config_error(origin: &str, message: String) -> ConfigError {
+    let (path, line) = origin.rsplit_once(':').unwrap_or((origin, "0"));
+    ConfigError {
+        path: path.into(),
+        line: line.parse().unwrap_or(0),
+        message,
+    }
+}
+
+fn endpoints(
+    file: &hosts::HostsFile,
+    pool: &mut ClientPool,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<Arc<Endpoint>> {
+    file.mirrors
+        .iter()
+        .filter_map(|m| {
+            endpoint(
+                m.base.clone(),
+                true,
+                &m.settings,
+                m.origin.clone(),
+                pool,
+                errors,
+            )
+        })
+        .collect()
+}
+
+fn endpoint(
+    base: Url,
+    mirror: bool,
+    settings: &HostSettings,
+    origin: String,
+    pool: &mut ClientPool,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Arc<Endpoint>> {
+    match pool.client(settings) {
+        Ok(client) => Some(Arc::new(Endpoint {
+            base,
+            mirror,
+            capabilities: settings.capabilities.unwrap_or(Capabilities::ALL),
+            headers: settings.headers.clone(),
+            client,
+            origin,
+        })),
+        Err(e) => {
+            errors.push(config_error(&origin, e));
+            None
+        }
+    }
+}
+
+/// The upstream client of the daemon: routes, health and auth state.
+pub struct Upstream {
+    routes: RwLock<Arc<Routes>>,
+    pool: std::sync::Mutex<ClientPool>,
+    health: Health,
+    auth: Auth,
+    settings: UpstreamSettings,
+}
+
+/// Renders an error with its sources, as hyper's errors hide the cause.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = s.source();
+    }
+    out
+}
+
+impl Upstream {
+    /// Loads hosts.d and the credentials file; errors name file and line.
+    pub fn new(
+        hosts_dir: &Path,
+        auth_file: Option<&Path>,
+        settings: UpstreamSettings,
+    ) -> Result<Upstream, Vec<ConfigError>> {
+        let credentials = match auth_file {
+            Some(p) => Credentials::load(p).map_err(|e| {
+                vec![ConfigError {
+                    path: p.into(),
+                    line: 0,
+                    message: e,
+                }]
+            })?,
+            None => Credentials::default(),
+        };
+        let mut pool = ClientPool::new(settings.connect_timeout);
+        let routes = Routes::build(&hosts::load_dir(hosts_dir)?, &mut pool)?;
+        Ok(Upstream {
+            routes: RwLock::new(Arc::new(routes)),
+            pool: std::sync::Mutex::new(pool),
+            health: Health::new(settings.backoff, settings.backoff_max),
+            auth: Auth::new(credentials),
+            settings,
+        })
+    }
+
+    /// Re-reads hosts.d; on any error the routes in force stay.
+    pub fn reload(&self, hosts_dir: &Path) -> Result<(), Vec<ConfigError>> {
+        let dir = hosts::load_dir(hosts_dir)?;
+        let routes = {
+            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+            Routes::build(&dir, &mut pool)?
+        };
+        *self.routes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(routes);
+        Ok(())
+    }
+
+    pub fn settings(&self) -> &UpstreamSettings {
+        &self.settings
+    }
+
+    /// The endpoints to try for `req`, capable ones only: healthy first in
+    /// configured order, then those backing off as a last resort.
+    pub fn plan(&self, req: &UpstreamRequest) -> Vec<Arc<Endpoint>> {
+        let routes = self
+            .routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let (mut ready, backing_off): (Vec<_>, Vec<_>) = routes
+            .chain(&req.namespace)
+            .into_iter()
+            .filter(|ep| {
+                if req.needs_resolve {
+                    ep.capabilities.resolve
+                } else {
+                    ep.capabilities.pull
+                }
+            })
+            .partition(|ep| !self.health.backing_off(ep.key()));
+        ready.extend(backing_off);
+        ready
+    }
+
+    /// Tries each endpoint of the plan until one answers with success and
+    /// `accept` takes the response. `accept` may still refuse it (a digest
+    /// mismatch, say), which counts as that endpoint failing.
+    pub async fn first_success<T, F, Fut>(
+        &self,
+        req: &UpstreamRequest,
+        mut accept: F,
+    ) -> Result<(T, Arc<Endpoint>), Exhausted>
+    where
+        F: FnMut(Arc<Endpoint>, Response<Incoming>) -> Fut,
+        Fut: Future<Output = Result<T, AttemptError>>,
+    {
+        let mut attempts = Vec::new();
+        for ep in self.plan(req) {
+            let result = match self.attempt(&ep, req).await {
+                Ok(resp) => accept(ep.clone(), resp).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(v) => {
+                    self.health.success(ep.key());
+                    return Ok((v, ep));
+                }
+                Err(e) => {
+                    if e.marks_unhealthy() {
+                        let wait = self.health.failure(ep.key());
+                        tracing::warn!(endpoint = ep.key(), origin = %ep.origin, error = %e,
+                            backoff = ?wait, "endpoint failed; trying the next");
+                    } else {
+                        tracing::debug!(endpoint = ep.key(), error = %e, "endpoint has no such content");
+                    }
+                    attempts.push((ep.key().to_string(), e));
+                }
+            }
+        }
+        Err(Exhausted { attempts })
+    }
+
+    /// Marks an endpoint failed after its response was accepted, e.g. when
+    /// its body turned out not to match the digest.
+    pub fn report_failure(&self, ep: &Endpoint, why: &str) {
+        let wait = self.health.failure(ep.key());
+        tracing::warn!(endpoint = ep.key(), error = why, backoff = ?wait, "endpoint failed mid-transfer");
+    }
+
+    /// One request to one endpoint: authenticates on a challenge and
+    /// follows redirects. Only a 2xx response is returned as success.
+    pub async fn attempt(
+        &self,
+        ep: &Endpoint,
+        req: &UpstreamRequest,
+    ) -> Result<Response<Incoming>, AttemptError> {
+        let url = ep.url_for(req);
+        let auth_key = format!("{} {}", ep.key(), req.repository);
+        let mut authorization = self.auth.cached(&auth_key);
+        let mut answered_challenge = false;
+        loop {
+            let resp = self
+                .send(ep, &req.method, &url, req, authorization.as_ref())
+                .await?;
+            let status = resp.status();
+            if status == StatusCode::UNAUTHORIZED && !answered_challenge {
+                let Some(challenge) = resp
+                    .headers()
+                    .get(WWW_AUTHENTICATE)
+                    .and_then(|v| v.to_str().ok())
+                else {
+                    return Err(AttemptError::Denied(status));
+                };
+                self.auth.forget(&auth_key);
+                let header = self
+                    .auth
+                    .answer(
+                        &auth_key,
+                        &ep.client,
+                        &ep.base,
+                        req.repository.as_str(),
+                        challenge,
+                        self.settings.first_byte_timeout,
+                    )
+                    .await?;
+                authorization = Some(header);
+                answered_challenge = true;
+                continue;
+            }
+            if status.is_redirection() && status != StatusCode::NOT_MODIFIED {
+                return self.follow_redirects(ep, req, &url, resp).await;
+            }
+            return classify(resp);
+        }
+    }
+
+    /// Follows `Location` hops (to blob storage, typically) without the
+    /// registry's Authorization header, which must not leak elsewhere.
+    async fn follow_redirects(
+        &self,
+        ep: &Endpoint,
+        req: &UpstreamRequest,
+        from: &Url,
+        mut resp: Response<Incoming>,
+    ) -> Result<Response<Incoming>, AttemptError> {
+        let mut current = from.clone();
+        for _ in 0..MAX_REDIRECTS {
+            let location = resp
+                .headers()
+                .get(LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| {
+                    AttemptError::Redirect(format!("{} without Location", resp.status()))
+                })?;
+            let next = current
+                .join(location)
+                .map_err(|e| AttemptError::Redirect(format!("bad Location {location:?}: {e}")))?;
+            if !matches!(next.scheme(), "http" | "https") {
+                return Err(AttemptError::Redirect(format!(
+                    "unsupported Location {next}"
+                )));
+            }
+            tracing::debug!(from = %current, to = %next, "following redirect");
+            resp = self.send(ep, &req.method, &next, req, None).await?;
+            current = next;
+            let status = resp.status();
+            if !(status.is_redirection() && status != StatusCode::NOT_MODIFIED) {
+                return classify(resp);
+            }
+        }
+        Err(AttemptError::Redirect(format!(
+            "more than {MAX_REDIRECTS} redirects"
+        )))
+    }
+
+    async fn send(
+        &self,
+        ep: &Endpoint,
+        method: &Method,
+        url: &Url,
+        req: &UpstreamRequest,
+        authorization: Option<&HeaderValue>,
+    ) -> Result<Response<Incoming>, AttemptError> {
+        let mut builder = Request::builder()
+            .method(method.clone())
+            .uri(url.as_str())
+            .header(USER_AGENT_HEADER, USER_AGENT);
+        let same_host = url.host_str() == ep.base.host_str() && url.port() == ep.base.port();
+        if same_host {
+            for (name, value) in &ep.headers {
+                builder = builder.header(name, value);
+            }
+        }
+        if let Some(a) = &req.accept {
+            builder = builder.header(ACCEPT, a);
+        }
+        if let Some(r) = &req.range {
+            builder = builder.header(RANGE, r);
+        }
+        if let Some(a) = authorization {
+            builder = builder.header(AUTHORIZATION, a);
+        }
+        let request = builder
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| AttemptError::Invalid(format!("building request: {e}")))?;
+        let timeout = self.settings.first_byte_timeout;
+        match tokio::time::timeout(timeout, ep.client.request(request)).await {
+            Err(_) => Err(AttemptError::Timeout(timeout)),
+            Ok(Err(e)) => Err(AttemptError::Connect(error_chain(&e))),
+            Ok(Ok(resp)) => Ok(resp),
+        }
+    }
+}
+
+fn classify(resp: Response<Incoming>) -> Result<Response<Incoming>, AttemptError> {
+    let status = resp.status();
+    match status {
+        s if s.is_success() => Ok(resp),
+        StatusCode::NOT_FOUND => Err(AttemptError::NotFound),
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(AttemptError::Denied(status)),
+        s => Err(AttemptError::Status(s)),
+    }
+}

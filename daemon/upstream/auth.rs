@@ -1,0 +1,418 @@
+//! Upstream authentication: `WWW-Authenticate` challenges (Bearer token
+//! service, or Basic), credentials from a docker `config.json`-format
+//! file, and a cache of what worked, kept until the token expires.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, USER_AGENT};
+use http::{HeaderValue, Request, StatusCode};
+use http_body_util::{BodyExt, Empty, Limited};
+use url::Url;
+
+use super::client::HttpClient;
+
+/// A username and password for one registry host.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credential {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credential({}, <redacted>)", self.username)
+    }
+}
+
+impl Credential {
+    fn basic_header(&self) -> Option<HeaderValue> {
+        let raw = format!("{}:{}", self.username, self.password);
+        let enc = base64::engine::general_purpose::STANDARD.encode(raw);
+        let mut v = HeaderValue::try_from(format!("Basic {enc}")).ok()?;
+        v.set_sensitive(true);
+        Some(v)
+    }
+}
+
+/// Credentials by registry host, from `{"auths": {"host": {"auth": ...}}}`.
+#[derive(Debug, Default)]
+pub struct Credentials(HashMap<String, Credential>);
+
+#[derive(serde::Deserialize)]
+struct DockerConfig {
+    #[serde(default)]
+    auths: HashMap<String, DockerAuth>,
+}
+
+#[derive(serde::Deserialize)]
+struct DockerAuth {
+    auth: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+}
+
+/// Reduces `https://index.docker.io/v1/`, `registry-1.docker.io` and the
+/// like to the host a credential is for.
+fn host_key(s: &str) -> String {
+    let s = s.split_once("://").map_or(s, |(_, rest)| rest);
+    let host = s.split('/').next().unwrap_or("").to_ascii_lowercase();
+    match host.as_str() {
+        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
+            "docker.io".to_string()
+        }
+        _ => host,
+    }
+}
+
+impl Credentials {
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let cfg: DockerConfig =
+            serde_json::from_str(text).map_err(|e| format!("line {}: {e}", e.line()))?;
+        let mut out = HashMap::new();
+        for (key, a) in cfg.auths {
+            let cred = match (a.auth, a.username, a.password) {
+                (Some(auth), _, _) if !auth.is_empty() => {
+                    let raw = base64::engine::general_purpose::STANDARD
+                        .decode(auth.trim())
+                        .map_err(|e| format!("auths.{key}.auth is not base64: {e}"))?;
+                    let raw = String::from_utf8(raw)
+                        .map_err(|_| format!("auths.{key}.auth is not UTF-8"))?;
+                    let (u, p) = raw
+                        .split_once(':')
+                        .ok_or_else(|| format!("auths.{key}.auth is not user:password"))?;
+                    Credential {
+                        username: u.into(),
+                        password: p.into(),
+                    }
+                }
+                (_, Some(username), Some(password)) => Credential { username, password },
+                _ => {
+                    return Err(format!(
+                        "auths.{key} has neither auth nor username/password"
+                    ))
+                }
+            };
+            out.insert(host_key(&key), cred);
+        }
+        Ok(Credentials(out))
+    }
+
+    /// The credential for an endpoint URL's host, if any.
+    pub fn for_url(&self, url: &Url) -> Option<&Credential> {
+        let host = match (url.host_str(), url.port()) {
+            (Some(h), Some(p)) => format!("{h}:{p}"),
+            (Some(h), None) => h.to_string(),
+            _ => return None,
+        };
+        self.0.get(&host_key(&host))
+    }
+}
+
+/// A parsed `WWW-Authenticate` challenge.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Challenge {
+    /// Lowercase scheme: `bearer` or `basic`.
+    pub scheme: String,
+    pub params: HashMap<String, String>,
+}
+
+/// Parses the first challenge of a `WWW-Authenticate` value
+/// (`Bearer realm="...",service="...",scope="..."`).
+pub fn parse_challenge(value: &str) -> Option<Challenge> {
+    let value = value.trim();
+    let (scheme, mut rest) = value.split_once(' ').unwrap_or((value, ""));
+    if scheme.is_empty() {
+        return None;
+    }
+    let mut params = HashMap::new();
+    loop {
+        rest = rest.trim_start_matches([' ', ',']);
+        let Some(eq) = rest.find('=') else { break };
+        let key = rest[..eq].trim().to_ascii_lowercase();
+        rest = &rest[eq + 1..];
+        let val;
+        if let Some(quoted) = rest.strip_prefix('"') {
+            // A quoted string, with backslash escapes.
+            let mut out = String::new();
+            let mut chars = quoted.char_indices();
+            let mut end = None;
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => {
+                        if let Some((_, n)) = chars.next() {
+                            out.push(n);
+                        }
+                    }
+                    '"' => {
+                        end = Some(i + 1);
+                        break;
+                    }
+                    c => out.push(c),
+                }
+            }
+            val = out;
+            rest = &quoted[end.unwrap_or(quoted.len())..];
+        } else {
+            let end = rest.find(',').unwrap_or(rest.len());
+            val = rest[..end].trim().to_string();
+            rest = &rest[end..];
+        }
+        if key.contains(' ') {
+            // The start of a second challenge: stop at the first.
+            break;
+        }
+        params.insert(key, val);
+    }
+    Some(Challenge {
+        scheme: scheme.to_ascii_lowercase(),
+        params,
+    })
+}
+
+#[derive(serde::Deserialize)]
+struct TokenResponse {
+    token: Option<String>,
+    access_token: Option<String>,
+    expires_in: Option<u64>,
+}
+
+/// Why an upstream could not be authenticated against.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("unsupported authentication challenge {0:?}")]
+    Unsupported(String),
+    #[error("Basic authentication asked for, but no credentials for this host")]
+    NoCredentials,
+    #[error("token service {realm}: {why}")]
+    Token { realm: String, why: String },
+}
+
+struct Cached {
+    header: HeaderValue,
+    expires: Option<Instant>,
+}
+
+/// Authorization headers that worked, per endpoint and repository.
+#[derive(Default)]
+pub struct Auth {
+    pub credentials: Credentials,
+    cache: Mutex<HashMap<String, Cached>>,
+}
+
+/// Tokens live this long when the service does not say (the distribution
+/// spec's default).
+const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
+
+impl Auth {
+    pub fn new(credentials: Credentials) -> Self {
+        Auth {
+            credentials,
+            cache: Mutex::default(),
+        }
+    }
+
+    /// A still-valid header for `key`, if one was obtained earlier.
+    pub fn cached(&self, key: &str) -> Option<HeaderValue> {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        match cache.get(key) {
+            Some(c) if c.expires.is_none_or(|t| t > Instant::now()) => Some(c.header.clone()),
+            Some(_) => {
+                cache.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    pub fn forget(&self, key: &str) {
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+
+    /// Answers `challenge` for a request to `endpoint` about `repository`,
+    /// caches the resulting header under `key` and returns it.
+    pub async fn answer(
+        &self,
+        key: &str,
+        client: &HttpClient,
+        endpoint: &Url,
+        repository: &str,
+        challenge: &str,
+        timeout: Duration,
+    ) -> Result<HeaderValue, AuthError> {
+        let parsed =
+            parse_challenge(challenge).ok_or_else(|| AuthError::Unsupported(challenge.into()))?;
+        let credential = self.credentials.for_url(endpoint);
+        let (header, lifetime) = match parsed.scheme.as_str() {
+            "basic" => {
+                let c = credential.ok_or(AuthError::NoCredentials)?;
+                (c.basic_header().ok_or(AuthError::NoCredentials)?, None)
+            }
+            "bearer" => {
+                let (token, life) =
+                    fetch_token(client, &parsed, credential, repository, timeout).await?;
+                let mut v = HeaderValue::try_from(format!("Bearer {token}")).map_err(|_| {
+                    AuthError::Token {
+                        realm: parsed.params.get("realm").cloned().unwrap_or_default(),
+                        why: "token is not a valid header value".into(),
+                    }
+                })?;
+                v.set_sensitive(true);
+                (v, Some(life))
+            }
+            _ => return Err(AuthError::Unsupported(challenge.into())),
+        };
+        // Renew a little before the service would refuse the token.
+        let expires = lifetime.map(|l| Instant::now() + l.mul_f32(0.9));
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            key.to_string(),
+            Cached {
+                header: header.clone(),
+                expires,
+            },
+        );
+        Ok(header)
+    }
+}
+
+async fn fetch_token(
+    client: &HttpClient,
+    challenge: &Challenge,
+    credential: Option<&Credential>,
+    repository: &str,
+    timeout: Duration,
+) -> Result<(String, Duration), AuthError> {
+    let realm = challenge.params.get("realm").cloned().unwrap_or_default();
+    let fail = |why: String| AuthError::Token {
+        realm: realm.clone(),
+        why,
+    };
+    let mut url = Url::parse(&realm).map_err(|e| fail(format!("invalid realm: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(fail("realm must be an http(s) URL".into()));
+    }
+    {
+        let mut q = url.query_pairs_mut();
+        if let Some(service) = challenge.params.get("service") {
+            q.append_pair("service", service);
+        }
+        let scope = challenge
+            .params
+            .get("scope")
+            .cloned()
+            .unwrap_or_else(|| format!("repository:{repository}:pull"));
+        q.append_pair("scope", &scope);
+    }
+    let mut req = Request::get(url.as_str()).header(USER_AGENT, super::USER_AGENT);
+    if let Some(h) = credential.and_then(|c| c.basic_header()) {
+        req = req.header(AUTHORIZATION, h);
+    }
+    let req = req
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| fail(e.to_string()))?;
+    let work = async {
+        let resp = client
+            .request(req)
+            .await
+            .map_err(|e| fail(super::error_chain(&e)))?;
+        let status = resp.status();
+        let body = Limited::new(resp.into_body(), 1 << 20)
+            .collect()
+            .await
+            .map_err(|e| fail(format!("reading response: {e}")))?
+            .to_bytes();
+        if status != StatusCode::OK {
+            return Err(fail(format!("answered {status}")));
+        }
+        let t: TokenResponse =
+            serde_json::from_slice(&body).map_err(|e| fail(format!("invalid JSON: {e}")))?;
+        let token = t
+            .token
+            .or(t.access_token)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| fail("no token in response".into()))?;
+        let life = t
+            .expires_in
+            .map(Duration::from_secs)
+            .unwrap_or(DEFAULT_TOKEN_LIFETIME);
+        Ok((token, life))
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| fail("timed out".into()))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_challenge() {
+        let c = parse_challenge(
+            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/busybox:pull""#,
+        )
+        .unwrap();
+        assert_eq!(c.scheme, "bearer");
+        assert_eq!(c.params["realm"], "https://auth.docker.io/token");
+        assert_eq!(c.params["service"], "registry.docker.io");
+        assert_eq!(c.params["scope"], "repository:library/busybox:pull");
+    }
+
+    #[test]
+    fn challenge_quirks() {
+        let c = parse_challenge(r#"basic realm="a \"q\", b""#).unwrap();
+        assert_eq!(c.scheme, "basic");
+        assert_eq!(c.params["realm"], "a \"q\", b");
+        let c = parse_challenge("Bearer realm=http://x/token, service=svc").unwrap();
+        assert_eq!(c.params["realm"], "http://x/token");
+        assert_eq!(c.params["service"], "svc");
+        assert!(parse_challenge("").is_none());
+    }
+
+    #[test]
+    fn docker_config_credentials() {
+        let creds = Credentials::parse(
+            r#"{"auths": {
+                "https://index.docker.io/v1/": {"auth": "dXNlcjpwYXNz"},
+                "127.0.0.1:5001": {"username": "u2", "password": "p:2"}
+            }}"#,
+        )
+        .unwrap();
+        let hub = creds
+            .for_url(&Url::parse("https://registry-1.docker.io/v2").unwrap())
+            .unwrap();
+        assert_eq!(
+            (hub.username.as_str(), hub.password.as_str()),
+            ("user", "pass")
+        );
+        let local = creds
+            .for_url(&Url::parse("http://127.0.0.1:5001/v2").unwrap())
+            .unwrap();
+        assert_eq!(local.password, "p:2");
+        assert!(creds
+            .for_url(&Url::parse("http://127.0.0.1:5002/v2").unwrap())
+            .is_none());
+        assert!(format!("{hub:?}").contains("redacted"));
+    }
+
+    #[test]
+    fn bad_docker_config() {
+        assert!(Credentials::parse(r#"{"auths": {"x": {"auth": "!!"}}}"#).is_err());
+        assert!(Credentials::parse(r#"{"auths": {"x": {}}}"#).is_err());
+        let e = Credentials::parse("{\n  \"auths\": [\n").unwrap_err();
+        assert!(e.starts_with("line "), "{e}");
+    }
+}

@@ -1,0 +1,150 @@
+//! HTTP clients for upstream endpoints: rustls with the system's roots plus
+//! a hosts.toml `ca`, an optional client certificate, or no verification
+//! at all when `skip_verify` says so. Endpoints with equal TLS settings and
+//! dial timeout share one client and so one connection pool.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+
+use crate::config::hosts::HostSettings;
+
+/// The client every upstream request goes through.
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+/// Builds clients and shares those with equal settings.
+pub struct ClientPool {
+    provider: Arc<CryptoProvider>,
+    system_roots: RootCertStore,
+    connect_timeout: Duration,
+    clients: HashMap<String, HttpClient>,
+}
+
+impl ClientPool {
+    pub fn new(connect_timeout: Duration) -> Self {
+        let mut system_roots = RootCertStore::empty();
+        let found = rustls_native_certs::load_native_certs();
+        for e in &found.errors {
+            tracing::warn!(error = %e, "could not load some system root certificates");
+        }
+        let (added, ignored) = system_roots.add_parsable_certificates(found.certs);
+        tracing::debug!(added, ignored, "loaded system root certificates");
+        ClientPool {
+            provider: Arc::new(rustls::crypto::ring::default_provider()),
+            system_roots,
+            connect_timeout,
+            clients: HashMap::new(),
+        }
+    }
+
+    /// The client for `settings`, built on first use.
+    pub fn client(&mut self, settings: &HostSettings) -> Result<HttpClient, String> {
+        let dial = settings.dial_timeout.unwrap_or(self.connect_timeout);
+        let key = format!("{};dial={}", settings.tls_key, dial.as_millis());
+        if let Some(c) = self.clients.get(&key) {
+            return Ok(c.clone());
+        }
+        let tls = self.tls_config(settings)?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(dial));
+        http.set_nodelay(true);
+        let https = HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(https);
+        self.clients.insert(key, client.clone());
+        Ok(client)
+    }
+
+    fn tls_config(&self, settings: &HostSettings) -> Result<ClientConfig, String> {
+        let builder = ClientConfig::builder_with_provider(self.provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS setup: {e}"))?;
+        let builder = if settings.skip_verify {
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(NoVerification(self.provider.clone())))
+        } else {
+            let mut roots = self.system_roots.clone();
+            for ca in &settings.ca {
+                roots
+                    .add(ca.clone())
+                    .map_err(|e| format!("invalid CA certificate: {e}"))?;
+            }
+            builder.with_root_certificates(roots)
+        };
+        match &settings.client {
+            Some(id) => builder
+                .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
+                .map_err(|e| format!("invalid client certificate or key: {e}")),
+            None => Ok(builder.with_no_client_auth()),
+        }
+    }
+}
+
+/// `skip_verify = true`: accept any server certificate, but still check
+/// that the handshake is signed by the key it presents.
+#[derive(Debug)]
+struct NoVerification(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for NoVerification {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
