@@ -71,8 +71,10 @@ fn init_logging() {
     let filter =
         EnvFilter::try_from_env("NODEMIRROR_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var("NODEMIRROR_LOG_FORMAT").is_ok_and(|v| v == "json");
+    // Colour only on a terminal: journald and log files get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();

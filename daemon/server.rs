@@ -123,7 +123,7 @@ impl App {
         }
         let ns =
             namespace_param(req.uri().query())?.unwrap_or_else(|| self.default_namespace.clone());
-        tracing::Span::current().record("ns", ns.as_str());
+        tracing::Span::current().record("ns", tracing::field::display(&ns));
         match route {
             Route::Base => {
                 let body = Bytes::from_static(b"{}");

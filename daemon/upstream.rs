@@ -99,11 +99,23 @@ pub enum AttemptError {
     #[error("answered {0}")]
     Status(StatusCode),
     #[error("authentication: {0}")]
-    Auth(#[from] auth::AuthError),
+    Auth(auth::AuthError),
     #[error("redirect: {0}")]
     Redirect(String),
     #[error("invalid response: {0}")]
     Invalid(String),
+}
+
+impl From<auth::AuthError> for AttemptError {
+    /// Refused credentials are an answer about access, like a 401 from the
+    /// registry itself; anything else is a fault of the auth service.
+    fn from(e: auth::AuthError) -> Self {
+        match e {
+            auth::AuthError::Refused { status, .. } => AttemptError::Denied(status),
+            auth::AuthError::NoCredentials => AttemptError::Denied(StatusCode::UNAUTHORIZED),
+            other => AttemptError::Auth(other),
+        }
+    }
 }
 
 impl AttemptError {

@@ -196,6 +196,8 @@ pub enum AuthError {
     NoCredentials,
     #[error("token service {realm}: {why}")]
     Token { realm: String, why: String },
+    #[error("token service {realm} refused access ({status})")]
+    Refused { realm: String, status: StatusCode },
 }
 
 struct Cached {
@@ -334,6 +336,12 @@ async fn fetch_token(
             .await
             .map_err(|e| fail(format!("reading response: {e}")))?
             .to_bytes();
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            return Err(AuthError::Refused {
+                realm: realm.clone(),
+                status,
+            });
+        }
         if status != StatusCode::OK {
             return Err(fail(format!("answered {status}")));
         }

@@ -1,0 +1,271 @@
+//! The nodemirror binary: configuration errors and exit codes, graceful
+//! exit on SIGTERM, and bounded memory while streaming a 1 GiB blob.
+
+use std::process::Command;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use sha2::Digest as _;
+
+use crate::support::fake::{Behaviour, Fake};
+use crate::support::real::Binary;
+
+fn nodemirror(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_nodemirror"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn bad_config_exits_64_naming_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.toml");
+    std::fs::write(&cfg, "listen = \"127.0.0.1:1\"\ncache_dri = \"/x\"\n").unwrap();
+    let out = nodemirror(&["check-config", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}:2: unknown key `cache_dri`", cfg.display())),
+        "{err}"
+    );
+}
+
+#[test]
+fn broken_hosts_toml_exits_64_naming_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.toml");
+    std::fs::write(&cfg, "").unwrap();
+    let hosts = dir.path().join("hosts.d");
+    let file = hosts.join("reg.test").join("hosts.toml");
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    std::fs::write(
+        &file,
+        "server = \"https://x\"\n[host.\"http://m\"\ncapabilities = 1\n",
+    )
+    .unwrap();
+    let out = nodemirror(&[
+        "check-config",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--hosts-dir",
+        hosts.to_str().unwrap(),
+        "--cache-dir",
+        dir.path().join("c").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}:2: TOML syntax error", file.display())),
+        "{err}"
+    );
+
+    std::fs::write(
+        &file,
+        "server = \"https://x\"\n\n[host.\"http://m\"]\ncapabilities = [\"pul\"]\n",
+    )
+    .unwrap();
+    let out = nodemirror(&[
+        "check-config",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--hosts-dir",
+        hosts.to_str().unwrap(),
+        "--cache-dir",
+        dir.path().join("c").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}:4: unknown capability \"pul\"", file.display())),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_config_accepts_a_good_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.toml");
+    std::fs::write(
+        &cfg,
+        "listen = \"127.0.0.1:5999\"\ncache_dir = \"cache\"\nhosts_dir = \"hosts.d\"\n[upstream]\nfirst_byte_timeout = \"5s\"\n",
+    )
+    .unwrap();
+    let out = nodemirror(&["check-config", "--config", cfg.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("127.0.0.1:5999"), "{text}");
+}
+
+#[tokio::test]
+async fn sigterm_drains_and_exits_zero() {
+    let hosts = tempfile::tempdir().unwrap();
+    let mut bin = Binary::start(hosts.path(), &[]).await;
+    let pid = nix::unistd::Pid::from_raw(bin.proc.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = bin.proc.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "did not exit on SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(0), "{}", bin.proc.log_text());
+}
+
+/// A 1 GiB blob streams through with memory bounded far below its size.
+#[tokio::test]
+async fn a_1gib_blob_streams_in_bounded_memory() {
+    const CHUNK: usize = 1 << 20;
+    const COUNT: usize = 1024;
+    let chunk: Vec<u8> = (0..CHUNK).map(|i| (i * 31 % 251) as u8).collect();
+    let mut h = sha2::Sha256::new();
+    for _ in 0..COUNT {
+        h.update(&chunk);
+    }
+    let digest = format!("sha256:{}", hex::encode(h.finalize()));
+    let up = Fake::start(Behaviour::default()).await;
+    up.put_repeated_blob("big", &digest, Bytes::from(chunk), COUNT);
+
+    let hosts = tempfile::tempdir().unwrap();
+    crate::support::write_hosts(
+        hosts.path(),
+        &[("reg.test", format!("server = \"{}\"\n", up.url()))],
+    );
+    let bin = Binary::start(hosts.path(), &[]).await;
+    let url = format!(
+        "http://127.0.0.1:{}/v2/big/blobs/{digest}?ns=reg.test",
+        bin.port
+    );
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let resp = client
+        .request(Request::get(url).body(Empty::new()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.headers()["content-length"],
+        (CHUNK * COUNT).to_string()
+    );
+    let mut body = resp.into_body();
+    let mut h = sha2::Sha256::new();
+    let mut total = 0usize;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            total += data.len();
+            h.update(&data);
+        }
+    }
+    assert_eq!(total, CHUNK * COUNT);
+    assert_eq!(format!("sha256:{}", hex::encode(h.finalize())), digest);
+    let peak_mib = bin.peak_rss_kib() / 1024;
+    eprintln!("peak RSS of nodemirror while streaming 1 GiB: {peak_mib} MiB");
+    assert!(
+        peak_mib < 64,
+        "peak RSS {peak_mib} MiB: the blob was buffered"
+    );
+}
+
+/// SIGHUP re-reads hosts.d; a broken file is reported with path and line
+/// and the routes in force stay.
+#[tokio::test]
+async fn sighup_reloads_hosts_and_keeps_the_last_good_config() {
+    let up = Fake::start(Behaviour::default()).await;
+    let img = crate::support::image::Image::build(&[("f", b"reload")]);
+    up.push_image("app", "v1", &img);
+    let hosts = tempfile::tempdir().unwrap();
+    let bin = Binary::start(hosts.path(), &[]).await;
+    let url = format!(
+        "http://127.0.0.1:{}/v2/app/manifests/v1?ns=reg.test",
+        bin.port
+    );
+    let pid = nix::unistd::Pid::from_raw(bin.proc.child.id() as i32);
+    let hup = || nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+
+    // Unconfigured: reg.test goes to https://reg.test, which does not exist.
+    assert_ne!(crate::support::get(&url).await.status, StatusCode::OK);
+
+    crate::support::write_hosts(
+        hosts.path(),
+        &[("reg.test", format!("server = \"{}\"\n", up.url()))],
+    );
+    hup();
+    crate::support::wait_for("reload to take effect", Duration::from_secs(10), || {
+        crate::support::answers_ok(&url)
+    })
+    .await;
+
+    let file = hosts.path().join("reg.test").join("hosts.toml");
+    std::fs::write(
+        &file,
+        format!("server = \"{}\"\nskip_verify = \"no\"\n", up.url()),
+    )
+    .unwrap();
+    hup();
+    let expected = format!("{}:2", file.display());
+    crate::support::wait_for(
+        "the broken file to be reported",
+        Duration::from_secs(10),
+        || {
+            let found = bin.proc.log_text().contains(&expected);
+            async move { found }
+        },
+    )
+    .await;
+    assert_eq!(
+        crate::support::get(&url).await.status,
+        StatusCode::OK,
+        "last good config stays"
+    );
+}
+
+#[test]
+fn shipped_hosts_d_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.toml");
+    std::fs::write(&cfg, "").unwrap();
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/hosts.d");
+    let cache = dir.path().join("cache");
+    let out = nodemirror(&[
+        "check-config",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--hosts-dir",
+        shipped,
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for ns in [
+        "docker.io",
+        "registry.k8s.io",
+        "quay.io",
+        "ghcr.io",
+        "gcr.io",
+        "mcr.microsoft.com",
+    ] {
+        assert!(
+            std::path::Path::new(shipped)
+                .join(ns)
+                .join("hosts.toml")
+                .exists(),
+            "{ns}"
+        );
+    }
+}

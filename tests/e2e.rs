@@ -1,0 +1,113 @@
+//! End to end with real components: two Debian docker-registry upstreams,
+//! the nodemirror binary, and a private containerd whose
+//! `certs.d/_default/hosts.toml` points at it; `ctr images pull
+//! --hosts-dir` pulls images of both upstreams through the mirror. The
+//! image hosts are names that resolve nowhere, so a pull can only succeed
+//! through nodemirror's ?ns= routing.
+
+use std::time::Instant;
+
+use crate::support::image::Image;
+use crate::support::real::{require, Binary, Containerd, Registry};
+use crate::support::{free_port, write_hosts};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_pulls_from_two_registries_through_the_mirror() {
+    if !require(&["containerd", "ctr", "docker-registry"]) {
+        return;
+    }
+    let (reg_a, reg_b) = (Registry::start().await, Registry::start().await);
+    let noise: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let img_a = Image::build(&[("a.txt", b"from registry a"), ("noise.bin", &noise)]);
+    let img_b = Image::build(&[("b.txt", b"from registry b")]);
+    reg_a.push("team/app", "v1", &img_a).await;
+    reg_b.push("library/tool", "1.0", &img_b).await;
+
+    // nodemirror's routes: registry-b's first endpoint is dead.
+    let hosts = tempfile::tempdir().unwrap();
+    let dead = free_port();
+    write_hosts(
+        hosts.path(),
+        &[
+            ("registry-a.test:5000", format!("server = \"{}\"\n", reg_a.url())),
+            (
+                "registry-b.test",
+                format!(
+                    "server = \"{}\"\n\n[host.\"http://127.0.0.1:{dead}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+                    reg_b.url()
+                ),
+            ),
+        ],
+    );
+    let nm = Binary::start(hosts.path(), &[]).await;
+
+    // containerd's view: every registry goes to nodemirror.
+    let certs = tempfile::tempdir().unwrap();
+    write_hosts(
+        certs.path(),
+        &[(
+            "_default",
+            format!(
+                "[host.\"http://127.0.0.1:{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+                nm.port
+            ),
+        )],
+    );
+    let ctrd = Containerd::start().await;
+    let certs_dir = certs.path().to_str().unwrap();
+    for (reference, image) in [
+        ("registry-a.test:5000/team/app:v1", &img_a),
+        ("registry-b.test/library/tool:1.0", &img_b),
+    ] {
+        let start = Instant::now();
+        let out = ctrd.ctr(&[
+            "images",
+            "pull",
+            "--hosts-dir",
+            certs_dir,
+            "--snapshotter",
+            "native",
+            reference,
+        ]);
+        let took = start.elapsed();
+        assert!(
+            out.status.success(),
+            "pull of {reference} failed:\n{}\n{}\n--- nodemirror log ---\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            nm.proc.log_text()
+        );
+        eprintln!("e2e: ctr images pull {reference} through nodemirror took {took:?}");
+        let listed = ctrd.ctr(&["images", "ls"]);
+        let listed = String::from_utf8_lossy(&listed.stdout);
+        let line = listed
+            .lines()
+            .find(|l| l.starts_with(reference))
+            .unwrap_or_else(|| panic!("{reference} not in `ctr images ls`:\n{listed}"));
+        assert!(
+            line.contains(&image.digest),
+            "wrong digest for {reference}: {line}"
+        );
+    }
+
+    // Every layer is in containerd's content store, and the mirror served
+    // both namespaces.
+    let content = ctrd.ctr(&["content", "ls", "-q"]);
+    let content = String::from_utf8_lossy(&content.stdout);
+    for blob in img_a.blobs().chain(img_b.blobs()) {
+        let d = crate::support::sha256(blob);
+        assert!(
+            content.contains(&d),
+            "{d} missing from containerd's content store"
+        );
+    }
+    let log = nm.proc.log_text();
+    assert!(log.contains("ns=registry-a.test:5000"), "{log}");
+    assert!(log.contains("ns=registry-b.test"), "{log}");
+    assert!(
+        log.contains(&format!("127.0.0.1:{dead}")),
+        "dead endpoint was tried and reported: {log}"
+    );
+}

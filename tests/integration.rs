@@ -1,0 +1,8 @@
+//! Integration tests: one binary, a module per topic, a shared harness.
+
+mod support;
+
+mod cli;
+mod e2e;
+mod proxy;
+mod tls;

@@ -1,0 +1,268 @@
+//! The integration-test harness: an in-process daemon on 127.0.0.1:0 with a
+//! temporary hosts.d and cache, an HTTP client, fake registries, and
+//! launchers for the real components (the nodemirror binary, Debian's
+//! docker-registry, containerd).
+
+pub mod fake;
+pub mod image;
+pub mod real;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use nodemirror::config::{Settings, UpstreamSettings};
+use sha2::Digest as _;
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+
+pub fn sha256(b: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(b)))
+}
+
+pub fn gzip(b: &[u8]) -> Vec<u8> {
+    let mut child = Command::new("gzip")
+        .args(["-n", "-c"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("gzip");
+    let mut stdin = child.stdin.take().unwrap();
+    let input = b.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&input));
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(out.status.success());
+    out.stdout
+}
+
+/// A response as the test client saw it. `body` is an error when the
+/// transfer was cut short.
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Result<Bytes, String>,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    pub fn bytes(&self) -> &Bytes {
+        self.body.as_ref().expect("body was cut short")
+    }
+
+    /// The OCI error code of a JSON error body.
+    pub fn error_code(&self) -> String {
+        let v: serde_json::Value = serde_json::from_slice(self.bytes()).expect("JSON error body");
+        v["errors"][0]["code"].as_str().unwrap_or("").to_string()
+    }
+}
+
+pub async fn request(method: Method, url: &str, headers: &[(&str, &str)]) -> Reply {
+    try_request(method, url, headers)
+        .await
+        .unwrap_or_else(|e| panic!("{url}: {e}"))
+}
+
+/// Like [`request`], but a connection failure is an `Err`.
+pub async fn try_request(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Result<Reply, String> {
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut b = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let work = async {
+        let resp = client
+            .request(b.body(Empty::new()).unwrap())
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        let (parts, body) = resp.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .map_err(|e| e.to_string());
+        Ok(Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(60), work)
+        .await
+        .expect("request took over 60s")
+}
+
+pub async fn get(url: &str) -> Reply {
+    request(Method::GET, url, &[]).await
+}
+
+/// True once `url` answers 200.
+pub async fn answers_ok(url: &str) -> bool {
+    let attempt = try_request(Method::GET, url, &[]);
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), attempt).await,
+        Ok(Ok(r)) if r.status == StatusCode::OK
+    )
+}
+
+/// Polls `check` until it holds or `limit` passes.
+pub async fn wait_for<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A loopback port that was free a moment ago, for external processes.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Upstream settings short enough for tests to see fallbacks quickly.
+pub fn quick_upstream() -> UpstreamSettings {
+    UpstreamSettings {
+        connect_timeout: Duration::from_secs(1),
+        first_byte_timeout: Duration::from_secs(2),
+        idle_timeout: Duration::from_secs(2),
+        backoff: Duration::from_secs(60),
+        backoff_max: Duration::from_secs(60),
+    }
+}
+
+/// Writes `<dir>/<ns>/hosts.toml` for each entry.
+pub fn write_hosts(dir: &Path, hosts: &[(&str, String)]) {
+    for (ns, text) in hosts {
+        let d = dir.join(ns);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("hosts.toml"), text).unwrap();
+    }
+}
+
+/// The daemon, in-process, on 127.0.0.1:0.
+pub struct Daemon {
+    pub addr: SocketAddr,
+    /// hosts.d, cache and auth file; removed on drop.
+    _dir: TempDir,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+pub struct DaemonBuilder {
+    hosts: Vec<(String, String)>,
+    auth: Option<String>,
+}
+
+impl DaemonBuilder {
+    /// Adds `hosts.d/<ns>/hosts.toml` with `text`.
+    pub fn hosts(mut self, ns: &str, text: impl Into<String>) -> Self {
+        self.hosts.push((ns.into(), text.into()));
+        self
+    }
+
+    /// An auth file in docker config.json format.
+    pub fn auth(mut self, json: impl Into<String>) -> Self {
+        self.auth = Some(json.into());
+        self
+    }
+
+    pub async fn start(self) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let hosts_dir = dir.path().join("hosts.d");
+        std::fs::create_dir_all(&hosts_dir).unwrap();
+        let hosts: Vec<(&str, String)> = self
+            .hosts
+            .iter()
+            .map(|(n, t)| (n.as_str(), t.clone()))
+            .collect();
+        write_hosts(&hosts_dir, &hosts);
+        let auth_file = self.auth.map(|json| {
+            let p = dir.path().join("auth.json");
+            std::fs::write(&p, json).unwrap();
+            p
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let settings = Settings {
+            listen: addr,
+            cache_dir: dir.path().join("cache"),
+            hosts_dir,
+            default_namespace: "docker.io".parse().unwrap(),
+            auth_file,
+            upstream: quick_upstream(),
+        };
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            nodemirror::run(settings, listener, async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("daemon failed to start");
+        });
+        let d = Daemon {
+            addr,
+            _dir: dir,
+            shutdown: Some(tx),
+            task: Some(task),
+        };
+        let url = d.url("/v2/");
+        wait_for("daemon to answer /v2/", Duration::from_secs(10), || {
+            answers_ok(&url)
+        })
+        .await;
+        d
+    }
+}
+
+impl Daemon {
+    pub fn builder() -> DaemonBuilder {
+        DaemonBuilder::default()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}

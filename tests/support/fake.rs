@@ -1,0 +1,413 @@
+//! A small in-process registry for fault injection: serves manifests and
+//! blobs from memory, and on demand answers with an error status, hangs,
+//! lies about content, demands Bearer or Basic auth, redirects blobs to a
+//! storage host, or stalls mid-body. Every request it sees is recorded.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use super::image::Image;
+
+/// How the fake registry misbehaves. The default is a correct registry.
+#[derive(Default, Clone)]
+pub struct Behaviour {
+    /// Answer every registry request with this status.
+    pub status: Option<StatusCode>,
+    /// Never answer.
+    pub hang: bool,
+    /// Serve content with one byte changed.
+    pub lie: bool,
+    /// Demand a Bearer token from `/token`; `Some(creds)` there demands
+    /// Basic credentials at the token endpoint too.
+    pub bearer: Option<Option<(String, String)>>,
+    /// Demand these Basic credentials.
+    pub basic: Option<(String, String)>,
+    /// Redirect blob requests to `<base>/storage/<digest>`.
+    pub redirect_blobs: Option<String>,
+    /// Leave out Docker-Content-Digest on manifest HEAD responses.
+    pub no_head_digest: bool,
+    /// Send this many body bytes, then stall forever.
+    pub stall_after: Option<usize>,
+}
+
+/// A request the fake saw.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: Method,
+    pub uri: String,
+    pub headers: HeaderMap,
+}
+
+#[derive(Clone)]
+enum Content {
+    Bytes {
+        media_type: String,
+        body: Bytes,
+    },
+    /// `chunk` repeated `count` times, generated on the fly.
+    Repeated {
+        chunk: Bytes,
+        count: usize,
+    },
+}
+
+impl Content {
+    fn len(&self) -> usize {
+        match self {
+            Content::Bytes { body, .. } => body.len(),
+            Content::Repeated { chunk, count } => chunk.len() * count,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    behaviour: Mutex<Behaviour>,
+    /// Keyed by the path after `/v2/`, e.g. `lib/app/manifests/v1`.
+    content: Mutex<HashMap<String, Content>>,
+    seen: Mutex<Vec<Seen>>,
+}
+
+pub struct Fake {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Fake {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+type FakeBody = BoxBody<Bytes, Infallible>;
+
+impl Fake {
+    pub async fn start(behaviour: Behaviour) -> Fake {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(listener, behaviour, None)
+    }
+
+    /// Serves over TLS with `acceptor`.
+    pub async fn start_tls(behaviour: Behaviour, acceptor: tokio_rustls::TlsAcceptor) -> Fake {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(listener, behaviour, Some(acceptor))
+    }
+
+    fn serve(
+        listener: TcpListener,
+        behaviour: Behaviour,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> Fake {
+        let addr = listener.local_addr().unwrap();
+        let shared = Arc::new(Shared::default());
+        *shared.behaviour.lock().unwrap() = behaviour;
+        let s = shared.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let s = s.clone();
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        let s = s.clone();
+                        async move { Ok::<_, Infallible>(handle(&s, addr, req).await) }
+                    });
+                    let builder = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                let _ = builder
+                                    .serve_connection(TokioIo::new(stream), service)
+                                    .await;
+                            }
+                        }
+                        None => {
+                            let _ = builder
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
+                        }
+                    }
+                });
+            }
+        });
+        Fake { addr, shared, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set(&self, f: impl FnOnce(&mut Behaviour)) {
+        f(&mut self.shared.behaviour.lock().unwrap());
+    }
+
+    pub fn put_blob(&self, repo: &str, body: &[u8]) -> String {
+        let digest = super::sha256(body);
+        self.put(
+            format!("{repo}/blobs/{digest}"),
+            Content::Bytes {
+                media_type: "application/octet-stream".into(),
+                body: Bytes::copy_from_slice(body),
+            },
+        );
+        digest
+    }
+
+    /// A blob of `chunk` repeated `count` times, never held whole in memory.
+    pub fn put_repeated_blob(&self, repo: &str, digest: &str, chunk: Bytes, count: usize) {
+        self.put(
+            format!("{repo}/blobs/{digest}"),
+            Content::Repeated { chunk, count },
+        );
+    }
+
+    pub fn put_manifest(
+        &self,
+        repo: &str,
+        tag: Option<&str>,
+        media_type: &str,
+        body: &[u8],
+    ) -> String {
+        let digest = super::sha256(body);
+        let content = Content::Bytes {
+            media_type: media_type.into(),
+            body: Bytes::copy_from_slice(body),
+        };
+        if let Some(tag) = tag {
+            self.put(format!("{repo}/manifests/{tag}"), content.clone());
+        }
+        self.put(format!("{repo}/manifests/{digest}"), content);
+        digest
+    }
+
+    pub fn push_image(&self, repo: &str, tag: &str, image: &Image) {
+        for blob in image.blobs() {
+            self.put_blob(repo, blob);
+        }
+        self.put_manifest(repo, Some(tag), &image.media_type, &image.manifest);
+    }
+
+    fn put(&self, key: String, content: Content) {
+        self.shared.content.lock().unwrap().insert(key, content);
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.shared.seen.lock().unwrap().clone()
+    }
+
+    /// Requests whose path (without query) contains `needle`.
+    pub fn hits(&self, needle: &str) -> usize {
+        self.seen()
+            .iter()
+            .filter(|s| s.uri.split('?').next().unwrap_or("").contains(needle))
+            .count()
+    }
+}
+
+fn status(code: StatusCode, headers: &[(&str, String)]) -> Response<FakeBody> {
+    let body = format!(r#"{{"errors":[{{"code":"FAKE","message":"{code}"}}]}}"#);
+    let mut b = Response::builder().status(code);
+    for (k, v) in headers {
+        b = b.header(*k, v);
+    }
+    b.body(Full::new(Bytes::from(body)).boxed()).unwrap()
+}
+
+async fn handle(s: &Shared, addr: SocketAddr, req: Request<Incoming>) -> Response<FakeBody> {
+    s.seen.lock().unwrap().push(Seen {
+        method: req.method().clone(),
+        uri: req.uri().to_string(),
+        headers: req.headers().clone(),
+    });
+    let b = s.behaviour.lock().unwrap().clone();
+    let path = req.uri().path().to_string();
+    let auth = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let basic = |(u, p): &(String, String)| {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+        )
+    };
+
+    if path == "/token" {
+        if let Some(Some(creds)) = &b.bearer {
+            if auth != basic(creds) {
+                return status(StatusCode::UNAUTHORIZED, &[]);
+            }
+        }
+        let body = r#"{"token":"fake-token","expires_in":300}"#;
+        return Response::new(Full::new(Bytes::from(body)).boxed());
+    }
+    if b.hang {
+        std::future::pending::<()>().await;
+    }
+    if let Some(code) = b.status {
+        return status(code, &[]);
+    }
+    let key = if let Some(digest) = path.strip_prefix("/storage/") {
+        let found = s
+            .content
+            .lock()
+            .unwrap()
+            .keys()
+            .find(|k| k.ends_with(&format!("/blobs/{digest}")))
+            .cloned();
+        match found {
+            Some(k) => k,
+            None => return status(StatusCode::NOT_FOUND, &[]),
+        }
+    } else {
+        let Some(rest) = path.strip_prefix("/v2/") else {
+            return status(StatusCode::NOT_FOUND, &[]);
+        };
+        if let Some(Some(_)) | Some(None) = &b.bearer {
+            if auth != "Bearer fake-token" {
+                let repo = rest.split("/manifests/").next().unwrap_or("");
+                let repo = repo.split("/blobs/").next().unwrap_or("");
+                let challenge = format!(
+                    r#"Bearer realm="http://{addr}/token",service="fake",scope="repository:{repo}:pull""#
+                );
+                return status(StatusCode::UNAUTHORIZED, &[("www-authenticate", challenge)]);
+            }
+        }
+        if let Some(creds) = &b.basic {
+            if auth != basic(creds) {
+                let challenge = r#"Basic realm="fake""#.to_string();
+                return status(StatusCode::UNAUTHORIZED, &[("www-authenticate", challenge)]);
+            }
+        }
+        if let (Some(base), Some(i)) = (&b.redirect_blobs, rest.find("/blobs/")) {
+            let digest = &rest[i + "/blobs/".len()..];
+            let location = format!("{base}/storage/{digest}");
+            return status(StatusCode::TEMPORARY_REDIRECT, &[("location", location)]);
+        }
+        rest.to_string()
+    };
+    let Some(content) = s.content.lock().unwrap().get(&key).cloned() else {
+        return status(StatusCode::NOT_FOUND, &[]);
+    };
+    let digest = key.rsplit('/').next().unwrap_or("").to_string();
+    let digest = if digest.starts_with("sha256:") {
+        digest
+    } else if let Content::Bytes { body, .. } = &content {
+        super::sha256(body)
+    } else {
+        String::new()
+    };
+    let media_type = match &content {
+        Content::Bytes { media_type, .. } => media_type.clone(),
+        Content::Repeated { .. } => "application/octet-stream".into(),
+    };
+    let total = content.len();
+    let (code, start, end) = match parse_range(req.headers(), total) {
+        Some((a, z)) => (StatusCode::PARTIAL_CONTENT, a, z),
+        None => (StatusCode::OK, 0, total),
+    };
+    let mut r = Response::builder()
+        .status(code)
+        .header("content-type", media_type)
+        .header("content-length", end - start);
+    if code == StatusCode::PARTIAL_CONTENT {
+        r = r.header(
+            "content-range",
+            format!("bytes {start}-{}/{total}", end - 1),
+        );
+    }
+    let head = req.method() == Method::HEAD;
+    if !(head && b.no_head_digest && key.contains("/manifests/")) {
+        r = r.header("docker-content-digest", digest);
+    }
+    if head {
+        return r.body(Full::new(Bytes::new()).boxed()).unwrap();
+    }
+    let body: FakeBody = match content {
+        Content::Bytes { body, .. } => {
+            let mut v = body[start..end].to_vec();
+            if b.lie && !v.is_empty() {
+                v[0] ^= 0xff;
+            }
+            match b.stall_after {
+                Some(n) => Stall(Some(Bytes::from(v[..n.min(v.len())].to_vec()))).boxed(),
+                None => Full::new(Bytes::from(v)).boxed(),
+            }
+        }
+        Content::Repeated { chunk, count } => Repeat { chunk, left: count }.boxed(),
+    };
+    r.body(body).unwrap()
+}
+
+fn parse_range(h: &HeaderMap, total: usize) -> Option<(usize, usize)> {
+    let v = h.get("range")?.to_str().ok()?.strip_prefix("bytes=")?;
+    let (a, z) = v.split_once('-')?;
+    let a: usize = a.parse().ok()?;
+    let z = if z.is_empty() {
+        total
+    } else {
+        z.parse::<usize>().ok()? + 1
+    };
+    (a < z && z <= total).then_some((a, z))
+}
+
+/// Sends one chunk, then nothing ever again.
+struct Stall(Option<Bytes>);
+
+impl Body for Stall {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.0.take() {
+            Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
+            None => Poll::Pending,
+        }
+    }
+}
+
+/// `chunk` repeated `left` times.
+struct Repeat {
+    chunk: Bytes,
+    left: usize,
+}
+
+impl Body for Repeat {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.left == 0 {
+            return Poll::Ready(None);
+        }
+        self.left -= 1;
+        Poll::Ready(Some(Ok(Frame::data(self.chunk.clone()))))
+    }
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact((self.chunk.len() * self.left) as u64)
+    }
+}

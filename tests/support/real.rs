@@ -1,0 +1,278 @@
+//! Real components started as processes: the nodemirror binary, Debian's
+//! docker-registry (distribution 2.8) and containerd. Each is killed when
+//! dropped and keeps its log in its temporary directory.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tempfile::TempDir;
+
+use super::image::Image;
+use super::{answers_ok, free_port, wait_for};
+
+/// Fails loudly when a tool the end-to-end tests need is missing, unless
+/// the operator opted out with NODEMIRROR_SKIP_E2E=1.
+pub fn require(tools: &[&str]) -> bool {
+    if std::env::var("NODEMIRROR_SKIP_E2E").is_ok_and(|v| v == "1") {
+        eprintln!("NODEMIRROR_SKIP_E2E=1: skipping a test that needs {tools:?}");
+        return false;
+    }
+    for t in tools {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            found,
+            "{t} is not installed: run .ci/run (or apt-get install containerd docker-registry), \
+             or set NODEMIRROR_SKIP_E2E=1 to skip"
+        );
+    }
+    true
+}
+
+/// A child process killed on drop, its output in `log`.
+pub struct Process {
+    pub child: Child,
+    pub log: PathBuf,
+    /// Holds the log and the process's state; removed on drop.
+    _dir: TempDir,
+}
+
+impl Process {
+    fn spawn(mut cmd: Command, dir: TempDir, name: &str) -> Process {
+        let log = dir.path().join(format!("{name}.log"));
+        let f = std::fs::File::create(&log).unwrap();
+        cmd.stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .stdin(Stdio::null());
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Process {
+            child,
+            log,
+            _dir: dir,
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The nodemirror binary, serving on a free loopback port.
+pub struct Binary {
+    pub proc: Process,
+    pub port: u16,
+}
+
+impl Binary {
+    pub async fn start(hosts_dir: &Path, extra: &[&str]) -> Binary {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        // An empty config file, so a node's /etc/nodemirror cannot leak in.
+        let config = dir.path().join("config.toml");
+        std::fs::write(&config, "").unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nodemirror"));
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--cache-dir")
+            .arg(dir.path().join("cache"))
+            .arg("--hosts-dir")
+            .arg(hosts_dir)
+            .args(extra);
+        let mut proc = Process::spawn(cmd, dir, "nodemirror");
+        let url = format!("http://127.0.0.1:{port}/v2/");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = proc.child.try_wait().unwrap() {
+                panic!("nodemirror exited with {status}: {}", proc.log_text());
+            }
+            if answers_ok(&url).await {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nodemirror did not start: {}",
+                proc.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Binary { proc, port }
+    }
+
+    /// Peak resident memory so far, from /proc.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.proc.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/<pid>/status")
+    }
+}
+
+/// Debian's docker-registry (distribution 2.8) on a free loopback port.
+pub struct Registry {
+    _proc: Process,
+    pub port: u16,
+}
+
+impl Registry {
+    pub async fn start() -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new("docker-registry");
+        cmd.arg("serve").arg(&config);
+        let proc = Process::spawn(cmd, dir, "registry");
+        let url = format!("http://127.0.0.1:{port}/v2/");
+        wait_for("docker-registry to start", Duration::from_secs(20), || {
+            answers_ok(&url)
+        })
+        .await;
+        Registry { _proc: proc, port }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Pushes `image` as `repo:tag` with the plain HTTP upload API.
+    pub async fn push(&self, repo: &str, tag: &str, image: &Image) {
+        for blob in image.blobs() {
+            self.upload(repo, blob).await;
+        }
+        let url = format!("{}/v2/{repo}/manifests/{tag}", self.url());
+        let (status, _) = send(
+            Method::PUT,
+            &url,
+            Some(&image.media_type),
+            image.manifest.clone(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "manifest push to {url}");
+    }
+
+    async fn upload(&self, repo: &str, blob: &[u8]) {
+        let start = format!("{}/v2/{repo}/blobs/uploads/", self.url());
+        let (status, location) = send(Method::POST, &start, None, Vec::new()).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "upload start");
+        let location = location.expect("upload Location");
+        let mut url = if location.starts_with("http") {
+            location
+        } else {
+            format!("{}{location}", self.url())
+        };
+        url.push(if url.contains('?') { '&' } else { '?' });
+        url.push_str(&format!("digest={}", super::sha256(blob)));
+        let (status, _) = send(
+            Method::PUT,
+            &url,
+            Some("application/octet-stream"),
+            blob.to_vec(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "blob upload");
+    }
+}
+
+async fn send(
+    method: Method,
+    url: &str,
+    content_type: Option<&str>,
+    body: Vec<u8>,
+) -> (StatusCode, Option<String>) {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut b = Request::builder().method(method).uri(url);
+    if let Some(ct) = content_type {
+        b = b.header("content-type", ct);
+    }
+    let resp = client
+        .request(b.body(Full::new(Bytes::from(body))).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    let location = resp
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
+    let _ = resp.into_body().collect().await;
+    (status, location)
+}
+
+/// A private containerd (as root), its state under a temporary directory.
+pub struct Containerd {
+    pub proc: Process,
+    pub socket: PathBuf,
+}
+
+impl Containerd {
+    pub async fn start() -> Containerd {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let socket = root.join("containerd.sock");
+        let config = root.join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{r}/root\"\nstate = \"{r}/state\"\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\n  address = \"{s}\"\n[ttrpc]\n  address = \"{s}.ttrpc\"\n\
+                 [debug]\n  address = \"{s}.debug\"\n",
+                r = root.display(),
+                s = socket.display()
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new("containerd");
+        cmd.arg("--config").arg(&config);
+        let proc = Process::spawn(cmd, dir, "containerd");
+        let c = Containerd { proc, socket };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !c.ctr(&["version"]).status.success() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "containerd did not start: {}",
+                c.proc.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        c
+    }
+
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("ctr")
+    }
+}
