@@ -48,6 +48,37 @@ impl Default for UpstreamSettings {
     }
 }
 
+/// The free-disk floor: bytes, or a share of the cache's filesystem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MinFree {
+    Bytes(u64),
+    Percent(u8),
+}
+
+/// Cache behaviour.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheSettings {
+    /// Blobs take at most this much; least recently used go first.
+    pub max_size: Option<u64>,
+    /// Evict while the filesystem has less free than this.
+    pub min_free: MinFree,
+    /// How long a tag's digest is trusted before a HEAD revalidates it.
+    pub tag_ttl: Duration,
+    /// How often the background collection runs.
+    pub gc_interval: Duration,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        CacheSettings {
+            max_size: None,
+            min_free: MinFree::Percent(10),
+            tag_ttl: Duration::from_secs(60),
+            gc_interval: Duration::from_secs(300),
+        }
+    }
+}
+
 /// The validated daemon configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
@@ -59,6 +90,7 @@ pub struct Settings {
     /// A docker `config.json`-format file with upstream credentials.
     pub auth_file: Option<PathBuf>,
     pub upstream: UpstreamSettings,
+    pub cache: CacheSettings,
 }
 
 /// Values given on the command line; each one wins over the file.
@@ -108,6 +140,7 @@ impl Settings {
             default_namespace: docker_io(),
             auth_file: Some(PathBuf::from(DEFAULT_AUTH_FILE)).filter(|p| p.exists()),
             upstream: UpstreamSettings::default(),
+            cache: CacheSettings::default(),
         }
     }
 
@@ -122,6 +155,7 @@ impl Settings {
             "default_namespace",
             "auth_file",
             "upstream",
+            "cache",
         ];
         visit_table(src, root, &known, &mut errors, |f| {
             match f.key {
@@ -171,6 +205,27 @@ impl Settings {
                         return Err(e);
                     }
                 }
+                "cache" => {
+                    let table = f
+                        .item
+                        .as_table_like()
+                        .ok_or_else(|| src.error(f.span.clone(), "`cache` must be a table"))?;
+                    let c = &mut self.cache;
+                    let keys = ["max_size", "min_free", "tag_ttl", "gc_interval"];
+                    let mut inner = Vec::new();
+                    visit_table(src, table, &keys, &mut inner, |f| {
+                        match f.key {
+                            "max_size" => c.max_size = Some(f.size()?),
+                            "min_free" => c.min_free = min_free(&f)?,
+                            "tag_ttl" => c.tag_ttl = f.duration()?,
+                            _ => c.gc_interval = f.duration()?,
+                        }
+                        Ok(())
+                    });
+                    if let Some(e) = inner.into_iter().next() {
+                        return Err(e);
+                    }
+                }
                 _ => unreachable!("visit_table passes known keys only"),
             }
             Ok(())
@@ -181,6 +236,19 @@ impl Settings {
             Err(ConfigErrors(errors))
         }
     }
+}
+
+/// `"10%"` of the filesystem, or a size.
+fn min_free(f: &source::Field<'_>) -> Result<MinFree, ConfigError> {
+    if let Some(p) = f.item.as_str().and_then(|s| s.trim().strip_suffix('%')) {
+        return match p.trim().parse::<u8>() {
+            Ok(n) if n <= 100 => Ok(MinFree::Percent(n)),
+            _ => Err(f
+                .src
+                .error(f.span.clone(), "`min_free` percentage must be 0% to 100%")),
+        };
+    }
+    f.size().map(MinFree::Bytes)
 }
 
 fn docker_io() -> Namespace {
@@ -244,6 +312,7 @@ mod tests {
         assert_eq!(s.hosts_dir, PathBuf::from("/x/hosts.d"));
         assert_eq!(s.upstream.connect_timeout, Duration::from_millis(250));
         assert_eq!(s.upstream.backoff, Duration::from_secs(2));
+        assert_eq!(s.cache, CacheSettings::default());
 
         let o = Overrides {
             listen: Some("127.0.0.1:9100".parse().unwrap()),
@@ -254,6 +323,30 @@ mod tests {
         assert_eq!(s.listen.port(), 9100);
         assert_eq!(s.hosts_dir, PathBuf::from("/y"));
         assert_eq!(s.cache_dir, dir.path().join("cache"));
+    }
+
+    #[test]
+    fn cache_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "[cache]\nmax_size = \"20GiB\"\nmin_free = \"15%\"\ntag_ttl = \"30s\"\ngc_interval = 60\n",
+        );
+        let c = Settings::load(Some(&p), Overrides::default())
+            .unwrap()
+            .cache;
+        assert_eq!(c.max_size, Some(20 << 30));
+        assert_eq!(c.min_free, MinFree::Percent(15));
+        assert_eq!(c.tag_ttl, Duration::from_secs(30));
+        assert_eq!(c.gc_interval, Duration::from_secs(60));
+        let p = write(dir.path(), "[cache]\nmin_free = \"1GiB\"\n");
+        let c = Settings::load(Some(&p), Overrides::default())
+            .unwrap()
+            .cache;
+        assert_eq!(c.min_free, MinFree::Bytes(1 << 30));
+        let p = write(dir.path(), "[cache]\nmin_free = \"150%\"\n");
+        let e = Settings::load(Some(&p), Overrides::default()).unwrap_err();
+        assert_eq!(e.0[0].line, 2, "{e}");
     }
 
     #[test]

@@ -4,8 +4,10 @@
 //! A request flows through these components:
 //! - [`server`] accepts HTTP, parses the path and `?ns=` into the domain
 //!   types of [`reference`], and maps every error to OCI error JSON;
-//! - [`mirror`] serves manifests (read whole, verified, then sent) and
-//!   blobs (streamed with their digest checked);
+//! - [`mirror`] serves manifests (read whole, verified, stored, then sent;
+//!   tags revalidated after a TTL) and blobs;
+//! - [`cache`] is the content-addressed store shared by every upstream,
+//!   with single-flight ingest, readers of growing files, and eviction;
 //! - [`upstream`] holds each namespace's endpoint chain from hosts.d
 //!   ([`config::hosts`]), tries endpoints in order with timeouts, auth and
 //!   redirects, and falls back before a byte reaches the client.
@@ -14,8 +16,10 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cache;
 pub mod config;
 pub mod mirror;
+pub mod prefetch;
 pub mod reference;
 pub mod server;
 pub mod upstream;
@@ -25,6 +29,9 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
+use cache::flight::Flights;
+use cache::gc::Limits;
+use cache::Store;
 use config::{ConfigErrors, Settings};
 use mirror::Mirror;
 use server::App;
@@ -54,19 +61,24 @@ impl StartError {
 
 /// Builds everything `settings` describes, ready to serve.
 pub fn build(settings: &Settings) -> Result<Arc<App>, StartError> {
-    std::fs::create_dir_all(&settings.cache_dir).map_err(|source| StartError::CacheDir {
+    let upstream = Arc::new(
+        Upstream::new(
+            &settings.hosts_dir,
+            settings.auth_file.as_deref(),
+            settings.upstream.clone(),
+        )
+        .map_err(ConfigErrors)?,
+    );
+    let store = Store::open(&settings.cache_dir).map_err(|source| StartError::CacheDir {
         path: settings.cache_dir.clone(),
         source,
     })?;
-    let upstream = Upstream::new(
-        &settings.hosts_dir,
-        settings.auth_file.as_deref(),
-        settings.upstream.clone(),
-    )
-    .map_err(ConfigErrors)?;
     Ok(Arc::new(App {
         mirror: Mirror {
-            upstream: Arc::new(upstream),
+            flights: Flights::new(store.clone(), upstream.clone()),
+            upstream,
+            store,
+            tag_ttl: settings.cache.tag_ttl,
         },
         default_namespace: settings.default_namespace.clone(),
     }))
@@ -98,6 +110,10 @@ pub async fn run(
             }
         }
     });
+    let gc = tokio::spawn(collect_periodically(
+        app.mirror.store.clone(),
+        settings.cache.clone(),
+    ));
     tracing::info!(
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         cache_dir = %settings.cache_dir.display(),
@@ -107,5 +123,34 @@ pub async fn run(
     );
     server::serve(listener, app, shutdown).await;
     reloader.abort();
+    gc.abort();
     Ok(())
+}
+
+/// Evicts least-recently-used blobs now and then, off the async threads.
+async fn collect_periodically(store: Arc<Store>, cache: config::CacheSettings) {
+    let mut tick = tokio::time::interval(cache.gc_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let store = store.clone();
+        let cache = cache.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let limits = Limits::from_settings(&cache, store.root())?;
+            store.collect(limits)
+        })
+        .await;
+        match result {
+            Ok(Ok(r)) if r.evicted > 0 || r.skipped_in_use > 0 => tracing::info!(
+                evicted = r.evicted,
+                evicted_bytes = r.evicted_bytes,
+                skipped_in_use = r.skipped_in_use,
+                bytes = r.bytes_after,
+                "cache collection"
+            ),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cache collection failed"),
+            Err(e) => tracing::warn!(error = %e, "cache collection task failed"),
+        }
+    }
 }

@@ -27,6 +27,50 @@ enum Command {
     Serve(ServeArgs),
     /// Validate the configuration and hosts.d, print the result, exit.
     CheckConfig(ServeArgs),
+    /// Inspect and maintain the cache (safe while the daemon runs).
+    Cache {
+        #[command(subcommand)]
+        action: CacheAction,
+        #[command(flatten)]
+        args: ServeArgs,
+    },
+    /// Pull an image through the running daemon so it is cached.
+    Prefetch {
+        /// Image reference, e.g. `busybox`, `quay.io/org/app:v1`, `reg/x@sha256:...`
+        image: String,
+        /// Daemon to pull through [default: http://<listen address from the configuration>]
+        #[arg(long)]
+        server: Option<String>,
+        /// Platform of a multi-platform image to fetch [default: this machine's, e.g. linux/amd64]
+        #[arg(long, conflicts_with = "all_platforms")]
+        platform: Option<String>,
+        /// Fetch every platform of a multi-platform image.
+        #[arg(long)]
+        all_platforms: bool,
+        #[command(flatten)]
+        args: ServeArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheAction {
+    /// Count blobs, manifests, tags and bytes; show free disk space.
+    Stats,
+    /// Evict least-recently-used blobs down to the configured limits.
+    Gc {
+        /// Override `[cache] max_size`, e.g. 20GiB.
+        #[arg(long, value_parser = parse_size)]
+        max_size: Option<u64>,
+        /// Override `[cache] min_free` with a size, e.g. 10GiB.
+        #[arg(long, value_parser = parse_size)]
+        min_free: Option<u64>,
+    },
+    /// Re-hash every cached file; move corrupt ones to quarantine/ (exit 1 if any).
+    Verify,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    nodemirror::config::source::parse_size(s).ok_or_else(|| format!("invalid size {s:?}"))
 }
 
 #[derive(Args, Clone, Default)]
@@ -89,6 +133,14 @@ fn main() -> ExitCode {
     let (check_only, args) = match cli.command {
         Some(Command::Serve(a)) => (false, a),
         Some(Command::CheckConfig(a)) => (true, a),
+        Some(Command::Cache { action, args }) => return cache_command(action, &args),
+        Some(Command::Prefetch {
+            image,
+            server,
+            platform,
+            all_platforms,
+            args,
+        }) => return prefetch_command(&image, server, platform, all_platforms, &args),
         None => (false, cli.serve),
     };
     let settings = match args.settings() {
@@ -133,6 +185,119 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+fn load_or_exit(args: &ServeArgs) -> Result<Settings, ExitCode> {
+    args.settings().map_err(|e| {
+        eprintln!("nodemirror: invalid configuration:\n{e}");
+        ExitCode::from(64)
+    })
+}
+
+fn cache_command(action: CacheAction, args: &ServeArgs) -> ExitCode {
+    use nodemirror::cache::gc::Limits;
+    use nodemirror::cache::Store;
+    let settings = match load_or_exit(args) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let store = match Store::open(&settings.cache_dir) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("nodemirror: cache {}: {e}", settings.cache_dir.display());
+            return ExitCode::from(73);
+        }
+    };
+    let result = match action {
+        CacheAction::Stats => store.stats().map(|s| {
+            println!("cache directory: {}", settings.cache_dir.display());
+            println!("blobs:           {} ({} bytes)", s.blobs, s.blob_bytes);
+            println!("manifests:       {}", s.manifests);
+            println!("tags:            {}", s.tags);
+            println!("temp files:      {}", s.temp_files);
+            println!("free disk:       {} bytes", s.free_bytes);
+            ExitCode::SUCCESS
+        }),
+        CacheAction::Gc { max_size, min_free } => {
+            Limits::from_settings(&settings.cache, store.root())
+                .and_then(|mut limits| {
+                    limits.max_size = max_size.or(limits.max_size);
+                    limits.min_free = min_free.unwrap_or(limits.min_free);
+                    store.collect(limits)
+                })
+                .map(|r| {
+                    println!(
+                        "evicted {} of {} blobs ({} bytes); {} bytes remain; {} in use kept",
+                        r.evicted, r.blobs_before, r.evicted_bytes, r.bytes_after, r.skipped_in_use
+                    );
+                    ExitCode::SUCCESS
+                })
+        }
+        CacheAction::Verify => store.verify().map(|(checked, bad)| {
+            println!("checked {checked} files, {} corrupt", bad.len());
+            for b in &bad {
+                println!("quarantined {}", b.display());
+            }
+            if bad.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("nodemirror: cache {}: {e}", settings.cache_dir.display());
+        ExitCode::from(74)
+    })
+}
+
+fn prefetch_command(
+    image: &str,
+    server: Option<String>,
+    platform: Option<String>,
+    all_platforms: bool,
+    args: &ServeArgs,
+) -> ExitCode {
+    use nodemirror::prefetch::{prefetch, Platforms};
+    let image: nodemirror::reference::ImageRef = match image.parse() {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("nodemirror: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    let server = match server {
+        Some(s) => s,
+        None => match load_or_exit(args) {
+            Ok(s) => format!("http://{}", s.listen),
+            Err(code) => return code,
+        },
+    };
+    let platforms = match (all_platforms, platform) {
+        (true, _) => Platforms::All,
+        (false, Some(p)) => Platforms::One(p),
+        (false, None) => Platforms::host(),
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("nodemirror: cannot start the async runtime: {e}");
+            return ExitCode::from(71);
+        }
+    };
+    match runtime.block_on(prefetch(&server, &image, &platforms)) {
+        Ok(s) => {
+            println!(
+                "prefetched {}/{}:{}: {} manifests, {} blobs, {} bytes",
+                image.namespace, image.repository, image.reference, s.manifests, s.blobs, s.bytes
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("nodemirror: prefetch failed: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -1,21 +1,30 @@
-//! Serving the pull API from upstreams: manifests are read whole (bounded)
-//! and verified before a byte is sent, so a lying endpoint falls back
-//! transparently; blobs stream through with their digest checked.
+//! Serving the pull API from the cache and the upstreams.
+//!
+//! Manifests are read whole (bounded), verified, stored by digest with
+//! their media type, and only then sent, so a lying endpoint falls back
+//! transparently. A tag's digest is trusted for the tag TTL, then
+//! revalidated with a HEAD; when every endpoint fails, the last known
+//! digest and content are served, so a warm node pulls with upstreams down.
+//! Blobs go through the single-flight cache ([`crate::cache::flight`]).
 
-pub mod stream;
+pub mod range;
 
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::header::{ACCEPT, ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE};
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
+use tokio::sync::watch;
 
+use crate::cache::flight::{Flights, Phase, Progress, Source};
+use crate::cache::{read, Store};
 use crate::reference::{Digest, Namespace, Reference, Repository};
 use crate::server::{boxed, full, ResponseBody, ServeError, API_VERSION};
 use crate::upstream::{AttemptError, Endpoint, Upstream, UpstreamRequest};
-use stream::{UpstreamBody, Verify};
+use range::RangeSpec;
 
 /// Largest manifest accepted; OCI registries commonly refuse over 4 MiB.
 pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
@@ -28,18 +37,37 @@ application/vnd.oci.image.manifest.v1+json, \
 application/vnd.docker.distribution.manifest.list.v2+json, \
 application/vnd.docker.distribution.manifest.v2+json";
 
-/// The pull API over the upstream endpoint chains.
+/// The pull API over the cache and the upstream endpoint chains.
 pub struct Mirror {
     pub upstream: Arc<Upstream>,
+    pub store: Arc<Store>,
+    pub flights: Arc<Flights>,
+    pub tag_ttl: Duration,
 }
 
-/// A manifest as fetched and verified.
+/// A manifest as fetched or cached.
+#[derive(Clone)]
 struct Manifest {
     digest: Digest,
-    media_type: HeaderValue,
-    /// `None` for HEAD, where only the length is known.
+    media_type: String,
+    /// `None` when only an upstream HEAD was made.
     body: Option<Bytes>,
     length: u64,
+}
+
+/// Whether a client's `Accept` admits `media_type`.
+fn acceptable(media_type: &str, accept: Option<&HeaderValue>) -> bool {
+    let Some(accept) = accept.and_then(|a| a.to_str().ok()) else {
+        return true;
+    };
+    accept.split(',').any(|t| {
+        let t = t.split(';').next().unwrap_or("").trim();
+        t == "*/*" || t.eq_ignore_ascii_case(media_type)
+    })
+}
+
+fn internal(e: impl std::fmt::Display) -> ServeError {
+    ServeError::Internal(e.to_string())
 }
 
 impl Mirror {
@@ -52,38 +80,149 @@ impl Mirror {
         headers: &HeaderMap,
     ) -> Result<Response<ResponseBody>, ServeError> {
         let head = method == Method::HEAD;
+        let accept = headers.get(ACCEPT);
+        let m = match &reference {
+            Reference::Digest(d) => match self.cached_manifest(d) {
+                Some(m) => m,
+                None => {
+                    let m = self
+                        .fetch_manifest(Method::GET, &ns, &repository, &reference, accept)
+                        .await?;
+                    self.keep(&m);
+                    m
+                }
+            },
+            Reference::Tag(tag) => {
+                self.manifest_by_tag(head, &ns, &repository, tag, accept)
+                    .await?
+            }
+        };
+        respond_manifest(m, head)
+    }
+
+    async fn manifest_by_tag(
+        &self,
+        head: bool,
+        ns: &Namespace,
+        repository: &Repository,
+        tag: &str,
+        accept: Option<&HeaderValue>,
+    ) -> Result<Manifest, ServeError> {
+        let known = self.store.tag(ns, repository, tag).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "unreadable tag record; asking upstream");
+            None
+        });
+        let cached = known.and_then(|(d, confirmed)| {
+            let m = self.cached_manifest(&d)?;
+            acceptable(&m.media_type, accept).then_some((m, confirmed))
+        });
+        if let Some((m, confirmed)) = &cached {
+            let age = SystemTime::now()
+                .duration_since(*confirmed)
+                .unwrap_or_default();
+            if age < self.tag_ttl {
+                return Ok(m.clone());
+            }
+        }
+        // With content in hand a HEAD is enough to revalidate (and is not
+        // counted against Docker Hub's pull limit); so is a client's HEAD.
+        let method = if cached.is_some() || head {
+            Method::HEAD
+        } else {
+            Method::GET
+        };
+        let reference = Reference::Tag(tag.to_string());
+        let fetched = match self
+            .fetch_manifest(method, ns, repository, &reference, accept)
+            .await
+        {
+            Ok(m) => m,
+            Err(ServeError::Upstream { source, .. })
+                if cached.is_some() && !source.all_not_found() =>
+            {
+                let (m, _) = cached.unwrap_or_else(|| unreachable!("checked is_some"));
+                tracing::warn!(%ns, %repository, tag, digest = %m.digest, error = %source,
+                    "every upstream failed; serving the last known manifest for this tag");
+                return Ok(m);
+            }
+            Err(e) => return Err(e),
+        };
+        if let Err(e) = self.store.put_tag(ns, repository, tag, &fetched.digest) {
+            tracing::warn!(error = %e, "could not record tag");
+        }
+        self.keep(&fetched);
+        if let Some((m, _)) = cached.filter(|(m, _)| m.digest == fetched.digest) {
+            return Ok(m);
+        }
+        if fetched.body.is_some() || head {
+            return Ok(fetched);
+        }
+        // The tag moved: fetch the new content by digest.
+        if let Some(m) = self.cached_manifest(&fetched.digest) {
+            return Ok(m);
+        }
+        let by_digest = Reference::Digest(fetched.digest.clone());
+        let m = self
+            .fetch_manifest(Method::GET, ns, repository, &by_digest, accept)
+            .await?;
+        self.keep(&m);
+        Ok(m)
+    }
+
+    fn cached_manifest(&self, d: &Digest) -> Option<Manifest> {
+        match self.store.manifest(d) {
+            Ok(Some((media_type, body))) => Some(Manifest {
+                digest: d.clone(),
+                media_type,
+                length: body.len() as u64,
+                body: Some(body),
+            }),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(digest = %d, error = %e, "cached manifest unusable; fetching again");
+                None
+            }
+        }
+    }
+
+    fn keep(&self, m: &Manifest) {
+        if let Some(body) = &m.body {
+            if let Err(e) = self.store.put_manifest(&m.digest, &m.media_type, body) {
+                tracing::warn!(digest = %m.digest, error = %e, "could not cache manifest");
+            }
+        }
+    }
+
+    async fn fetch_manifest(
+        &self,
+        method: Method,
+        ns: &Namespace,
+        repository: &Repository,
+        reference: &Reference,
+        accept: Option<&HeaderValue>,
+    ) -> Result<Manifest, ServeError> {
         let req = UpstreamRequest {
-            method: if head { Method::HEAD } else { Method::GET },
-            namespace: ns,
+            method,
+            namespace: ns.clone(),
             tail: format!("manifests/{reference}"),
-            repository,
+            repository: repository.clone(),
             needs_resolve: matches!(reference, Reference::Tag(_)),
             accept: Some(
-                headers
-                    .get(ACCEPT)
+                accept
                     .cloned()
                     .unwrap_or(HeaderValue::from_static(DEFAULT_ACCEPT)),
             ),
             range: None,
         };
         let want = reference.digest();
-        let result = self
-            .upstream
+        self.upstream
             .first_success(&req, |ep, resp| self.take_manifest(ep, resp, &req, want))
-            .await;
-        let (m, _) = result.map_err(|source| ServeError::Upstream {
-            what: "manifest",
-            source,
-        })?;
-        let builder = Response::builder()
-            .status(StatusCode::OK)
-            .header(API_VERSION.0, API_VERSION.1)
-            .header(CONTENT_TYPE, m.media_type)
-            .header(CONTENT_LENGTH, m.length)
-            .header(DOCKER_CONTENT_DIGEST, m.digest.to_string());
-        builder
-            .body(full(m.body.unwrap_or_default()))
-            .map_err(|e| ServeError::Internal(e.to_string()))
+            .await
+            .map(|(m, _)| m)
+            .map_err(|source| ServeError::Upstream {
+                what: "manifest",
+                source: Arc::new(source),
+            })
     }
 
     /// Checks one endpoint's manifest response. For HEAD, the headers must
@@ -96,49 +235,43 @@ impl Mirror {
         req: &UpstreamRequest,
         want: Option<&Digest>,
     ) -> Result<Manifest, AttemptError> {
-        let check = |digest: &Digest| match want {
-            Some(w) if w != digest => Err(AttemptError::Invalid(format!(
-                "manifest digest mismatch: asked for {w}, got {digest}"
+        let check = |m: Manifest| match want {
+            Some(w) if *w != m.digest => Err(AttemptError::Invalid(format!(
+                "manifest digest mismatch: asked for {w}, got {}",
+                m.digest
             ))),
-            _ => Ok(()),
+            _ => Ok(m),
         };
-        if req.method == Method::HEAD {
-            let h = resp.headers();
-            let digest = h
-                .get(DOCKER_CONTENT_DIGEST)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<Digest>().ok());
-            let length = h
-                .get(CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok());
-            let media_type = h.get(CONTENT_TYPE).cloned();
-            if let (Some(digest), Some(length), Some(media_type)) = (digest, length, media_type) {
-                check(&digest)?;
-                return Ok(Manifest {
-                    digest,
-                    media_type,
-                    body: None,
-                    length,
-                });
-            }
-            let get = UpstreamRequest {
-                method: Method::GET,
-                ..req.clone()
-            };
-            let resp = self.upstream.attempt(&ep, &get).await?;
-            let mut m = self.read_manifest(resp).await?;
-            check(&m.digest)?;
-            m.body = None;
-            return Ok(m);
+        if req.method != Method::HEAD {
+            return check(self.read_manifest(resp).await?);
         }
-        let m = self.read_manifest(resp).await?;
-        check(&m.digest)?;
-        Ok(m)
+        let h = resp.headers();
+        let text = |name| h.get(name).and_then(|v: &HeaderValue| v.to_str().ok());
+        let digest = text(DOCKER_CONTENT_DIGEST).and_then(|v| v.parse::<Digest>().ok());
+        let length = text(CONTENT_LENGTH.as_str()).and_then(|v| v.parse::<u64>().ok());
+        let media_type = text(CONTENT_TYPE.as_str()).filter(|t| !t.is_empty());
+        if let (Some(digest), Some(length), Some(media_type)) = (digest, length, media_type) {
+            return check(Manifest {
+                digest,
+                media_type: media_type.to_string(),
+                body: None,
+                length,
+            });
+        }
+        let get = UpstreamRequest {
+            method: Method::GET,
+            ..req.clone()
+        };
+        let resp = self.upstream.attempt(&ep, &get).await?;
+        check(self.read_manifest(resp).await?)
     }
 
     async fn read_manifest(&self, resp: Response<Incoming>) -> Result<Manifest, AttemptError> {
-        let header_type = resp.headers().get(CONTENT_TYPE).cloned();
+        let header_type = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let idle = self.upstream.settings().idle_timeout;
         let read = Limited::new(resp.into_body(), MAX_MANIFEST_BYTES).collect();
         let body = tokio::time::timeout(idle, read)
@@ -170,72 +303,184 @@ impl Mirror {
         digest: Digest,
         headers: &HeaderMap,
     ) -> Result<Response<ResponseBody>, ServeError> {
-        let head = method == Method::HEAD;
-        let range = headers.get(RANGE).cloned().filter(|_| !head);
-        let req = UpstreamRequest {
-            method: method.clone(),
-            namespace: ns,
-            tail: format!("blobs/{digest}"),
-            repository,
-            needs_resolve: false,
-            accept: None,
-            range: range.clone(),
-        };
-        let result = self
-            .upstream
-            .first_success(&req, |ep, resp| async move {
-                let st = resp.status();
-                if st != StatusCode::OK && st != StatusCode::PARTIAL_CONTENT {
-                    return Err(AttemptError::Status(st));
-                }
-                if st == StatusCode::PARTIAL_CONTENT && !resp.headers().contains_key(CONTENT_RANGE)
-                {
-                    return Err(AttemptError::Invalid("206 without Content-Range".into()));
-                }
-                Ok((ep, resp))
-            })
-            .await;
-        let ((ep, resp), _) = result.map_err(|source| ServeError::Upstream {
-            what: "blob",
-            source,
-        })?;
-        let status = resp.status();
-        let mut builder = Response::builder()
-            .status(status)
-            .header(API_VERSION.0, API_VERSION.1)
-            .header(CONTENT_TYPE, "application/octet-stream")
-            .header(ACCEPT_RANGES, "bytes")
-            .header(DOCKER_CONTENT_DIGEST, digest.to_string());
-        for name in [CONTENT_LENGTH, CONTENT_RANGE] {
-            if let Some(v) = resp.headers().get(&name) {
-                builder = builder.header(name, v);
+        if method == Method::HEAD {
+            return self.blob_head(ns, repository, digest).await;
+        }
+        let held = self.store.hold(&digest);
+        let (file, progress) = match self
+            .flights
+            .get_or_start(&ns, &repository, &digest)
+            .map_err(internal)?
+        {
+            Source::Cached(file, len) => {
+                let (_, rx) = watch::channel(Progress::complete(len));
+                (file, rx)
             }
+            Source::Flight(f) => {
+                let mut rx = f.progress.clone();
+                let p = rx
+                    .wait_for(|p| !matches!(p.phase, Phase::Connecting))
+                    .await
+                    .map(|p| p.clone())
+                    .map_err(|_| internal("blob fetch vanished"))?;
+                match p.phase {
+                    Phase::Unavailable(source) => {
+                        return Err(ServeError::Upstream {
+                            what: "blob",
+                            source,
+                        })
+                    }
+                    // Nothing sent yet: a quick error lets the client move on.
+                    Phase::Failed(why) => return Err(ServeError::Unavailable(why.to_string())),
+                    _ => {}
+                }
+                (f.file.try_clone().map_err(internal)?, rx)
+            }
+        };
+        let total = progress.borrow().total;
+        let spec = match (headers.get(RANGE).and_then(|v| v.to_str().ok()), total) {
+            (Some(r), Some(t)) => range::parse(r, t),
+            _ => RangeSpec::Full,
+        };
+        let mut builder = blob_headers(&digest);
+        let (start, end) = match spec {
+            RangeSpec::Full => {
+                builder = builder.status(StatusCode::OK);
+                (0, total)
+            }
+            RangeSpec::Part(a, b) => {
+                let t = total.unwrap_or_default();
+                builder = builder
+                    .status(StatusCode::PARTIAL_CONTENT)
+                    .header(CONTENT_RANGE, format!("bytes {a}-{b}/{t}"));
+                (a, Some(b + 1))
+            }
+            RangeSpec::Unsatisfiable => {
+                let t = total.unwrap_or_default();
+                return blob_headers(&digest)
+                    .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                    .header(CONTENT_RANGE, format!("bytes */{t}"))
+                    .header(CONTENT_LENGTH, 0)
+                    .body(full(Bytes::new()))
+                    .map_err(internal);
+            }
+        };
+        if let Some(e) = end {
+            builder = builder.header(CONTENT_LENGTH, e - start);
         }
-        if head {
-            return builder
-                .body(full(Bytes::new()))
-                .map_err(|e| ServeError::Internal(e.to_string()));
-        }
-        // Only a whole blob can be checked against its digest.
-        let verify = (status == StatusCode::OK).then(|| Verify {
-            want: digest,
-            upstream: self.upstream.clone(),
-            endpoint: ep,
-        });
-        let idle = self.upstream.settings().idle_timeout;
         builder
-            .body(boxed(UpstreamBody::new(resp.into_body(), idle, verify)))
-            .map_err(|e| ServeError::Internal(e.to_string()))
+            .body(boxed(read::stream(file, progress, start, end, held)))
+            .map_err(internal)
+    }
+
+    /// HEAD of a blob: from the cache or a fetch under way if possible,
+    /// else from the upstream (without fetching the content).
+    async fn blob_head(
+        &self,
+        ns: Namespace,
+        repository: Repository,
+        digest: Digest,
+    ) -> Result<Response<ResponseBody>, ServeError> {
+        let known = match self.store.open_blob(&digest).map_err(internal)? {
+            Some((_, len)) => Some(len),
+            None => self
+                .flights
+                .current(&digest)
+                .and_then(|f| f.progress.borrow().total),
+        };
+        let len = match known {
+            Some(len) => len,
+            None => {
+                let req = UpstreamRequest {
+                    method: Method::HEAD,
+                    namespace: ns,
+                    tail: format!("blobs/{digest}"),
+                    repository,
+                    needs_resolve: false,
+                    accept: None,
+                    range: None,
+                };
+                let (len, _) = self
+                    .upstream
+                    .first_success(&req, |_, resp| async move {
+                        resp.headers()
+                            .get(CONTENT_LENGTH)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.parse::<u64>().ok())
+                            .ok_or_else(|| {
+                                AttemptError::Invalid("blob HEAD without Content-Length".into())
+                            })
+                    })
+                    .await
+                    .map_err(|source| ServeError::Upstream {
+                        what: "blob",
+                        source: Arc::new(source),
+                    })?;
+                len
+            }
+        };
+        blob_headers(&digest)
+            .status(StatusCode::OK)
+            .header(CONTENT_LENGTH, len)
+            .body(full(Bytes::new()))
+            .map_err(internal)
     }
 }
 
+fn blob_headers(digest: &Digest) -> http::response::Builder {
+    Response::builder()
+        .header(API_VERSION.0, API_VERSION.1)
+        .header(CONTENT_TYPE, "application/octet-stream")
+        .header(ACCEPT_RANGES, "bytes")
+        .header(DOCKER_CONTENT_DIGEST, digest.to_string())
+}
+
+fn respond_manifest(m: Manifest, head: bool) -> Result<Response<ResponseBody>, ServeError> {
+    let media_type = HeaderValue::try_from(m.media_type.as_str()).map_err(internal)?;
+    let body = if head {
+        Bytes::new()
+    } else {
+        m.body.unwrap_or_default()
+    };
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(API_VERSION.0, API_VERSION.1)
+        .header(CONTENT_TYPE, media_type)
+        .header(CONTENT_LENGTH, m.length)
+        .header(DOCKER_CONTENT_DIGEST, m.digest.to_string())
+        .body(full(body))
+        .map_err(internal)
+}
+
 /// The `mediaType` field of a manifest, for upstreams that omit the header.
-fn media_type_of(body: &[u8]) -> Option<HeaderValue> {
+fn media_type_of(body: &[u8]) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct Probe {
         #[serde(rename = "mediaType")]
         media_type: Option<String>,
     }
-    let p: Probe = serde_json::from_slice(body).ok()?;
-    HeaderValue::try_from(p.media_type?).ok()
+    serde_json::from_slice::<Probe>(body).ok()?.media_type
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_matching() {
+        let a = |s: &'static str| HeaderValue::from_static(s);
+        let oci = "application/vnd.oci.image.index.v1+json";
+        assert!(acceptable(oci, None));
+        assert!(acceptable(
+            oci,
+            Some(&a(
+                "application/x, application/vnd.oci.image.index.v1+json; q=0.5"
+            ))
+        ));
+        assert!(acceptable(oci, Some(&a("*/*"))));
+        assert!(!acceptable(
+            oci,
+            Some(&a("application/vnd.docker.distribution.manifest.v2+json"))
+        ));
+    }
 }

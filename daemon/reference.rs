@@ -253,9 +253,74 @@ impl fmt::Debug for Namespace {
     }
 }
 
+/// An image reference as users write it (`busybox`, `quay.io/a/b:v1`,
+/// `reg:5000/x@sha256:...`), normalised as docker and containerd do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRef {
+    pub namespace: Namespace,
+    pub repository: Repository,
+    pub reference: Reference,
+}
+
+impl FromStr for ImageRef {
+    type Err = ParseError;
+
+    fn from_str(s: &str) -> Result<Self, ParseError> {
+        let (rest, digest) = match s.split_once('@') {
+            Some((r, d)) => (r, Some(d.parse::<Digest>()?)),
+            None => (s, None),
+        };
+        // The first component is a registry if it looks like a host.
+        let (host, path) = match rest.split_once('/') {
+            Some((h, p)) if h.contains('.') || h.contains(':') || h == "localhost" => (h, p),
+            _ => ("docker.io", rest),
+        };
+        let (path, tag) = match path.rsplit_once(':') {
+            Some((p, t)) if !t.contains('/') => (p, Some(t)),
+            _ => (path, None),
+        };
+        let namespace: Namespace = host.parse()?;
+        let path = if namespace.as_str() == "docker.io" && !path.contains('/') {
+            format!("library/{path}")
+        } else {
+            path.to_string()
+        };
+        let reference = match (digest, tag) {
+            (Some(d), _) => Reference::Digest(d),
+            (None, Some(t)) => t.parse()?,
+            (None, None) => Reference::Tag("latest".into()),
+        };
+        if matches!(reference, Reference::Digest(_))
+            && tag.is_some_and(|t| t.parse::<Reference>().is_err())
+        {
+            return Err(ParseError::Tag(tag.unwrap_or_default().to_string()));
+        }
+        Ok(ImageRef {
+            namespace,
+            repository: path.parse()?,
+            reference,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_references() {
+        let r = |s: &str| {
+            let i: ImageRef = s.parse().unwrap();
+            format!("{}/{}:{}", i.namespace, i.repository, i.reference)
+        };
+        assert_eq!(r("busybox"), "docker.io/library/busybox:latest");
+        assert_eq!(r("user/app:v1"), "docker.io/user/app:v1");
+        assert_eq!(r("quay.io/a/b:v2"), "quay.io/a/b:v2");
+        assert_eq!(r("localhost:5000/x"), "localhost:5000/x:latest");
+        assert_eq!(r(&format!("reg.io/x:v1@{D}")), format!("reg.io/x:{D}"));
+        assert!("UPPER/x".parse::<ImageRef>().is_err());
+        assert!("reg.io/x@sha256:bad".parse::<ImageRef>().is_err());
+    }
 
     const D: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 

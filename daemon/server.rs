@@ -22,10 +22,10 @@ use tracing::Instrument;
 
 pub use error::ServeError;
 
-use crate::mirror::stream::BoxError;
 use crate::mirror::Mirror;
 use crate::reference::{Namespace, Reference};
 
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ResponseBody = BoxBody<Bytes, BoxError>;
 
 pub const API_VERSION: (&str, &str) = ("docker-distribution-api-version", "registry/2.0");

@@ -9,7 +9,7 @@ pub mod real;
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -18,7 +18,7 @@ use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use nodemirror::config::{Settings, UpstreamSettings};
+use nodemirror::config::{CacheSettings, MinFree, Settings, UpstreamSettings};
 use sha2::Digest as _;
 use tempfile::TempDir;
 use tokio::sync::oneshot;
@@ -135,6 +135,17 @@ where
     }
 }
 
+/// `blobs/sha256/<2 hex>/<hex>` under a cache directory.
+pub fn blob_path(cache: &Path, digest: &str) -> PathBuf {
+    let hex = digest.strip_prefix("sha256:").unwrap();
+    cache.join("blobs/sha256").join(&hex[..2]).join(hex)
+}
+
+/// Files in a cache's tmp/ folder.
+pub fn temp_files(cache: &Path) -> usize {
+    std::fs::read_dir(cache.join("tmp")).map_or(0, |d| d.count())
+}
+
 /// A loopback port that was free a moment ago, for external processes.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -155,6 +166,16 @@ pub fn quick_upstream() -> UpstreamSettings {
     }
 }
 
+/// Cache settings for tests: no eviction, tags trusted for an hour.
+pub fn test_cache() -> CacheSettings {
+    CacheSettings {
+        max_size: None,
+        min_free: MinFree::Bytes(0),
+        tag_ttl: Duration::from_secs(3600),
+        gc_interval: Duration::from_secs(3600),
+    }
+}
+
 /// Writes `<dir>/<ns>/hosts.toml` for each entry.
 pub fn write_hosts(dir: &Path, hosts: &[(&str, String)]) {
     for (ns, text) in hosts {
@@ -167,6 +188,7 @@ pub fn write_hosts(dir: &Path, hosts: &[(&str, String)]) {
 /// The daemon, in-process, on 127.0.0.1:0.
 pub struct Daemon {
     pub addr: SocketAddr,
+    pub cache_dir: PathBuf,
     /// hosts.d, cache and auth file; removed on drop.
     _dir: TempDir,
     shutdown: Option<oneshot::Sender<()>>,
@@ -177,6 +199,8 @@ pub struct Daemon {
 pub struct DaemonBuilder {
     hosts: Vec<(String, String)>,
     auth: Option<String>,
+    cache: Option<CacheSettings>,
+    cache_dir: Option<PathBuf>,
 }
 
 impl DaemonBuilder {
@@ -189,6 +213,19 @@ impl DaemonBuilder {
     /// An auth file in docker config.json format.
     pub fn auth(mut self, json: impl Into<String>) -> Self {
         self.auth = Some(json.into());
+        self
+    }
+
+    /// Cache settings; by default tags never expire within a test and
+    /// nothing is evicted.
+    pub fn cache(mut self, c: CacheSettings) -> Self {
+        self.cache = Some(c);
+        self
+    }
+
+    /// Uses an existing cache directory (to test restarts).
+    pub fn cache_dir(mut self, dir: &Path) -> Self {
+        self.cache_dir = Some(dir.to_path_buf());
         self
     }
 
@@ -209,13 +246,15 @@ impl DaemonBuilder {
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let cache_dir = self.cache_dir.unwrap_or_else(|| dir.path().join("cache"));
         let settings = Settings {
             listen: addr,
-            cache_dir: dir.path().join("cache"),
+            cache_dir: cache_dir.clone(),
             hosts_dir,
             default_namespace: "docker.io".parse().unwrap(),
             auth_file,
             upstream: quick_upstream(),
+            cache: self.cache.unwrap_or_else(test_cache),
         };
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(async move {
@@ -227,6 +266,7 @@ impl DaemonBuilder {
         });
         let d = Daemon {
             addr,
+            cache_dir,
             _dir: dir,
             shutdown: Some(tx),
             task: Some(task),
@@ -247,6 +287,11 @@ impl Daemon {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// Where the blob with `digest` lives once cached.
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        blob_path(&self.cache_dir, digest)
     }
 
     pub async fn stop(mut self) {

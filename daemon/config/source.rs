@@ -150,6 +150,16 @@ impl<'a> Field<'a> {
         }
     }
 
+    /// A size: bytes as an integer, or a string such as `"20GiB"`.
+    pub fn size(&self) -> Result<u64, ConfigError> {
+        let want = "a size: bytes as an integer, or a string like \"512MiB\", \"20GiB\"";
+        if let Some(n) = self.item.as_integer() {
+            return u64::try_from(n).map_err(|_| self.wrong(want));
+        }
+        let s = self.item.as_str().ok_or_else(|| self.wrong(want))?;
+        parse_size(s).ok_or_else(|| self.wrong(want))
+    }
+
     /// A duration: whole seconds as an integer, or a string such as
     /// `"500ms"`, `"5s"`, `"2m"`.
     pub fn duration(&self) -> Result<Duration, ConfigError> {
@@ -162,6 +172,31 @@ impl<'a> Field<'a> {
         let s = self.item.as_str().ok_or_else(|| self.wrong(want))?;
         parse_duration(s).ok_or_else(|| self.wrong(want))
     }
+}
+
+/// Parses a size: bytes as an integer or a string like `"512MiB"`, `"20GiB"`,
+/// `"1.5TB"` (`K`/`KiB`… are binary, `KB`… decimal).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let mult: f64 = match unit.trim() {
+        "" | "B" => 1.0,
+        "K" | "KiB" => 1024.0,
+        "M" | "MiB" => 1024.0 * 1024.0,
+        "G" | "GiB" => 1024.0 * 1024.0 * 1024.0,
+        "T" | "TiB" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        _ => return None,
+    };
+    let v = n * mult;
+    (v.is_finite() && v >= 0.0 && v < u64::MAX as f64).then_some(v as u64)
 }
 
 /// Parses `"250ms"`, `"5s"`, `"2m"`, `"1h"` or a bare number of seconds.
@@ -225,6 +260,16 @@ mod tests {
         assert_eq!(parse_duration("s"), None);
         assert_eq!(parse_duration("5d"), None);
         assert_eq!(parse_duration("-5s"), None);
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1024"), Some(1024));
+        assert_eq!(parse_size("2KiB"), Some(2048));
+        assert_eq!(parse_size("1.5 GiB"), Some(1610612736));
+        assert_eq!(parse_size("20GB"), Some(20_000_000_000));
+        assert_eq!(parse_size("5 parsecs"), None);
+        assert_eq!(parse_size("-1"), None);
     }
 
     #[test]

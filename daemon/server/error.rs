@@ -1,6 +1,8 @@
 //! Errors a request can end in, by side, and their one mapping to HTTP
 //! status and OCI error JSON.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Response, StatusCode};
@@ -24,8 +26,11 @@ pub enum ServeError {
     #[error("{what} unavailable from every upstream endpoint: {source}")]
     Upstream {
         what: &'static str,
-        source: Exhausted,
+        source: Arc<Exhausted>,
     },
+    /// A fetch failed before anything was sent to this client.
+    #[error("{0}")]
+    Unavailable(String),
     /// A fault of the daemon itself.
     #[error("internal error: {0}")]
     Internal(String),
@@ -40,7 +45,9 @@ impl ServeError {
             // A quick 404 lets containerd go on to its next host; 503 says
             // the upstreams are unreachable rather than the content absent.
             ServeError::Upstream { source, .. } if source.all_not_found() => StatusCode::NOT_FOUND,
-            ServeError::Upstream { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ServeError::Upstream { .. } | ServeError::Unavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ServeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -56,7 +63,7 @@ impl ServeError {
                 "manifest" => "MANIFEST_UNKNOWN",
                 _ => "BLOB_UNKNOWN",
             },
-            ServeError::Upstream { .. } => "UNAVAILABLE",
+            ServeError::Upstream { .. } | ServeError::Unavailable(_) => "UNAVAILABLE",
             ServeError::Internal(_) => "UNKNOWN",
         }
     }

@@ -43,6 +43,8 @@ pub struct Behaviour {
     pub no_head_digest: bool,
     /// Send this many body bytes, then stall forever.
     pub stall_after: Option<usize>,
+    /// Pause this long between chunks of a generated blob.
+    pub chunk_delay: Option<std::time::Duration>,
 }
 
 /// A request the fake saw.
@@ -354,7 +356,14 @@ async fn handle(s: &Shared, addr: SocketAddr, req: Request<Incoming>) -> Respons
                 None => Full::new(Bytes::from(v)).boxed(),
             }
         }
-        Content::Repeated { chunk, count } => Repeat { chunk, left: count }.boxed(),
+        // Whole blobs only: the daemon never asks an upstream for a range.
+        Content::Repeated { chunk, count } => Repeat {
+            chunk,
+            left: count,
+            delay: b.chunk_delay,
+            sleep: None,
+        }
+        .boxed(),
     };
     r.body(body).unwrap()
 }
@@ -388,10 +397,12 @@ impl Body for Stall {
     }
 }
 
-/// `chunk` repeated `left` times.
+/// `chunk` repeated `left` times, optionally with a pause before each.
 struct Repeat {
     chunk: Bytes,
     left: usize,
+    delay: Option<std::time::Duration>,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Body for Repeat {
@@ -399,10 +410,19 @@ impl Body for Repeat {
     type Error = Infallible;
     fn poll_frame(
         mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
+        cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         if self.left == 0 {
             return Poll::Ready(None);
+        }
+        if let Some(d) = self.delay {
+            let sleep = self
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(d)));
+            if std::future::Future::poll(sleep.as_mut(), cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.sleep = None;
         }
         self.left -= 1;
         Poll::Ready(Some(Ok(Frame::data(self.chunk.clone()))))

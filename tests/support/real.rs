@@ -82,18 +82,31 @@ pub struct Binary {
 
 impl Binary {
     pub async fn start(hosts_dir: &Path, extra: &[&str]) -> Binary {
+        Self::start_in(hosts_dir, None, "", extra).await
+    }
+
+    /// Starts with `cache` (a fresh one if `None`) and `config` as the
+    /// config file's text.
+    pub async fn start_in(
+        hosts_dir: &Path,
+        cache: Option<&Path>,
+        config: &str,
+        extra: &[&str],
+    ) -> Binary {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        // An empty config file, so a node's /etc/nodemirror cannot leak in.
-        let config = dir.path().join("config.toml");
-        std::fs::write(&config, "").unwrap();
+        // Our own config file, so a node's /etc/nodemirror cannot leak in.
+        let config_file = dir.path().join("config.toml");
+        std::fs::write(&config_file, config).unwrap();
+        let config = config_file;
+        let cache = cache.map_or_else(|| dir.path().join("cache"), Path::to_path_buf);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_nodemirror"));
         cmd.arg("serve")
             .arg("--config")
             .arg(&config)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .arg("--cache-dir")
-            .arg(dir.path().join("cache"))
+            .arg(&cache)
             .arg("--hosts-dir")
             .arg(hosts_dir)
             .args(extra);

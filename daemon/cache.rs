@@ -1,0 +1,351 @@
+//! The on-disk cache shared by every upstream.
+//!
+//! Layout under the cache directory:
+//! - `blobs/sha256/<2 hex>/<64 hex>`: blob content, named by its digest, so a
+//!   layer common to two registries is stored once. A file appears here only
+//!   by rename after its bytes were hashed, matched and fsynced.
+//! - `manifests/sha256/<2 hex>/<64 hex>`: the manifest's media type, a
+//!   newline, then its bytes (verified like blobs).
+//! - `tags/<namespace>/<repository>/@<tag>`: the digest the tag pointed to;
+//!   the file's mtime is when that was last confirmed upstream.
+//! - `tmp/`: ingests in progress; emptied at start, so a `kill -9` leaves
+//!   nothing half-written that could ever be served.
+//! - `quarantine/`: files that failed `nodemirror cache verify`.
+//!
+//! A blob's mtime is its last access, for least-recently-used eviction.
+
+pub mod flight;
+pub mod gc;
+pub mod read;
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+
+use crate::reference::{Digest, Namespace, Repository};
+
+/// Access times are refreshed at most this often per blob, to keep reads
+/// from turning into metadata writes.
+const TOUCH_GRANULARITY: Duration = Duration::from_secs(60);
+
+/// The content-addressed store.
+pub struct Store {
+    root: PathBuf,
+    /// Blobs being read or written: never evicted.
+    in_use: Mutex<HashMap<Digest, usize>>,
+}
+
+/// Keeps a blob from eviction while alive.
+pub struct InUse {
+    store: Arc<Store>,
+    digest: Digest,
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        let mut map = self.store.in_use.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.digest) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.digest);
+            }
+        }
+    }
+}
+
+fn sharded(dir: &Path, d: &Digest) -> PathBuf {
+    dir.join("sha256").join(&d.hex()[..2]).join(d.hex())
+}
+
+impl Store {
+    /// Opens (creating) the cache at `root` and removes leftovers of
+    /// interrupted ingests.
+    pub fn open(root: &Path) -> io::Result<Arc<Store>> {
+        for sub in [
+            "blobs/sha256",
+            "manifests/sha256",
+            "tags",
+            "tmp",
+            "quarantine",
+        ] {
+            fs::create_dir_all(root.join(sub))?;
+        }
+        let mut removed = 0;
+        for entry in fs::read_dir(root.join("tmp"))? {
+            let path = entry?.path();
+            let r = if path.is_dir() {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            if r.is_ok() {
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            tracing::info!(removed, "removed interrupted downloads from the cache");
+        }
+        Ok(Arc::new(Store {
+            root: root.to_path_buf(),
+            in_use: Mutex::default(),
+        }))
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn blob_path(&self, d: &Digest) -> PathBuf {
+        sharded(&self.root.join("blobs"), d)
+    }
+
+    fn manifest_path(&self, d: &Digest) -> PathBuf {
+        sharded(&self.root.join("manifests"), d)
+    }
+
+    fn tag_path(&self, ns: &Namespace, repo: &Repository, tag: &str) -> PathBuf {
+        // All three are validated: no '/', '..' or '@' can come from them
+        // except repository separators, and a repository component never
+        // starts with '@', so tag files and repository folders cannot clash.
+        self.root
+            .join("tags")
+            .join(ns.as_str())
+            .join(repo.as_str())
+            .join(format!("@{tag}"))
+    }
+
+    /// Marks `d` in use until the guard drops.
+    pub fn hold(self: &Arc<Self>, d: &Digest) -> InUse {
+        *self
+            .in_use
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(d.clone())
+            .or_insert(0) += 1;
+        InUse {
+            store: self.clone(),
+            digest: d.clone(),
+        }
+    }
+
+    pub fn in_use(&self, d: &Digest) -> bool {
+        self.in_use
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(d)
+    }
+
+    /// The cached blob, opened, with its length; records the access.
+    pub fn open_blob(&self, d: &Digest) -> io::Result<Option<(File, u64)>> {
+        let path = self.blob_path(d);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let meta = file.metadata()?;
+        touch(&file, &meta);
+        Ok(Some((file, meta.len())))
+    }
+
+    /// Creates a private temporary file for an ingest.
+    pub fn temp_file(&self, purpose: &str) -> io::Result<(File, PathBuf)> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let path = self
+            .root
+            .join("tmp")
+            .join(format!("{purpose}.{}.{n}", std::process::id()));
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        Ok((file, path))
+    }
+
+    /// Moves a fully written, verified and synced temp file into place.
+    pub fn commit_blob(&self, tmp: &Path, d: &Digest) -> io::Result<()> {
+        place(tmp, &self.blob_path(d))
+    }
+
+    /// The cached manifest: media type and bytes, re-verified on read.
+    pub fn manifest(&self, d: &Digest) -> io::Result<Option<(String, Bytes)>> {
+        let raw = match fs::read(self.manifest_path(d)) {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let Some(nl) = raw.iter().position(|&b| b == b'\n') else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "manifest file without media type",
+            ));
+        };
+        let body = Bytes::copy_from_slice(&raw[nl + 1..]);
+        if Digest::of(&body) != *d {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "cached manifest does not match its digest",
+            ));
+        }
+        let media_type = String::from_utf8_lossy(&raw[..nl]).into_owned();
+        Ok(Some((media_type, body)))
+    }
+
+    /// Stores a manifest already verified against `d`.
+    pub fn put_manifest(&self, d: &Digest, media_type: &str, body: &[u8]) -> io::Result<()> {
+        let path = self.manifest_path(d);
+        if path.exists() {
+            return Ok(());
+        }
+        let (mut f, tmp) = self.temp_file("manifest")?;
+        let written = (|| {
+            f.write_all(media_type.as_bytes())?;
+            f.write_all(b"\n")?;
+            f.write_all(body)?;
+            f.sync_all()
+        })();
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        place(&tmp, &path)
+    }
+
+    /// The digest `tag` pointed to and when that was last confirmed.
+    pub fn tag(
+        &self,
+        ns: &Namespace,
+        repo: &Repository,
+        tag: &str,
+    ) -> io::Result<Option<(Digest, SystemTime)>> {
+        let path = self.tag_path(ns, repo, tag);
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let digest = text.trim().parse().map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
+        })?;
+        let confirmed = fs::metadata(&path)?.modified()?;
+        Ok(Some((digest, confirmed)))
+    }
+
+    /// Records that `tag` points to `d`, now.
+    pub fn put_tag(
+        &self,
+        ns: &Namespace,
+        repo: &Repository,
+        tag: &str,
+        d: &Digest,
+    ) -> io::Result<()> {
+        let path = self.tag_path(ns, repo, tag);
+        let (mut f, tmp) = self.temp_file("tag")?;
+        let written = writeln!(f, "{d}").and_then(|_| f.sync_all());
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        place(&tmp, &path)
+    }
+}
+
+/// Renames `tmp` to `dest` (creating its folder) and syncs the folder, so
+/// the entry survives a crash once this returns.
+fn place(tmp: &Path, dest: &Path) -> io::Result<()> {
+    let dir = dest.parent().unwrap_or(Path::new("/"));
+    let result = fs::create_dir_all(dir).and_then(|_| fs::rename(tmp, dest));
+    if let Err(e) = result {
+        let _ = fs::remove_file(tmp);
+        return Err(e);
+    }
+    File::open(dir).and_then(|d| d.sync_all())
+}
+
+/// Records an access as the file's mtime, at most once per granularity.
+fn touch(file: &File, meta: &fs::Metadata) {
+    let now = SystemTime::now();
+    let stale = meta
+        .modified()
+        .ok()
+        .and_then(|m| now.duration_since(m).ok())
+        .is_none_or(|age| age > TOUCH_GRANULARITY);
+    if stale {
+        let _ = file.set_modified(now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifests_and_tags_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let body = br#"{"schemaVersion":2}"#;
+        let d = Digest::of(body);
+        assert!(store.manifest(&d).unwrap().is_none());
+        store.put_manifest(&d, "application/x-test", body).unwrap();
+        let (mt, got) = store.manifest(&d).unwrap().unwrap();
+        assert_eq!(
+            (mt.as_str(), got.as_ref()),
+            ("application/x-test", &body[..])
+        );
+
+        let ns: Namespace = "reg.test:5000".parse().unwrap();
+        let repo: Repository = "a/b".parse().unwrap();
+        assert!(store.tag(&ns, &repo, "v1").unwrap().is_none());
+        store.put_tag(&ns, &repo, "v1", &d).unwrap();
+        assert_eq!(store.tag(&ns, &repo, "v1").unwrap().unwrap().0, d);
+        // A repository nested under another does not clash with its tags.
+        let nested: Repository = "a/b/v1".parse().unwrap();
+        store.put_tag(&ns, &nested, "x", &d).unwrap();
+        assert_eq!(store.tag(&ns, &repo, "v1").unwrap().unwrap().0, d);
+    }
+
+    #[test]
+    fn a_corrupted_manifest_is_an_error_not_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let d = Digest::of(b"{}");
+        store.put_manifest(&d, "t", b"{}").unwrap();
+        fs::write(store.manifest_path(&d), b"t\n{ }").unwrap();
+        assert!(store.manifest(&d).is_err());
+    }
+
+    #[test]
+    fn open_clears_interrupted_ingests() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (_f, tmp) = store.temp_file("blob").unwrap();
+        assert!(tmp.exists());
+        drop(store);
+        Store::open(dir.path()).unwrap();
+        assert!(!tmp.exists());
+    }
+
+    #[test]
+    fn in_use_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let d = Digest::of(b"x");
+        let a = store.hold(&d);
+        let b = store.hold(&d);
+        drop(a);
+        assert!(store.in_use(&d));
+        drop(b);
+        assert!(!store.in_use(&d));
+    }
+}

@@ -1,0 +1,201 @@
+//! `nodemirror prefetch <image>`: pulls an image through a running daemon
+//! so that its manifests and blobs are cached before a node needs them.
+//! For an index, the manifests of the wanted platforms are followed.
+
+use bytes::Bytes;
+use http::header::ACCEPT;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use sha2::{Digest as _, Sha256};
+
+use crate::reference::{Digest, ImageRef, Reference};
+
+const MANIFEST_TYPES: &str = "application/vnd.oci.image.index.v1+json, \
+application/vnd.oci.image.manifest.v1+json, \
+application/vnd.docker.distribution.manifest.list.v2+json, \
+application/vnd.docker.distribution.manifest.v2+json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrefetchError {
+    #[error("{url}: {why}")]
+    Request { url: String, why: String },
+    #[error("{url}: answered {status}: {body}")]
+    Status {
+        url: String,
+        status: StatusCode,
+        body: String,
+    },
+    #[error("{url}: invalid manifest: {why}")]
+    Manifest { url: String, why: String },
+    #[error("{url}: content does not match {digest}")]
+    Mismatch { url: String, digest: Digest },
+    #[error("no manifest in the index matches platform {0}")]
+    NoPlatform(String),
+}
+
+/// Which platforms of a multi-platform image to fetch.
+#[derive(Debug, Clone)]
+pub enum Platforms {
+    All,
+    /// `os/arch`, e.g. `linux/amd64`.
+    One(String),
+}
+
+impl Platforms {
+    /// This machine's platform in OCI terms.
+    pub fn host() -> Platforms {
+        let arch = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            "powerpc64" => "ppc64le",
+            other => other,
+        };
+        Platforms::One(format!("linux/{arch}"))
+    }
+}
+
+/// What a prefetch fetched.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub manifests: usize,
+    pub blobs: usize,
+    pub bytes: u64,
+}
+
+#[derive(serde::Deserialize)]
+struct Descriptor {
+    digest: String,
+    #[serde(default)]
+    platform: Option<Platform>,
+}
+
+#[derive(serde::Deserialize)]
+struct Platform {
+    os: String,
+    architecture: String,
+}
+
+#[derive(serde::Deserialize)]
+struct AnyManifest {
+    #[serde(default)]
+    manifests: Vec<Descriptor>,
+    config: Option<Descriptor>,
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+}
+
+/// Pulls `image` through the daemon at `server` (e.g. `http://127.0.0.1:5780`).
+pub async fn prefetch(
+    server: &str,
+    image: &ImageRef,
+    platforms: &Platforms,
+) -> Result<Summary, PrefetchError> {
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let base = format!("{}/v2/{}", server.trim_end_matches('/'), image.repository);
+    let ns = format!("ns={}", image.namespace);
+    let mut summary = Summary::default();
+    let mut queue = vec![image.reference.clone()];
+    while let Some(reference) = queue.pop() {
+        let url = format!("{base}/manifests/{reference}?{ns}");
+        let (body, _) = fetch(&client, &url, true, reference.digest()).await?;
+        summary.manifests += 1;
+        let m: AnyManifest =
+            serde_json::from_slice(&body).map_err(|e| PrefetchError::Manifest {
+                url: url.clone(),
+                why: e.to_string(),
+            })?;
+        let digest_of = |d: &Descriptor| {
+            d.digest
+                .parse::<Digest>()
+                .map_err(|e| PrefetchError::Manifest {
+                    url: url.clone(),
+                    why: e.to_string(),
+                })
+        };
+        if !m.manifests.is_empty() {
+            let mut matched = 0;
+            for d in &m.manifests {
+                let wanted = match (platforms, &d.platform) {
+                    (Platforms::All, _) => true,
+                    (Platforms::One(want), Some(p)) => {
+                        format!("{}/{}", p.os, p.architecture) == *want
+                    }
+                    (Platforms::One(_), None) => false,
+                };
+                if wanted {
+                    matched += 1;
+                    queue.push(Reference::Digest(digest_of(d)?));
+                }
+            }
+            if matched == 0 {
+                let Platforms::One(p) = platforms else {
+                    unreachable!("All matches every entry")
+                };
+                return Err(PrefetchError::NoPlatform(p.clone()));
+            }
+            continue;
+        }
+        for d in m.config.iter().chain(m.layers.iter()) {
+            let digest = digest_of(d)?;
+            let url = format!("{base}/blobs/{digest}?{ns}");
+            let (_, len) = fetch(&client, &url, false, Some(&digest)).await?;
+            summary.blobs += 1;
+            summary.bytes += len;
+        }
+    }
+    Ok(summary)
+}
+
+/// GETs `url`, checks the digest, and returns the body when `keep`.
+async fn fetch(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
+    url: &str,
+    keep: bool,
+    want: Option<&Digest>,
+) -> Result<(Vec<u8>, u64), PrefetchError> {
+    let fail = |why: String| PrefetchError::Request {
+        url: url.to_string(),
+        why,
+    };
+    let req = Request::get(url)
+        .header(ACCEPT, MANIFEST_TYPES)
+        .body(Empty::new())
+        .map_err(|e| fail(e.to_string()))?;
+    let resp = client
+        .request(req)
+        .await
+        .map_err(|e| fail(crate::upstream::error_chain(&e)))?;
+    let status = resp.status();
+    let mut body = resp.into_body();
+    let mut kept = Vec::new();
+    let mut hasher = Sha256::new();
+    let mut len = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| fail(e.to_string()))?;
+        if let Ok(data) = frame.into_data() {
+            hasher.update(&data);
+            len += data.len() as u64;
+            if keep || status != StatusCode::OK {
+                kept.extend_from_slice(&data);
+            }
+        }
+    }
+    if status != StatusCode::OK {
+        return Err(PrefetchError::Status {
+            url: url.to_string(),
+            status,
+            body: String::from_utf8_lossy(&kept).into_owned(),
+        });
+    }
+    if let Some(w) = want {
+        if Digest::from_hasher(hasher) != *w {
+            return Err(PrefetchError::Mismatch {
+                url: url.to_string(),
+                digest: w.clone(),
+            });
+        }
+    }
+    Ok((kept, len))
+}
