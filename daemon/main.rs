@@ -31,8 +31,6 @@ enum Command {
     Cache {
         #[command(subcommand)]
         action: CacheAction,
-        #[command(flatten)]
-        args: ServeArgs,
     },
     /// Pull an image through the running daemon so it is cached.
     Prefetch {
@@ -55,7 +53,7 @@ enum Command {
 #[derive(Subcommand)]
 enum CacheAction {
     /// Count blobs, manifests, tags and bytes; show free disk space.
-    Stats,
+    Stats(ServeArgs),
     /// Evict least-recently-used blobs down to the configured limits.
     Gc {
         /// Override `[cache] max_size`, e.g. 20GiB.
@@ -64,9 +62,19 @@ enum CacheAction {
         /// Override `[cache] min_free` with a size, e.g. 10GiB.
         #[arg(long, value_parser = parse_size)]
         min_free: Option<u64>,
+        #[command(flatten)]
+        args: ServeArgs,
     },
     /// Re-hash every cached file; move corrupt ones to quarantine/ (exit 1 if any).
-    Verify,
+    Verify(ServeArgs),
+}
+
+impl CacheAction {
+    fn args(&self) -> &ServeArgs {
+        match self {
+            CacheAction::Stats(a) | CacheAction::Verify(a) | CacheAction::Gc { args: a, .. } => a,
+        }
+    }
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -133,7 +141,7 @@ fn main() -> ExitCode {
     let (check_only, args) = match cli.command {
         Some(Command::Serve(a)) => (false, a),
         Some(Command::CheckConfig(a)) => (true, a),
-        Some(Command::Cache { action, args }) => return cache_command(action, &args),
+        Some(Command::Cache { action }) => return cache_command(action),
         Some(Command::Prefetch {
             image,
             server,
@@ -194,10 +202,10 @@ fn load_or_exit(args: &ServeArgs) -> Result<Settings, ExitCode> {
     })
 }
 
-fn cache_command(action: CacheAction, args: &ServeArgs) -> ExitCode {
+fn cache_command(action: CacheAction) -> ExitCode {
     use nodemirror::cache::gc::Limits;
     use nodemirror::cache::Store;
-    let settings = match load_or_exit(args) {
+    let settings = match load_or_exit(action.args()) {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -209,7 +217,7 @@ fn cache_command(action: CacheAction, args: &ServeArgs) -> ExitCode {
         }
     };
     let result = match action {
-        CacheAction::Stats => store.stats().map(|s| {
+        CacheAction::Stats(_) => store.stats().map(|s| {
             println!("cache directory: {}", settings.cache_dir.display());
             println!("blobs:           {} ({} bytes)", s.blobs, s.blob_bytes);
             println!("manifests:       {}", s.manifests);
@@ -218,22 +226,22 @@ fn cache_command(action: CacheAction, args: &ServeArgs) -> ExitCode {
             println!("free disk:       {} bytes", s.free_bytes);
             ExitCode::SUCCESS
         }),
-        CacheAction::Gc { max_size, min_free } => {
-            Limits::from_settings(&settings.cache, store.root())
-                .and_then(|mut limits| {
-                    limits.max_size = max_size.or(limits.max_size);
-                    limits.min_free = min_free.unwrap_or(limits.min_free);
-                    store.collect(limits)
-                })
-                .map(|r| {
-                    println!(
-                        "evicted {} of {} blobs ({} bytes); {} bytes remain; {} in use kept",
-                        r.evicted, r.blobs_before, r.evicted_bytes, r.bytes_after, r.skipped_in_use
-                    );
-                    ExitCode::SUCCESS
-                })
-        }
-        CacheAction::Verify => store.verify().map(|(checked, bad)| {
+        CacheAction::Gc {
+            max_size, min_free, ..
+        } => Limits::from_settings(&settings.cache, store.root())
+            .and_then(|mut limits| {
+                limits.max_size = max_size.or(limits.max_size);
+                limits.min_free = min_free.unwrap_or(limits.min_free);
+                store.collect(limits)
+            })
+            .map(|r| {
+                println!(
+                    "evicted {} of {} blobs ({} bytes); {} bytes remain; {} in use kept",
+                    r.evicted, r.blobs_before, r.evicted_bytes, r.bytes_after, r.skipped_in_use
+                );
+                ExitCode::SUCCESS
+            }),
+        CacheAction::Verify(_) => store.verify().map(|(checked, bad)| {
             println!("checked {checked} files, {} corrupt", bad.len());
             for b in &bad {
                 println!("quarantined {}", b.display());

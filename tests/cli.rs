@@ -269,3 +269,111 @@ fn shipped_hosts_d_is_valid() {
         );
     }
 }
+
+/// `prefetch` pulls an image (an index, one platform) through a running
+/// daemon; `cache stats`, `gc` and `verify` then inspect and maintain it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetch_then_cache_stats_gc_and_verify() {
+    use crate::support::image::Image;
+    let up = Fake::start(Behaviour::default()).await;
+    let amd = Image::build(&[("a", b"amd64 layer")]);
+    let arm = Image::build(&[("b", b"arm64 layer")]);
+    up.push_image("app", "amd", &amd);
+    up.push_image("app", "arm", &arm);
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {"mediaType": amd.media_type, "digest": amd.digest, "size": amd.manifest.len(),
+             "platform": {"os": "linux", "architecture": "amd64"}},
+            {"mediaType": arm.media_type, "digest": arm.digest, "size": arm.manifest.len(),
+             "platform": {"os": "linux", "architecture": "arm64"}},
+        ]
+    })
+    .to_string();
+    up.put_manifest(
+        "app",
+        Some("v1"),
+        "application/vnd.oci.image.index.v1+json",
+        index.as_bytes(),
+    );
+
+    let cache_dir = tempfile::tempdir().unwrap();
+    let d = crate::support::Daemon::builder()
+        .hosts("reg.test", crate::proxy::hosts_toml(&[], Some(&up.url())))
+        .cache_dir(cache_dir.path())
+        .start()
+        .await;
+    let cache = d.cache_dir.to_str().unwrap().to_string();
+    let server = d.url("");
+    let out = tokio::task::spawn_blocking(move || {
+        nodemirror(&[
+            "prefetch",
+            "--server",
+            &server,
+            "--platform",
+            "linux/arm64",
+            "reg.test/app:v1",
+        ])
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("2 manifests, 2 blobs"), "{text}");
+    for blob in arm.blobs() {
+        assert!(d.blob_path(&crate::support::sha256(blob)).exists());
+    }
+    for blob in amd.layers.iter() {
+        assert!(
+            !d.blob_path(&crate::support::sha256(blob)).exists(),
+            "other platform not fetched"
+        );
+    }
+    d.stop().await;
+
+    let cfg = tempfile::NamedTempFile::new().unwrap();
+    let run = |args: &[&str]| {
+        let mut all = vec![
+            args[0],
+            args[1],
+            "--config",
+            cfg.path().to_str().unwrap(),
+            "--cache-dir",
+            &cache,
+        ];
+        all.extend_from_slice(&args[2..]);
+        nodemirror(&all)
+    };
+    let stats = run(&["cache", "stats"]);
+    assert!(stats.status.success());
+    let text = String::from_utf8_lossy(&stats.stdout);
+    assert!(text.contains("blobs:           2 ("), "{text}");
+    assert!(text.contains("manifests:       2"), "{text}");
+
+    // Corrupt one blob: verify quarantines it and says so with exit 1.
+    let victim = crate::support::blob_path(
+        std::path::Path::new(&cache),
+        &crate::support::sha256(&arm.layers[0]),
+    );
+    std::fs::write(&victim, b"bit rot").unwrap();
+    let v = run(&["cache", "verify"]);
+    assert_eq!(v.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&v.stdout).contains("checked 4 files, 1 corrupt"));
+    assert!(!victim.exists());
+    assert!(run(&["cache", "verify"]).status.success());
+
+    let gc = run(&["cache", "gc", "--max-size", "0", "--min-free", "0"]);
+    assert!(gc.status.success());
+    assert!(
+        String::from_utf8_lossy(&gc.stdout).contains("evicted 1 of 1 blobs"),
+        "{}",
+        String::from_utf8_lossy(&gc.stdout)
+    );
+    let text = String::from_utf8_lossy(&run(&["cache", "stats"]).stdout).to_string();
+    assert!(text.contains("blobs:           0 (0 bytes)"), "{text}");
+}

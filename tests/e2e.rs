@@ -3,7 +3,8 @@
 //! `certs.d/_default/hosts.toml` points at it; `ctr images pull
 //! --hosts-dir` pulls images of both upstreams through the mirror. The
 //! image hosts are names that resolve nowhere, so a pull can only succeed
-//! through nodemirror's ?ns= routing.
+//! through nodemirror's ?ns= routing. Then both registries stop and a fresh
+//! containerd pulls the same images from nodemirror's cache.
 
 use std::time::Instant;
 
@@ -41,7 +42,9 @@ async fn containerd_pulls_from_two_registries_through_the_mirror() {
             ),
         ],
     );
-    let nm = Binary::start(hosts.path(), &[]).await;
+    // tag_ttl = 0: every tag lookup revalidates upstream, so the offline
+    // pulls below go through "every endpoint failed, serve the last known".
+    let nm = Binary::start_in(hosts.path(), None, "[cache]\ntag_ttl = 0\n", &[]).await;
 
     // containerd's view: every registry goes to nodemirror.
     let certs = tempfile::tempdir().unwrap();
@@ -103,7 +106,44 @@ async fn containerd_pulls_from_two_registries_through_the_mirror() {
             "{d} missing from containerd's content store"
         );
     }
+    // Both registries go away; a fresh containerd (an empty content store,
+    // like a new node) still pulls both images by tag from nodemirror.
+    drop((reg_a, reg_b));
+    let fresh = Containerd::start().await;
+    for reference in [
+        "registry-a.test:5000/team/app:v1",
+        "registry-b.test/library/tool:1.0",
+    ] {
+        let start = Instant::now();
+        let out = fresh.ctr(&[
+            "images",
+            "pull",
+            "--hosts-dir",
+            certs_dir,
+            "--snapshotter",
+            "native",
+            reference,
+        ]);
+        assert!(
+            out.status.success(),
+            "offline pull of {reference} failed:\n{}\n--- nodemirror log ---\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            nm.proc.log_text()
+        );
+        eprintln!(
+            "e2e: offline pull of {reference} from the warm cache took {:?}",
+            start.elapsed()
+        );
+    }
+
     let log = nm.proc.log_text();
+    assert!(log.contains("serving the last known manifest"), "{log}");
+    let unique = img_a.blobs().count() + img_b.blobs().count();
+    assert_eq!(
+        log.matches("blob cached").count(),
+        unique,
+        "each blob fetched once: {log}"
+    );
     assert!(log.contains("ns=registry-a.test:5000"), "{log}");
     assert!(log.contains("ns=registry-b.test"), "{log}");
     assert!(
