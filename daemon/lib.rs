@@ -121,9 +121,21 @@ pub async fn run(
         default_namespace = %settings.default_namespace,
         "nodemirror serving"
     );
-    server::serve(listener, app, shutdown).await;
+    server::serve(listener, app.clone(), shutdown).await;
     reloader.abort();
     gc.abort();
+    // Let fetches under way finish storing what they downloaded: work
+    // already paid for upstream is not thrown away on a restart.
+    let deadline = tokio::time::Instant::now() + server::DRAIN_TIMEOUT;
+    while !app.mirror.flights.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    if !app.mirror.flights.is_empty() {
+        tracing::warn!(
+            in_flight = app.mirror.flights.len(),
+            "stopping with downloads unfinished"
+        );
+    }
     Ok(())
 }
 

@@ -307,16 +307,16 @@ impl Mirror {
             return self.blob_head(ns, repository, digest).await;
         }
         let held = self.store.hold(&digest);
-        let (file, progress) = match self
+        let (file, progress, leader) = match self
             .flights
             .get_or_start(&ns, &repository, &digest)
             .map_err(internal)?
         {
             Source::Cached(file, len) => {
                 let (_, rx) = watch::channel(Progress::complete(len));
-                (file, rx)
+                (file, rx, None)
             }
-            Source::Flight(f) => {
+            Source::Flight(f, leader) => {
                 let mut rx = f.progress.clone();
                 let p = rx
                     .wait_for(|p| !matches!(p.phase, Phase::Connecting))
@@ -334,7 +334,7 @@ impl Mirror {
                     Phase::Failed(why) => return Err(ServeError::Unavailable(why.to_string())),
                     _ => {}
                 }
-                (f.file.try_clone().map_err(internal)?, rx)
+                (f.file.try_clone().map_err(internal)?, rx, leader)
             }
         };
         let total = progress.borrow().total;
@@ -368,9 +368,14 @@ impl Mirror {
         if let Some(e) = end {
             builder = builder.header(CONTENT_LENGTH, e - start);
         }
-        builder
-            .body(boxed(read::stream(file, progress, start, end, held)))
-            .map_err(internal)
+        let body = match (leader, spec, total) {
+            // The request that started the fetch, for the whole blob.
+            (Some(frames), RangeSpec::Full, Some(t)) => {
+                boxed(read::tee(frames, file, progress, t, held))
+            }
+            _ => boxed(read::stream(file, progress, start, end, held)),
+        };
+        builder.body(body).map_err(internal)
     }
 
     /// HEAD of a blob: from the cache or a fetch under way if possible,

@@ -77,6 +77,20 @@ async fn stream(
     )
 }
 
+/// Clients finish once the digest is verified; the fsync and rename into
+/// the store follow.
+async fn wait_for_file(path: &std::path::Path) {
+    wait_for(
+        "the blob to be committed to the store",
+        Duration::from_secs(20),
+        || {
+            let there = path.exists();
+            async move { there }
+        },
+    )
+    .await;
+}
+
 fn blob_url(d: &Daemon, ns: &str, repo: &str, digest: &str) -> String {
     d.url(&format!("/v2/{repo}/blobs/{digest}?ns={ns}"))
 }
@@ -147,7 +161,7 @@ async fn concurrent_requests_share_one_upstream_fetch() {
         assert_eq!(body.unwrap(), (12 << 20, digest.clone()));
     }
     assert_eq!(up.hits("/blobs/"), 1, "one upstream fetch for 16 clients");
-    assert!(d.blob_path(&digest).exists());
+    wait_for_file(&d.blob_path(&digest)).await;
     d.stop().await;
 }
 
@@ -242,7 +256,7 @@ async fn a_lying_endpoint_never_gets_into_the_cache() {
         (700_000, digest.clone()),
         "next request: next endpoint"
     );
-    assert!(d.blob_path(&digest).exists());
+    wait_for_file(&d.blob_path(&digest)).await;
     assert_eq!(liar.hits("/blobs/"), 1);
     d.stop().await;
 }
@@ -482,5 +496,5 @@ async fn kill_9_mid_download_leaves_nothing_servable() {
     let (status, r) = stream(&url, None, None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(r.unwrap(), (8 << 20, digest.clone()));
-    assert!(blob_path(cache.path(), &digest).exists());
+    wait_for_file(&blob_path(cache.path(), &digest)).await;
 }

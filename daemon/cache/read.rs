@@ -10,7 +10,6 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
@@ -22,7 +21,7 @@ use super::InUse;
 use crate::server::BoxError;
 
 /// Bytes read from disk per step.
-const CHUNK: usize = 256 << 10;
+const CHUNK: usize = 128 << 10;
 /// Steps buffered ahead of the client.
 const AHEAD: usize = 2;
 
@@ -61,8 +60,132 @@ impl Body for FileBody {
     }
 }
 
+/// The body of the request that started a fetch: upstream frames straight
+/// from memory while it keeps up; when the fetch detaches it (it lagged or
+/// the fetch failed), the rest comes from the file. The frame that
+/// completes the blob is held until the digest is verified.
+pub struct TeeBody {
+    state: Tee,
+    file: Option<File>,
+    progress: watch::Receiver<Progress>,
+    held: Option<InUse>,
+    total: u64,
+    received: u64,
+}
+
+type Verified = Pin<Box<dyn std::future::Future<Output = Result<(), BoxError>> + Send + Sync>>;
+
+enum Tee {
+    Memory(mpsc::Receiver<Bytes>),
+    /// The last frame, waiting for the verdict on the digest.
+    Verifying(Option<Bytes>, Verified),
+    File(FileBody),
+    Finished,
+}
+
+/// `total` is the blob's size from the upstream's headers.
+pub fn tee(
+    frames: mpsc::Receiver<Bytes>,
+    file: File,
+    progress: watch::Receiver<Progress>,
+    total: u64,
+    held: InUse,
+) -> TeeBody {
+    TeeBody {
+        state: Tee::Memory(frames),
+        file: Some(file),
+        progress,
+        held: Some(held),
+        total,
+        received: 0,
+    }
+}
+
+fn verdict(mut progress: watch::Receiver<Progress>) -> Verified {
+    Box::pin(async move {
+        let p = progress
+            .wait_for(|p| !matches!(p.phase, Phase::Connecting | Phase::Streaming))
+            .await
+            .map_err(|_| "blob fetch vanished")?
+            .clone();
+        match p.phase {
+            Phase::Verified | Phase::Done => Ok(()),
+            Phase::Failed(why) => Err(format!("blob transfer failed: {why}").into()),
+            Phase::Unavailable(ex) => Err(format!("blob unavailable: {ex}").into()),
+            Phase::Connecting | Phase::Streaming => Err("blob fetch vanished".into()),
+        }
+    })
+}
+
+impl Body for TeeBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            match &mut this.state {
+                Tee::Memory(rx) => match rx.poll_recv(cx) {
+                    Poll::Ready(Some(b)) => {
+                        this.received += b.len() as u64;
+                        if this.received < this.total {
+                            return Poll::Ready(Some(Ok(Frame::data(b))));
+                        }
+                        this.state = Tee::Verifying(Some(b), verdict(this.progress.clone()));
+                    }
+                    Poll::Ready(None) => {
+                        // Detached: go on from the file where memory ended.
+                        let (Some(file), Some(held)) = (this.file.take(), this.held.take()) else {
+                            return Poll::Ready(Some(Err(
+                                "blob body in an impossible state".into()
+                            )));
+                        };
+                        let rest = stream(
+                            file,
+                            this.progress.clone(),
+                            this.received,
+                            Some(this.total),
+                            held,
+                        );
+                        this.state = Tee::File(rest);
+                    }
+                    Poll::Pending => return Poll::Pending,
+                },
+                Tee::Verifying(last, verified) => match verified.as_mut().poll(cx) {
+                    Poll::Ready(Ok(())) => {
+                        let last = last.take();
+                        this.state = Tee::Finished;
+                        this.held = None;
+                        return Poll::Ready(last.map(|b| Ok(Frame::data(b))));
+                    }
+                    Poll::Ready(Err(e)) => {
+                        this.state = Tee::Finished;
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                    Poll::Pending => return Poll::Pending,
+                },
+                Tee::File(body) => return Pin::new(body).poll_frame(cx),
+                Tee::Finished => return Poll::Ready(None),
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.state {
+            Tee::File(b) => b.size_hint(),
+            _ => SizeHint::with_exact(self.total.saturating_sub(self.received)),
+        }
+    }
+}
+
 /// Streams bytes `start..end` of `file` (to the end of the blob when `end`
 /// is `None`) as `progress` allows. `held` keeps the blob from eviction.
+///
+/// One blocking thread per response reads ahead of the client: page-cache
+/// reads are cheap, and a thread of its own avoids a hand-off per chunk.
 pub fn stream(
     file: File,
     progress: watch::Receiver<Progress>,
@@ -71,36 +194,36 @@ pub fn stream(
     held: InUse,
 ) -> FileBody {
     let (tx, rx) = mpsc::channel(AHEAD);
-    tokio::spawn(pump(Arc::new(file), progress, start, end, tx, held));
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        let _held = held;
+        if let Err(e) = pump(&file, progress, start, end, &tx, &handle) {
+            let _ = tx.blocking_send(Err(e));
+        }
+    });
     FileBody {
         rx,
         remaining: end.map(|e| e.saturating_sub(start)),
     }
 }
 
-async fn pump(
-    file: Arc<File>,
+/// Sends the readable bytes as they become readable; returns when done,
+/// when the client is gone (`Ok`), or with the error to pass on.
+fn pump(
+    file: &File,
     mut progress: watch::Receiver<Progress>,
     mut pos: u64,
     end: Option<u64>,
-    tx: mpsc::Sender<Result<Bytes, BoxError>>,
-    _held: InUse,
-) {
+    tx: &mpsc::Sender<Result<Bytes, BoxError>>,
+    handle: &tokio::runtime::Handle,
+) -> Result<(), BoxError> {
     let mut closed = false;
     loop {
         let p = progress.borrow_and_update().clone();
         let readable = match &p.phase {
-            Phase::Done => p.written,
-            Phase::Failed(why) => {
-                let _ = tx
-                    .send(Err(format!("blob transfer failed: {why}").into()))
-                    .await;
-                return;
-            }
-            Phase::Unavailable(ex) => {
-                let _ = tx.send(Err(format!("blob unavailable: {ex}").into())).await;
-                return;
-            }
+            Phase::Verified | Phase::Done => p.written,
+            Phase::Failed(why) => return Err(format!("blob transfer failed: {why}").into()),
+            Phase::Unavailable(ex) => return Err(format!("blob unavailable: {ex}").into()),
             // Hold back the final byte until the digest is confirmed.
             Phase::Connecting | Phase::Streaming => match p.total {
                 Some(t) => p.written.min(t.saturating_sub(1)),
@@ -109,47 +232,29 @@ async fn pump(
         };
         let stop = end.or(p.total);
         let upto = stop.map_or(readable, |s| s.min(readable));
-        if pos < upto {
+        while pos < upto {
             let len = (upto - pos).min(CHUNK as u64) as usize;
-            let f = file.clone();
-            let at = pos;
-            let read = tokio::task::spawn_blocking(move || {
-                let mut buf = BytesMut::zeroed(len);
-                f.read_exact_at(&mut buf, at).map(|_| buf.freeze())
-            })
-            .await;
-            let chunk = match read {
-                Ok(Ok(b)) => b,
-                Ok(Err(e)) => {
-                    let _ = tx
-                        .send(Err(format!("reading cached blob: {e}").into()))
-                        .await;
-                    return;
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(format!("reader task: {e}").into())).await;
-                    return;
-                }
-            };
-            pos += chunk.len() as u64;
-            if tx.send(Ok(chunk)).await.is_err() {
-                return; // the client went away
+            let mut buf = BytesMut::zeroed(len);
+            file.read_exact_at(&mut buf, pos)
+                .map_err(|e| format!("reading cached blob: {e}"))?;
+            pos += len as u64;
+            if tx.blocking_send(Ok(buf.freeze())).is_err() {
+                return Ok(()); // the client went away
             }
-            continue;
         }
-        // Reaching the blob's last byte implies Done: it is held back before.
+        // Reaching the blob's last byte implies it was verified: that byte
+        // is held back before.
         let finished = match stop {
             Some(s) => pos >= s,
-            None => matches!(p.phase, Phase::Done),
+            None => matches!(p.phase, Phase::Verified | Phase::Done),
         };
         if finished {
-            return;
+            return Ok(());
         }
         if closed {
-            let _ = tx.send(Err("blob transfer ended early".into())).await;
-            return;
+            return Err("blob transfer ended early".into());
         }
-        if progress.changed().await.is_err() {
+        if handle.block_on(progress.changed()).is_err() {
             // The flight is over; look at its final state once more.
             closed = true;
         }
