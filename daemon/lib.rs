@@ -14,7 +14,8 @@
 //!
 //! [`run`] wires them together; `main` only parses the command line.
 
-#![forbid(unsafe_code)]
+// One audited exception: adopting a socket passed by systemd (systemd.rs).
+#![deny(unsafe_code)]
 
 pub mod cache;
 pub mod config;
@@ -22,6 +23,7 @@ pub mod mirror;
 pub mod prefetch;
 pub mod reference;
 pub mod server;
+pub mod systemd;
 pub mod upstream;
 
 use std::future::Future;
@@ -92,6 +94,15 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
     let app = build(&settings)?;
+    let scan_store = app.mirror.store.clone();
+    let scanned = tokio::task::spawn_blocking(move || scan_store.stats())
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))
+        .and_then(|r| r);
+    let summary = match &scanned {
+        Ok(s) => format!("{} blobs, {} MiB cached", s.blobs, s.blob_bytes >> 20),
+        Err(e) => format!("cache scan failed: {e}"),
+    };
     let reload_app = app.clone();
     let hosts_dir = settings.hosts_dir.clone();
     let reloader = tokio::spawn(async move {
@@ -100,30 +111,42 @@ pub async fn run(
             return;
         };
         while hup.recv().await.is_some() {
-            match reload_app.mirror.upstream.reload(&hosts_dir) {
-                Ok(()) => tracing::info!(dir = %hosts_dir.display(), "reloaded hosts.d"),
-                Err(errors) => {
-                    for e in errors {
-                        tracing::error!(error = %e, "hosts.d reload failed; keeping the last good configuration");
-                    }
-                }
-            }
+            systemd::reloading();
+            let status = reload_hosts(&reload_app, &hosts_dir);
+            systemd::ready(&status);
         }
     });
     let gc = tokio::spawn(collect_periodically(
         app.mirror.store.clone(),
         settings.cache.clone(),
     ));
+    let watcher = watch_hosts(app.clone(), settings.hosts_dir.clone());
+    let listen = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let watchdog = systemd::spawn_watchdog();
+    systemd::ready(&format!("serving on {listen}; {summary}"));
     tracing::info!(
-        listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        listen = %listen,
         cache_dir = %settings.cache_dir.display(),
         hosts_dir = %settings.hosts_dir.display(),
         default_namespace = %settings.default_namespace,
         "nodemirror serving"
     );
+    let shutdown = async {
+        shutdown.await;
+        systemd::stopping();
+    };
     server::serve(listener, app.clone(), shutdown).await;
     reloader.abort();
     gc.abort();
+    if let Some(w) = watchdog {
+        w.abort();
+    }
+    if let Some((_watcher, task)) = watcher {
+        task.abort();
+    }
     // Let fetches under way finish storing what they downloaded: work
     // already paid for upstream is not thrown away on a restart.
     let deadline = tokio::time::Instant::now() + server::DRAIN_TIMEOUT;
@@ -137,6 +160,72 @@ pub async fn run(
         );
     }
     Ok(())
+}
+
+/// Changes settle for this long before a reload, so an editor's write,
+/// rename and chmod make one reload.
+const RELOAD_SETTLE: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// Reloads hosts.d whenever something under it changes (inotify).
+fn watch_hosts(
+    app: Arc<App>,
+    dir: std::path::PathBuf,
+) -> Option<(notify::RecommendedWatcher, tokio::task::JoinHandle<()>)> {
+    use notify::{EventKind, RecursiveMode, Watcher};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res {
+            if !matches!(ev.kind, EventKind::Access(_)) {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let mut watcher = match watcher {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch hosts.d; reload with SIGHUP");
+            return None;
+        }
+    };
+    if let Err(e) = watcher.watch(&dir, RecursiveMode::Recursive) {
+        tracing::info!(dir = %dir.display(), error = %e, "not watching hosts.d for changes; reload with SIGHUP");
+        return None;
+    }
+    let task = tokio::spawn(async move {
+        while rx.recv().await.is_some() {
+            loop {
+                match tokio::time::timeout(RELOAD_SETTLE, rx.recv()).await {
+                    Ok(Some(())) => continue,
+                    Ok(None) => return,
+                    Err(_) => break,
+                }
+            }
+            systemd::reloading();
+            let status = reload_hosts(&app, &dir);
+            systemd::ready(&status);
+        }
+    });
+    Some((watcher, task))
+}
+
+/// Re-reads hosts.d; on errors the routes in force stay. Returns a status
+/// line for systemd.
+pub fn reload_hosts(app: &App, hosts_dir: &std::path::Path) -> String {
+    match app.mirror.upstream.reload(hosts_dir) {
+        Ok(()) => {
+            tracing::info!(dir = %hosts_dir.display(), "reloaded hosts.d");
+            format!("reloaded {}", hosts_dir.display())
+        }
+        Err(errors) => {
+            for e in &errors {
+                tracing::error!(error = %e, "hosts.d reload failed; keeping the last good configuration");
+            }
+            format!(
+                "reload failed ({} errors); last good configuration in force",
+                errors.len()
+            )
+        }
+    }
 }
 
 /// Evicts least-recently-used blobs now and then, off the async threads.

@@ -178,7 +178,7 @@ fn main() -> ExitCode {
                 }
             };
         }
-        let listener = match tokio::net::TcpListener::bind(settings.listen).await {
+        let listener = match listen(&settings).await {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("nodemirror: cannot listen on {}: {e}", settings.listen);
@@ -193,6 +193,17 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// The socket systemd passed (socket activation), else a new one.
+async fn listen(settings: &Settings) -> std::io::Result<tokio::net::TcpListener> {
+    match nodemirror::systemd::activated_listener()? {
+        Some(l) => {
+            tracing::info!("using the socket passed by systemd");
+            tokio::net::TcpListener::from_std(l)
+        }
+        None => tokio::net::TcpListener::bind(settings.listen).await,
+    }
 }
 
 fn load_or_exit(args: &ServeArgs) -> Result<Settings, ExitCode> {

@@ -5,5 +5,6 @@ mod support;
 mod cache;
 mod cli;
 mod e2e;
+mod node;
 mod proxy;
 mod tls;

@@ -85,26 +85,49 @@ impl Binary {
         Self::start_in(hosts_dir, None, "", extra).await
     }
 
-    /// Starts with `cache` (a fresh one if `None`) and `config` as the
-    /// config file's text.
     pub async fn start_in(
         hosts_dir: &Path,
         cache: Option<&Path>,
         config: &str,
         extra: &[&str],
     ) -> Binary {
+        Self::start_with(hosts_dir, cache, config, extra, &[], None).await
+    }
+
+    /// Starts with `cache` (a fresh one if `None`), `config` as the config
+    /// file's text, extra environment, and optionally under a wrapper
+    /// command (e.g. systemd-socket-activate) that listens on its port.
+    pub async fn start_with(
+        hosts_dir: &Path,
+        cache: Option<&Path>,
+        config: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        wrapper: Option<(&[&str], u16)>,
+    ) -> Binary {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
+        let port = wrapper.map_or_else(free_port, |(_, p)| p);
         // Our own config file, so a node's /etc/nodemirror cannot leak in.
         let config_file = dir.path().join("config.toml");
         std::fs::write(&config_file, config).unwrap();
         let config = config_file;
         let cache = cache.map_or_else(|| dir.path().join("cache"), Path::to_path_buf);
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nodemirror"));
+        let mut cmd = match wrapper {
+            Some((w, _)) => {
+                let mut c = Command::new(w[0]);
+                c.args(&w[1..]).arg(env!("CARGO_BIN_EXE_nodemirror"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_nodemirror")),
+        };
+        cmd.envs(env.iter().copied());
         cmd.arg("serve")
             .arg("--config")
             .arg(&config)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{}", if wrapper.is_some() { 1 } else { port }),
+            ])
             .arg("--cache-dir")
             .arg(&cache)
             .arg("--hosts-dir")

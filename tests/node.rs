@@ -1,0 +1,214 @@
+//! Running as a node service: the systemd notify protocol (READY, STATUS,
+//! WATCHDOG, RELOADING, STOPPING) over a real datagram socket, socket
+//! activation, hosts.d changes applied without a signal, and the unit files
+//! checked by systemd-analyze.
+
+use std::os::unix::net::UnixDatagram;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::support::fake::{Behaviour, Fake};
+use crate::support::image::Image;
+use crate::support::real::{require, Binary};
+use crate::support::{answers_ok, free_port, get, wait_for, write_hosts};
+
+/// Collects notify messages until one contains `want` or time runs out.
+fn expect(sock: &UnixDatagram, want: &str, seen: &mut Vec<String>) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        if let Ok(n) = sock.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+            let hit = msg.lines().any(|l| l == want || l.starts_with(want));
+            seen.push(msg);
+            if hit {
+                return;
+            }
+        }
+    }
+    panic!("no {want:?} from the daemon; got {seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn speaks_the_systemd_notify_protocol() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let hosts = tempfile::tempdir().unwrap();
+    let mut bin = Binary::start_with(
+        hosts.path(),
+        None,
+        "",
+        &[],
+        &[
+            ("NOTIFY_SOCKET", path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "200000"),
+        ],
+        None,
+    )
+    .await;
+    let mut seen = Vec::new();
+    expect(&sock, "READY=1", &mut seen);
+    let ready = seen.last().unwrap().clone();
+    assert!(
+        ready.contains(&format!(
+            "STATUS=serving on 127.0.0.1:{}; 0 blobs",
+            bin.port
+        )),
+        "{ready}"
+    );
+    expect(&sock, "WATCHDOG=1", &mut seen);
+    expect(&sock, "WATCHDOG=1", &mut seen);
+
+    let pid = Pid::from_raw(bin.proc.child.id() as i32);
+    kill(pid, Signal::SIGHUP).unwrap();
+    expect(&sock, "RELOADING=1", &mut seen);
+    assert!(seen.last().unwrap().contains("MONOTONIC_USEC="), "{seen:?}");
+    expect(&sock, "READY=1", &mut seen);
+
+    kill(pid, Signal::SIGTERM).unwrap();
+    expect(&sock, "STOPPING=1", &mut seen);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = bin.proc.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "did not exit after STOPPING");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_on_a_socket_passed_by_systemd() {
+    if !require(&["systemd-socket-activate"]) {
+        return;
+    }
+    let hosts = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    // The daemon's own --listen is 127.0.0.1:1, which it could not bind:
+    // answering on `port` proves it used the passed socket.
+    let bin = Binary::start_with(
+        hosts.path(),
+        None,
+        "",
+        &[],
+        &[],
+        Some((&["systemd-socket-activate", "-l", &listen, "--"], port)),
+    )
+    .await;
+    assert!(answers_ok(&format!("http://{listen}/v2/")).await);
+    assert!(bin
+        .proc
+        .log_text()
+        .contains("using the socket passed by systemd"));
+}
+
+#[tokio::test]
+async fn hosts_d_edits_apply_without_a_signal() {
+    let up = Fake::start(Behaviour::default()).await;
+    let img = Image::build(&[("f", b"inotify")]);
+    up.push_image("app", "v1", &img);
+    let hosts = tempfile::tempdir().unwrap();
+    let bin = Binary::start(hosts.path(), &[]).await;
+    let url = format!(
+        "http://127.0.0.1:{}/v2/app/manifests/v1?ns=reg.test",
+        bin.port
+    );
+    assert_ne!(get(&url).await.status, StatusCode::OK);
+
+    write_hosts(
+        hosts.path(),
+        &[("reg.test", format!("server = \"{}\"\n", up.url()))],
+    );
+    wait_for(
+        "the new hosts.toml to apply",
+        Duration::from_secs(10),
+        || answers_ok(&url),
+    )
+    .await;
+
+    let file = hosts.path().join("reg.test").join("hosts.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "server = \"{}\"\n\n[host.\"http://x\"]\nbogus = 1\n",
+            up.url()
+        ),
+    )
+    .unwrap();
+    let expected = format!("{}:4: unknown key `bogus`", file.display());
+    wait_for(
+        "the broken file to be reported",
+        Duration::from_secs(10),
+        || {
+            let found = bin.proc.log_text().contains(&expected);
+            async move { found }
+        },
+    )
+    .await;
+    assert_eq!(
+        get(&url).await.status,
+        StatusCode::OK,
+        "last good config stays"
+    );
+}
+
+/// The shipped units pass `systemd-analyze verify`, and the service's
+/// exposure under `systemd-analyze security` stays at or below 1.5.
+#[test]
+fn unit_files_pass_systemd_analyze() {
+    if !require(&["systemd-analyze"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let unit = std::fs::read_to_string(format!("{root}/systemd/nodemirror.service")).unwrap();
+    // verify checks that ExecStart exists: point it at the built binary.
+    let unit = unit.replace("/usr/bin/nodemirror", env!("CARGO_BIN_EXE_nodemirror"));
+    std::fs::write(dir.path().join("nodemirror.service"), unit).unwrap();
+    std::fs::copy(
+        format!("{root}/systemd/nodemirror.socket"),
+        dir.path().join("nodemirror.socket"),
+    )
+    .unwrap();
+    let verify = Command::new("systemd-analyze")
+        .args(["verify", "nodemirror.service", "nodemirror.socket"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    assert!(verify.status.success(), "{out}");
+    assert!(
+        !out.contains("nodemirror.s"),
+        "systemd-analyze verify complained: {out}"
+    );
+
+    let security = Command::new("systemd-analyze")
+        .args([
+            "security",
+            "--offline=true",
+            "--threshold=15",
+            "nodemirror.service",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&security.stdout);
+    assert!(security.status.success(), "exposure above 1.5:\n{text}");
+    assert!(
+        text.contains("Overall exposure level for nodemirror.service"),
+        "{text}"
+    );
+}
