@@ -19,6 +19,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod metrics;
 pub mod mirror;
 pub mod prefetch;
 pub mod reference;
@@ -83,6 +84,7 @@ pub fn build(settings: &Settings) -> Result<Arc<App>, StartError> {
             tag_ttl: settings.cache.tag_ttl,
         },
         default_namespace: settings.default_namespace.clone(),
+        draining: std::sync::atomic::AtomicBool::new(false),
     }))
 }
 
@@ -99,6 +101,9 @@ pub async fn run(
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))
         .and_then(|r| r);
+    if let Ok(s) = &scanned {
+        metrics::METRICS.cache_scanned(s.blobs, s.blob_bytes);
+    }
     let summary = match &scanned {
         Ok(s) => format!("{} blobs, {} MiB cached", s.blobs, s.blob_bytes >> 20),
         Err(e) => format!("cache scan failed: {e}"),
@@ -242,13 +247,17 @@ async fn collect_periodically(store: Arc<Store>, cache: config::CacheSettings) {
         })
         .await;
         match result {
-            Ok(Ok(r)) if r.evicted > 0 || r.skipped_in_use > 0 => tracing::info!(
-                evicted = r.evicted,
-                evicted_bytes = r.evicted_bytes,
-                skipped_in_use = r.skipped_in_use,
-                bytes = r.bytes_after,
-                "cache collection"
-            ),
+            Ok(Ok(r)) if r.evicted > 0 || r.skipped_in_use > 0 => {
+                metrics::METRICS.evictions.add(&[], r.evicted);
+                metrics::METRICS.cache_scanned(r.blobs_before - r.evicted, r.bytes_after);
+                tracing::info!(
+                    evicted = r.evicted,
+                    evicted_bytes = r.evicted_bytes,
+                    skipped_in_use = r.skipped_in_use,
+                    bytes = r.bytes_after,
+                    "cache collection"
+                )
+            }
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "cache collection failed"),
             Err(e) => tracing::warn!(error = %e, "cache collection task failed"),

@@ -21,6 +21,7 @@ use tokio::sync::watch;
 
 use crate::cache::flight::{Flights, Phase, Progress, Source};
 use crate::cache::{read, Store};
+use crate::metrics::METRICS;
 use crate::reference::{Digest, Namespace, Reference, Repository};
 use crate::server::{boxed, full, ResponseBody, ServeError, API_VERSION};
 use crate::upstream::{AttemptError, Endpoint, Upstream, UpstreamRequest};
@@ -83,8 +84,16 @@ impl Mirror {
         let accept = headers.get(ACCEPT);
         let m = match &reference {
             Reference::Digest(d) => match self.cached_manifest(d) {
-                Some(m) => m,
+                Some(m) => {
+                    METRICS
+                        .cache
+                        .inc(&[("kind", "manifest"), ("result", "hit")]);
+                    m
+                }
                 None => {
+                    METRICS
+                        .cache
+                        .inc(&[("kind", "manifest"), ("result", "miss")]);
                     let m = self
                         .fetch_manifest(Method::GET, &ns, &repository, &reference, accept)
                         .await?;
@@ -121,6 +130,7 @@ impl Mirror {
                 .duration_since(*confirmed)
                 .unwrap_or_default();
             if age < self.tag_ttl {
+                METRICS.cache.inc(&[("kind", "tag"), ("result", "hit")]);
                 return Ok(m.clone());
             }
         }
@@ -141,12 +151,21 @@ impl Mirror {
                 if cached.is_some() && !source.all_not_found() =>
             {
                 let (m, _) = cached.unwrap_or_else(|| unreachable!("checked is_some"));
+                METRICS.cache.inc(&[("kind", "tag"), ("result", "stale")]);
                 tracing::warn!(%ns, %repository, tag, digest = %m.digest, error = %source,
                     "every upstream failed; serving the last known manifest for this tag");
                 return Ok(m);
             }
             Err(e) => return Err(e),
         };
+        let revalidated = if cached.is_some() {
+            "revalidated"
+        } else {
+            "miss"
+        };
+        METRICS
+            .cache
+            .inc(&[("kind", "tag"), ("result", revalidated)]);
         if let Err(e) = self.store.put_tag(ns, repository, tag, &fetched.digest) {
             tracing::warn!(error = %e, "could not record tag");
         }
@@ -313,10 +332,17 @@ impl Mirror {
             .map_err(internal)?
         {
             Source::Cached(file, len) => {
+                METRICS.cache.inc(&[("kind", "blob"), ("result", "hit")]);
                 let (_, rx) = watch::channel(Progress::complete(len));
                 (file, rx, None)
             }
             Source::Flight(f, leader) => {
+                let result = if leader.is_some() {
+                    "miss"
+                } else {
+                    "coalesced"
+                };
+                METRICS.cache.inc(&[("kind", "blob"), ("result", result)]);
                 let mut rx = f.progress.clone();
                 let p = rx
                     .wait_for(|p| !matches!(p.phase, Phase::Connecting))

@@ -22,6 +22,7 @@ use tracing::Instrument;
 
 pub use error::ServeError;
 
+use crate::metrics::METRICS;
 use crate::mirror::Mirror;
 use crate::reference::{Namespace, Reference};
 
@@ -49,6 +50,8 @@ pub struct App {
     pub mirror: Mirror,
     /// For requests without `?ns=`.
     pub default_namespace: Namespace,
+    /// Set once shutdown begins: /readyz answers 503.
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 /// A parsed request path.
@@ -96,10 +99,40 @@ fn namespace_param(query: Option<&str>) -> Result<Option<Namespace>, ServeError>
     Ok(None)
 }
 
+fn plain(status: StatusCode, content_type: &'static str, body: String) -> Response<ResponseBody> {
+    Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, content_type)
+        .header(CONTENT_LENGTH, body.len())
+        .body(full(Bytes::from(body)))
+        .unwrap_or_else(|_| Response::new(full(Bytes::new())))
+}
+
 impl App {
     pub async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
+        match req.uri().path() {
+            "/healthz" => return plain(StatusCode::OK, "text/plain", "ok\n".into()),
+            "/readyz" if self.draining.load(std::sync::atomic::Ordering::Relaxed) => {
+                return plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "draining\n".into(),
+                )
+            }
+            "/readyz" => return plain(StatusCode::OK, "text/plain", "ready\n".into()),
+            "/metrics" => {
+                let text = METRICS.render(self.mirror.flights.len());
+                return plain(StatusCode::OK, "text/plain; version=0.0.4", text);
+            }
+            _ => {}
+        }
         let head = req.method() == Method::HEAD;
-        match self.dispatch(&req).await {
+        let kind = match route(req.uri().path()) {
+            Ok(Route::Manifest(..)) => "manifest",
+            Ok(Route::Blob(..)) => "blob",
+            _ => "other",
+        };
+        let resp = match self.dispatch(&req).await {
             Ok(resp) => resp,
             Err(e) => {
                 if e.status().is_server_error() {
@@ -109,7 +142,18 @@ impl App {
                 }
                 e.into_response(head)
             }
-        }
+        };
+        let ns = namespace_param(req.uri().query())
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| self.default_namespace.clone());
+        let status = resp.status();
+        METRICS.requests.inc(&[
+            ("ns", ns.as_str()),
+            ("kind", kind),
+            ("status", status.as_str()),
+        ]);
+        resp
     }
 
     async fn dispatch(
@@ -190,6 +234,8 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
             _ = &mut shutdown => break,
         }
     }
+    app.draining
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     drop(listener);
     tracing::info!("shutting down: draining in-flight requests");
     tokio::select! {

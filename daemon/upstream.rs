@@ -119,6 +119,22 @@ impl From<auth::AuthError> for AttemptError {
 }
 
 impl AttemptError {
+    /// A short label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AttemptError::Connect(_) => "connect",
+            AttemptError::Timeout(_) => "timeout",
+            AttemptError::NotFound => "not_found",
+            AttemptError::Denied(_) => "denied",
+            AttemptError::Status(s) if s.as_u16() == 429 => "rate_limited",
+            AttemptError::Status(s) if s.is_server_error() => "server_error",
+            AttemptError::Status(_) => "status",
+            AttemptError::Auth(_) => "auth",
+            AttemptError::Redirect(_) => "redirect",
+            AttemptError::Invalid(_) => "invalid",
+        }
+    }
+
     /// Whether the endpoint itself is at fault and should be skipped for a
     /// while. A 404 or a refusal is an answer, not a failure.
     pub fn marks_unhealthy(&self) -> bool {
@@ -394,7 +410,9 @@ impl Upstream {
         Fut: Future<Output = Result<T, AttemptError>>,
     {
         let mut attempts = Vec::new();
-        for ep in self.plan(req) {
+        let plan = self.plan(req);
+        let last = plan.len().saturating_sub(1);
+        for (i, ep) in plan.into_iter().enumerate() {
             let result = match self.attempt(&ep, req).await {
                 Ok(resp) => accept(ep.clone(), resp).await,
                 Err(e) => Err(e),
@@ -405,6 +423,12 @@ impl Upstream {
                     return Ok((v, ep));
                 }
                 Err(e) => {
+                    let m = &crate::metrics::METRICS;
+                    m.upstream_errors
+                        .inc(&[("endpoint", ep.key()), ("reason", e.reason())]);
+                    if i < last {
+                        m.fallbacks.inc(&[("endpoint", ep.key())]);
+                    }
                     if e.marks_unhealthy() {
                         let wait = self.health.failure(ep.key());
                         tracing::warn!(endpoint = ep.key(), origin = %ep.origin, error = %e,
@@ -422,6 +446,9 @@ impl Upstream {
     /// Marks an endpoint failed after its response was accepted, e.g. when
     /// its body turned out not to match the digest.
     pub fn report_failure(&self, ep: &Endpoint, why: &str) {
+        crate::metrics::METRICS
+            .upstream_errors
+            .inc(&[("endpoint", ep.key()), ("reason", "transfer")]);
         let wait = self.health.failure(ep.key());
         tracing::warn!(endpoint = ep.key(), error = why, backoff = ?wait, "endpoint failed mid-transfer");
     }

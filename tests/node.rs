@@ -212,3 +212,115 @@ fn unit_files_pass_systemd_analyze() {
         "{text}"
     );
 }
+
+/// `/metrics`, `/healthz`, `/readyz`, and JSON logs with one line per
+/// request, from the binary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_health_and_json_logs() {
+    let up = Fake::start(Behaviour::default()).await;
+    let img = Image::build(&[("f", b"metrics")]);
+    up.push_image("app", "v1", &img);
+    let dead = free_port();
+    let hosts = tempfile::tempdir().unwrap();
+    write_hosts(
+        hosts.path(),
+        &[(
+            "reg.test",
+            format!(
+                "server = \"{}\"\n[host.\"http://127.0.0.1:{dead}\"]\n",
+                up.url()
+            ),
+        )],
+    );
+    let bin = Binary::start_with(
+        hosts.path(),
+        None,
+        "",
+        &[],
+        &[("NODEMIRROR_LOG_FORMAT", "json")],
+        None,
+    )
+    .await;
+    let base = format!("http://127.0.0.1:{}", bin.port);
+    let layer = crate::support::sha256(&img.layers[0]);
+    let blob = format!("{base}/v2/app/blobs/{layer}?ns=reg.test");
+    assert_eq!(
+        get(&format!("{base}/v2/app/manifests/v1?ns=reg.test"))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(get(&blob).await.status, StatusCode::OK);
+    wait_for("the blob to be cached", Duration::from_secs(10), || {
+        let u = format!("{base}/metrics");
+        async move {
+            get(&u)
+                .await
+                .bytes()
+                .windows(24)
+                .any(|w| w == b"nodemirror_cache_blobs 1")
+        }
+    })
+    .await;
+    assert_eq!(get(&blob).await.status, StatusCode::OK);
+
+    let r = get(&format!("{base}/metrics")).await;
+    assert!(r
+        .header("content-type")
+        .starts_with("text/plain; version=0.0.4"));
+    let text = String::from_utf8_lossy(r.bytes()).to_string();
+    let dead_ep = format!("http://127.0.0.1:{dead}/v2");
+    for line in [
+        "nodemirror_requests_total{ns=\"reg.test\",kind=\"manifest\",status=\"200\"} 1".to_string(),
+        "nodemirror_requests_total{ns=\"reg.test\",kind=\"blob\",status=\"200\"} 2".to_string(),
+        "nodemirror_cache_requests_total{kind=\"blob\",result=\"miss\"} 1".to_string(),
+        "nodemirror_cache_requests_total{kind=\"blob\",result=\"hit\"} 1".to_string(),
+        "nodemirror_cache_requests_total{kind=\"tag\",result=\"miss\"} 1".to_string(),
+        format!("nodemirror_upstream_errors_total{{endpoint=\"{dead_ep}\",reason=\"connect\"}} 1"),
+        format!("nodemirror_upstream_fallbacks_total{{endpoint=\"{dead_ep}\"}} 1"),
+        format!(
+            "nodemirror_served_bytes_total{{source=\"cache\"}} {}",
+            img.layers[0].len()
+        ),
+        format!(
+            "nodemirror_upstream_fetched_bytes_total {}",
+            img.layers[0].len()
+        ),
+        "nodemirror_cache_blobs 1".to_string(),
+        "nodemirror_inflight_fetches 0".to_string(),
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in:\n{text}"
+        );
+    }
+    assert_eq!(get(&format!("{base}/healthz")).await.status, StatusCode::OK);
+    assert_eq!(get(&format!("{base}/readyz")).await.status, StatusCode::OK);
+
+    // One JSON object per line; one "served" line per request.
+    let log = bin.proc.log_text();
+    let served: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .unwrap_or_else(|e| panic!("not JSON: {l}: {e}"))
+        })
+        .filter(|v| v["fields"]["message"] == "served")
+        .collect();
+    let blob_lines = served
+        .iter()
+        .filter(|v| {
+            v["span"]["path"]
+                .as_str()
+                .is_some_and(|p| p.contains("/blobs/"))
+        })
+        .count();
+    assert_eq!(blob_lines, 2, "{log}");
+    assert!(served
+        .iter()
+        .all(|v| v["fields"]["status"].is_u64() && v["span"]["method"].is_string()));
+    assert!(
+        served.iter().any(|v| v["span"]["ns"] == "reg.test"),
+        "{log}"
+    );
+}

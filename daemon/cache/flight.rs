@@ -289,6 +289,8 @@ impl Flights {
             tracing::warn!(%digest, error = %e, "verified blob could not be stored");
             return Phase::Verified;
         }
+        crate::metrics::METRICS.upstream_bytes.add(&[], len);
+        crate::metrics::METRICS.blob_committed(len);
         tracing::info!(%digest, bytes = len, endpoint = ep.key(), "blob cached");
         Phase::Done
     }

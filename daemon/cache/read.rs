@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::flight::{Phase, Progress};
 use super::InUse;
+use crate::metrics::METRICS;
 use crate::server::BoxError;
 
 /// Bytes read from disk per step.
@@ -41,6 +42,9 @@ impl Body for FileBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.rx.poll_recv(cx) {
             Poll::Ready(Some(Ok(b))) => {
+                METRICS
+                    .bytes_served
+                    .add(&[("source", "cache")], b.len() as u64);
                 if let Some(r) = self.remaining.as_mut() {
                     *r = r.saturating_sub(b.len() as u64);
                 }
@@ -131,6 +135,9 @@ impl Body for TeeBody {
                 Tee::Memory(rx) => match rx.poll_recv(cx) {
                     Poll::Ready(Some(b)) => {
                         this.received += b.len() as u64;
+                        METRICS
+                            .bytes_served
+                            .add(&[("source", "upstream")], b.len() as u64);
                         if this.received < this.total {
                             return Poll::Ready(Some(Ok(Frame::data(b))));
                         }
@@ -157,6 +164,11 @@ impl Body for TeeBody {
                 Tee::Verifying(last, verified) => match verified.as_mut().poll(cx) {
                     Poll::Ready(Ok(())) => {
                         let last = last.take();
+                        if let Some(b) = &last {
+                            METRICS
+                                .bytes_served
+                                .add(&[("source", "upstream")], b.len() as u64);
+                        }
                         this.state = Tee::Finished;
                         this.held = None;
                         return Poll::Ready(last.map(|b| Ok(Frame::data(b))));

@@ -1,0 +1,205 @@
+//! Prometheus metrics, served at `/metrics` in the text exposition format.
+//!
+//! One process-wide registry, like Prometheus client libraries' default:
+//! counters are bumped where things happen (server, cache, upstream) and
+//! gauges are read when scraped.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{LazyLock, Mutex};
+
+type Labels = Vec<(&'static str, String)>;
+
+/// A family of counters keyed by label values.
+pub struct Family {
+    name: &'static str,
+    help: &'static str,
+    values: Mutex<BTreeMap<Labels, u64>>,
+}
+
+impl Family {
+    const fn new(name: &'static str, help: &'static str) -> Self {
+        Family {
+            name,
+            help,
+            values: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    pub fn inc(&self, labels: &[(&'static str, &str)]) {
+        self.add(labels, 1);
+    }
+
+    pub fn add(&self, labels: &[(&'static str, &str)], n: u64) {
+        let key: Labels = labels.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        *self
+            .values
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_insert(0) += n;
+    }
+
+    /// The value for exactly these labels (0 if never set).
+    pub fn get(&self, labels: &[(&'static str, &str)]) -> u64 {
+        let key: Labels = labels.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        self.values
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn render(&self, out: &mut String) {
+        let _ = writeln!(out, "# HELP {} {}", self.name, self.help);
+        let _ = writeln!(out, "# TYPE {} counter", self.name);
+        for (labels, v) in self.values.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = writeln!(out, "{}{} {v}", self.name, render_labels(labels));
+        }
+    }
+}
+
+fn render_labels(labels: &Labels) -> String {
+    if labels.is_empty() {
+        return String::new();
+    }
+    let inner: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| {
+            let v = v
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n");
+            format!("{k}=\"{v}\"")
+        })
+        .collect();
+    format!("{{{}}}", inner.join(","))
+}
+
+/// Every metric the daemon exports.
+pub struct Metrics {
+    /// By namespace, kind (manifest, blob, other) and status code.
+    pub requests: Family,
+    /// By kind and result: hit, miss, coalesced (joined a fetch under way),
+    /// stale (served while every upstream failed).
+    pub cache: Family,
+    /// Body bytes sent to clients, by source (cache, upstream).
+    pub bytes_served: Family,
+    /// Failed attempts, by endpoint and reason.
+    pub upstream_errors: Family,
+    /// Moves to the next endpoint after a failure, by the endpoint left.
+    pub fallbacks: Family,
+    /// Bytes fetched from upstreams into the cache.
+    pub upstream_bytes: Family,
+    /// Blobs evicted by collection.
+    pub evictions: Family,
+    /// Blob bytes in the cache (from the last scan, plus commits since).
+    pub cache_bytes: AtomicU64,
+    pub cache_blobs: AtomicU64,
+}
+
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
+    requests: Family::new(
+        "nodemirror_requests_total",
+        "Pull API requests by registry namespace, kind and status.",
+    ),
+    cache: Family::new(
+        "nodemirror_cache_requests_total",
+        "Cache lookups by kind and result (hit, miss, coalesced, stale).",
+    ),
+    bytes_served: Family::new(
+        "nodemirror_served_bytes_total",
+        "Body bytes sent to clients by source.",
+    ),
+    upstream_errors: Family::new(
+        "nodemirror_upstream_errors_total",
+        "Failed upstream attempts by endpoint and reason.",
+    ),
+    fallbacks: Family::new(
+        "nodemirror_upstream_fallbacks_total",
+        "Fallbacks to the next endpoint, by the endpoint that failed.",
+    ),
+    upstream_bytes: Family::new(
+        "nodemirror_upstream_fetched_bytes_total",
+        "Blob bytes fetched from upstreams into the cache.",
+    ),
+    evictions: Family::new(
+        "nodemirror_cache_evictions_total",
+        "Blobs evicted from the cache.",
+    ),
+    cache_bytes: AtomicU64::new(0),
+    cache_blobs: AtomicU64::new(0),
+});
+
+impl Metrics {
+    /// The exposition text; `in_flight` is read at scrape time.
+    pub fn render(&self, in_flight: usize) -> String {
+        let mut out = String::new();
+        for f in [
+            &self.requests,
+            &self.cache,
+            &self.bytes_served,
+            &self.upstream_errors,
+            &self.fallbacks,
+            &self.upstream_bytes,
+            &self.evictions,
+        ] {
+            f.render(&mut out);
+        }
+        for (name, help, v) in [
+            (
+                "nodemirror_cache_size_bytes",
+                "Blob bytes in the cache.",
+                self.cache_bytes.load(Ordering::Relaxed),
+            ),
+            (
+                "nodemirror_cache_blobs",
+                "Blobs in the cache.",
+                self.cache_blobs.load(Ordering::Relaxed),
+            ),
+            (
+                "nodemirror_inflight_fetches",
+                "Blob fetches under way.",
+                in_flight as u64,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        }
+        out
+    }
+
+    /// Sets the cache gauges from a scan.
+    pub fn cache_scanned(&self, blobs: u64, bytes: u64) {
+        self.cache_blobs.store(blobs, Ordering::Relaxed);
+        self.cache_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    pub fn blob_committed(&self, bytes: u64) {
+        self.cache_blobs.fetch_add(1, Ordering::Relaxed);
+        self.cache_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_the_text_format() {
+        let f = Family::new("x_total", "An example.");
+        f.inc(&[("ns", "docker.io"), ("kind", "blob")]);
+        f.add(&[("ns", "docker.io"), ("kind", "blob")], 2);
+        f.inc(&[("ns", "we\"ird"), ("kind", "blob")]);
+        let mut out = String::new();
+        f.render(&mut out);
+        assert_eq!(
+            out,
+            "# HELP x_total An example.\n# TYPE x_total counter\n\
+             x_total{ns=\"docker.io\",kind=\"blob\"} 3\n\
+             x_total{ns=\"we\\\"ird\",kind=\"blob\"} 1\n"
+        );
+        assert_eq!(f.get(&[("ns", "docker.io"), ("kind", "blob")]), 3);
+    }
+}
