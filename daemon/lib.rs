@@ -21,6 +21,7 @@ pub mod cache;
 pub mod config;
 pub mod metrics;
 pub mod mirror;
+pub mod node;
 pub mod prefetch;
 pub mod reference;
 pub mod server;

@@ -32,6 +32,23 @@ enum Command {
         #[command(subcommand)]
         action: CacheAction,
     },
+    /// Point containerd at the mirror (certs.d hosts.toml and config_path), or undo it.
+    Containerd {
+        #[command(subcommand)]
+        action: ContainerdAction,
+    },
+    /// Print (or merge into a file) an rke2/k3s registries.yaml that sends every registry to the mirror.
+    #[command(visible_aliases = ["rke2-registries", "k3s-registries"])]
+    RegistriesYaml {
+        /// Merge into this registries.yaml (e.g. /etc/rancher/k3s/registries.yaml) instead of printing.
+        #[arg(long)]
+        merge: Option<PathBuf>,
+        /// Mirror URL [default: http://<listen address from the configuration>]
+        #[arg(long)]
+        mirror: Option<String>,
+        #[command(flatten)]
+        args: ServeArgs,
+    },
     /// Pull an image through the running daemon so it is cached.
     Prefetch {
         /// Image reference, e.g. `busybox`, `quay.io/org/app:v1`, `reg/x@sha256:...`
@@ -47,6 +64,37 @@ enum Command {
         all_platforms: bool,
         #[command(flatten)]
         args: ServeArgs,
+    },
+}
+
+// Parsed once per run: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Subcommand)]
+enum ContainerdAction {
+    /// Write <certs-dir>/_default/hosts.toml (or per registry) with the mirror first, and set config_path.
+    Install {
+        /// containerd's hosts folder [default: config_path from --containerd-config, else /etc/containerd/certs.d]
+        #[arg(long)]
+        certs_dir: Option<PathBuf>,
+        /// containerd's config.toml
+        #[arg(long, default_value = "/etc/containerd/config.toml")]
+        containerd_config: PathBuf,
+        /// Only these registries (repeatable), instead of _default (all of them).
+        #[arg(long = "registry")]
+        registries: Vec<String>,
+        /// Mirror URL [default: http://<listen address from the configuration>]
+        #[arg(long)]
+        mirror: Option<String>,
+        /// Where the originals are kept for uninstall.
+        #[arg(long, default_value = "/var/lib/nodemirror")]
+        state_dir: PathBuf,
+        #[command(flatten)]
+        args: ServeArgs,
+    },
+    /// Restore what install changed.
+    Uninstall {
+        #[arg(long, default_value = "/var/lib/nodemirror")]
+        state_dir: PathBuf,
     },
 }
 
@@ -142,6 +190,12 @@ fn main() -> ExitCode {
         Some(Command::Serve(a)) => (false, a),
         Some(Command::CheckConfig(a)) => (true, a),
         Some(Command::Cache { action }) => return cache_command(action),
+        Some(Command::Containerd { action }) => return containerd_command(action),
+        Some(Command::RegistriesYaml {
+            merge,
+            mirror,
+            args,
+        }) => return registries_command(merge, mirror, &args),
         Some(Command::Prefetch {
             image,
             server,
@@ -268,6 +322,150 @@ fn cache_command(action: CacheAction) -> ExitCode {
         eprintln!("nodemirror: cache {}: {e}", settings.cache_dir.display());
         ExitCode::from(74)
     })
+}
+
+/// The mirror URL: given, or from the configured listen address.
+fn mirror_url(mirror: Option<String>, args: &ServeArgs) -> Result<String, ExitCode> {
+    match mirror {
+        Some(m) => Ok(m),
+        None => load_or_exit(args).map(|s| format!("http://{}", s.listen)),
+    }
+}
+
+fn containerd_command(action: ContainerdAction) -> ExitCode {
+    use nodemirror::node::containerd::{install, uninstall, Install};
+    match action {
+        ContainerdAction::Install {
+            certs_dir,
+            containerd_config,
+            registries,
+            mirror,
+            state_dir,
+            args,
+        } => {
+            let mirror = match mirror_url(mirror, &args) {
+                Ok(m) => m,
+                Err(code) => return code,
+            };
+            let opts = Install {
+                certs_dir_explicit: certs_dir.is_some(),
+                // containerd resolves config_path from its own working directory.
+                certs_dir: certs_dir
+                    .map(|d| std::path::absolute(&d).unwrap_or(d))
+                    .unwrap_or_else(|| PathBuf::from("/etc/containerd/certs.d")),
+                config: containerd_config,
+                mirror,
+                registries,
+                state_dir,
+            };
+            match install(&opts) {
+                Ok(r) => {
+                    for p in &r.changed {
+                        println!("updated   {}", p.display());
+                    }
+                    for p in &r.unchanged {
+                        println!("unchanged {}", p.display());
+                    }
+                    if r.restart_containerd {
+                        println!(
+                            "restart containerd to apply config_path: systemctl restart containerd"
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("nodemirror: containerd install: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        ContainerdAction::Uninstall { state_dir } => match uninstall(&state_dir) {
+            Ok((exact, surgical)) => {
+                for p in &exact {
+                    println!("restored  {}", p.display());
+                }
+                for p in &surgical {
+                    println!(
+                        "edited since install; removed only the mirror from {}",
+                        p.display()
+                    );
+                }
+                if exact.is_empty() && surgical.is_empty() {
+                    println!("nothing to undo");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("nodemirror: containerd uninstall: {e}");
+                ExitCode::from(1)
+            }
+        },
+    }
+}
+
+fn registries_command(
+    merge: Option<PathBuf>,
+    mirror: Option<String>,
+    args: &ServeArgs,
+) -> ExitCode {
+    use nodemirror::node::registries;
+    let mirror = match mirror_url(mirror, args) {
+        Ok(m) => m,
+        Err(code) => return code,
+    };
+    let Some(path) = merge else {
+        print!("{}", registries::render(&mirror));
+        return ExitCode::SUCCESS;
+    };
+    let existing = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => {
+            eprintln!("nodemirror: {}: {e}", path.display());
+            return ExitCode::from(1);
+        }
+    };
+    let merged = if existing.is_empty() {
+        Ok(Some(registries::render(&mirror)))
+    } else {
+        registries::merge(&existing, &mirror)
+    };
+    let text = match merged {
+        Ok(Some(t)) => t,
+        Ok(None) => {
+            println!("unchanged {}", path.display());
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("nodemirror: {}: {e}", path.display());
+            return ExitCode::from(1);
+        }
+    };
+    let backup = path.with_extension("yaml.nodemirror-orig");
+    let written = (|| {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        if !existing.is_empty() && !backup.exists() {
+            std::fs::write(&backup, &existing)?;
+        }
+        let tmp = path.with_extension("yaml.nodemirror-tmp");
+        std::fs::write(&tmp, &text)?;
+        std::fs::rename(&tmp, &path)
+    })();
+    match written {
+        Ok(()) => {
+            println!(
+                "updated   {} (restart rke2-server/rke2-agent or k3s to apply)",
+                path.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("nodemirror: {}: {e}", path.display());
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn prefetch_command(

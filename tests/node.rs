@@ -324,3 +324,233 @@ async fn metrics_health_and_json_logs() {
         "{log}"
     );
 }
+
+fn nm(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_nodemirror"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// install edits real files (keeping comments and hosts, mirror first),
+/// containerd accepts the result, a second install changes nothing, and
+/// uninstall restores the exact bytes.
+#[test]
+fn containerd_install_and_uninstall_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs.d");
+    let config = dir.path().join("config.toml");
+    let state = dir.path().join("state");
+    let hub = certs.join("docker.io/hosts.toml");
+    let config_text = "# node config\nversion = 2\n\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"registry.k8s.io/pause:3.9\" # keep\n";
+    let hub_text = "# corp setup\nserver = \"https://registry-1.docker.io\"\n\n[host.\"https://corp.example\"]\n  capabilities = [\"pull\", \"resolve\"]\n";
+    std::fs::create_dir_all(hub.parent().unwrap()).unwrap();
+    std::fs::write(&config, config_text).unwrap();
+    std::fs::write(&hub, hub_text).unwrap();
+    let args = |extra: &[&str]| {
+        let mut v = vec![
+            "containerd",
+            "install",
+            "--certs-dir",
+            certs.to_str().unwrap(),
+            "--containerd-config",
+            config.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--mirror",
+            "http://127.0.0.1:5780",
+        ];
+        v.extend_from_slice(extra);
+        v.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let run = |a: Vec<String>| nm(&a.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let out = run(args(&[]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(args(&["--registry", "docker.io"]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let default = std::fs::read_to_string(certs.join("_default/hosts.toml")).unwrap();
+    assert!(
+        default.contains("[host.\"http://127.0.0.1:5780\"]"),
+        "{default}"
+    );
+    let hub_now = std::fs::read_to_string(&hub).unwrap();
+    let (ours, theirs) = (
+        hub_now.find("127.0.0.1:5780").unwrap(),
+        hub_now.find("corp.example").unwrap(),
+    );
+    assert!(ours < theirs, "mirror first:\n{hub_now}");
+    assert!(
+        hub_now.contains("# corp setup")
+            && hub_now.contains("server = \"https://registry-1.docker.io\"")
+    );
+    let cfg_now = std::fs::read_to_string(&config).unwrap();
+    assert!(
+        cfg_now.contains("# node config") && cfg_now.contains("# keep"),
+        "{cfg_now}"
+    );
+    assert!(
+        cfg_now.contains(&format!("config_path = \"{}\"", certs.display())),
+        "{cfg_now}"
+    );
+
+    // The edited files parse as what they claim to be: nodemirror reads the
+    // hosts.toml files, and containerd itself reads the config.
+    let check = nm(&[
+        "check-config",
+        "--config",
+        "/dev/null",
+        "--hosts-dir",
+        certs.to_str().unwrap(),
+        "--cache-dir",
+        dir.path().join("cache").to_str().unwrap(),
+    ]);
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    if require(&["containerd"]) {
+        let dump = Command::new("containerd")
+            .arg("--config")
+            .arg(&config)
+            .args(["config", "dump"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&dump.stdout);
+        assert!(
+            dump.status.success(),
+            "{}",
+            String::from_utf8_lossy(&dump.stderr)
+        );
+        assert!(
+            text.contains(&format!("config_path = \"{}\"", certs.display())),
+            "{text}"
+        );
+        assert!(text.contains("sandbox_image = \"registry.k8s.io/pause:3.9\""));
+    }
+
+    // Idempotent.
+    let again = run(args(&[]));
+    assert!(String::from_utf8_lossy(&again.stdout)
+        .lines()
+        .all(|l| l.starts_with("unchanged")));
+
+    let out = nm(&[
+        "containerd",
+        "uninstall",
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), config_text);
+    assert_eq!(std::fs::read_to_string(&hub).unwrap(), hub_text);
+    assert!(
+        !certs.join("_default").exists(),
+        "created files and folders removed"
+    );
+}
+
+/// A file edited after install keeps the edit; only the mirror goes.
+#[test]
+fn uninstall_keeps_later_edits() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs.d");
+    let config = dir.path().join("config.toml");
+    let state = dir.path().join("state");
+    let out = nm(&[
+        "containerd",
+        "install",
+        "--certs-dir",
+        certs.to_str().unwrap(),
+        "--containerd-config",
+        config.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--mirror",
+        "http://127.0.0.1:5780",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let file = certs.join("_default/hosts.toml");
+    let mut text = std::fs::read_to_string(&file).unwrap();
+    text.push_str("\n# added by the operator later\n[host.\"https://later.example\"]\n");
+    std::fs::write(&file, &text).unwrap();
+    let out = nm(&[
+        "containerd",
+        "uninstall",
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    let left = std::fs::read_to_string(&file).unwrap();
+    assert!(!left.contains("127.0.0.1:5780"), "{left}");
+    assert!(
+        left.contains("later.example") && left.contains("# added by the operator later"),
+        "{left}"
+    );
+    assert!(
+        !config.exists(),
+        "config.toml did not exist before: removed"
+    );
+}
+
+#[test]
+fn registries_yaml_prints_and_merges() {
+    let out = nm(&["k3s-registries", "--mirror", "http://127.0.0.1:5780"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("mirrors:\n  \"*\":\n    endpoint:\n      - \"http://127.0.0.1:5780\""),
+        "{text}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("registries.yaml");
+    let original = "mirrors:\n  docker.io:\n    endpoint:\n      - \"https://corp.example\"\n";
+    std::fs::write(&file, original).unwrap();
+    let out = nm(&[
+        "rke2-registries",
+        "--mirror",
+        "http://127.0.0.1:5780",
+        "--merge",
+        file.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let merged = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        merged.contains("http://127.0.0.1:5780") && merged.contains("corp.example"),
+        "{merged}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("registries.yaml.nodemirror-orig")).unwrap(),
+        original
+    );
+    let out = nm(&[
+        "rke2-registries",
+        "--mirror",
+        "http://127.0.0.1:5780",
+        "--merge",
+        file.to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("unchanged"));
+}
