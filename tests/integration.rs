@@ -6,5 +6,6 @@ mod cache;
 mod cli;
 mod e2e;
 mod node;
+mod packaging;
 mod proxy;
 mod tls;
