@@ -313,6 +313,7 @@ pub struct Upstream {
     pool: std::sync::Mutex<ClientPool>,
     health: Health,
     auth: Auth,
+    auth_file: Option<std::path::PathBuf>,
     settings: UpstreamSettings,
 }
 
@@ -331,6 +332,19 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+fn load_credentials(auth_file: Option<&Path>) -> Result<Credentials, Vec<ConfigError>> {
+    match auth_file {
+        Some(p) => Credentials::load(p).map_err(|(line, message)| {
+            vec![ConfigError {
+                path: p.into(),
+                line,
+                message,
+            }]
+        }),
+        None => Ok(Credentials::default()),
+    }
+}
+
 impl Upstream {
     /// Loads hosts.d and the credentials file; errors name file and line.
     pub fn new(
@@ -338,16 +352,7 @@ impl Upstream {
         auth_file: Option<&Path>,
         settings: UpstreamSettings,
     ) -> Result<Upstream, Vec<ConfigError>> {
-        let credentials = match auth_file {
-            Some(p) => Credentials::load(p).map_err(|e| {
-                vec![ConfigError {
-                    path: p.into(),
-                    line: 0,
-                    message: e,
-                }]
-            })?,
-            None => Credentials::default(),
-        };
+        let credentials = load_credentials(auth_file)?;
         let mut pool = ClientPool::new(settings.connect_timeout);
         let routes = Routes::build(&hosts::load_dir(hosts_dir)?, &mut pool)?;
         Ok(Upstream {
@@ -355,18 +360,22 @@ impl Upstream {
             pool: std::sync::Mutex::new(pool),
             health: Health::new(settings.backoff, settings.backoff_max),
             auth: Auth::new(credentials),
+            auth_file: auth_file.map(Path::to_path_buf),
             settings,
         })
     }
 
-    /// Re-reads hosts.d; on any error the routes in force stay.
+    /// Re-reads hosts.d and the credentials file; on any error nothing
+    /// changes and the configuration in force stays.
     pub fn reload(&self, hosts_dir: &Path) -> Result<(), Vec<ConfigError>> {
         let dir = hosts::load_dir(hosts_dir)?;
+        let credentials = load_credentials(self.auth_file.as_deref())?;
         let routes = {
             let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
             Routes::build(&dir, &mut pool)?
         };
         *self.routes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(routes);
+        self.auth.replace_credentials(credentials);
         Ok(())
     }
 

@@ -554,3 +554,49 @@ fn registries_yaml_prints_and_merges() {
     ]);
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("unchanged"));
 }
+
+/// Rotated registry credentials take effect on reload (SIGHUP).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_picks_up_new_credentials() {
+    let up = Fake::start(Behaviour {
+        basic: Some(("robot".into(), "new-secret".into())),
+        ..Default::default()
+    })
+    .await;
+    let img = Image::build(&[("f", b"rotated")]);
+    up.push_image("app", "v1", &img);
+    let hosts = tempfile::tempdir().unwrap();
+    write_hosts(
+        hosts.path(),
+        &[("reg.test", format!("server = \"{}\"\n", up.url()))],
+    );
+    // Outside hosts.d, which is watched: only SIGHUP can pick this up.
+    let secrets = tempfile::tempdir().unwrap();
+    let auth = secrets.path().join("auth.json");
+    let creds = |p: &str| {
+        format!(
+            r#"{{"auths": {{"{}": {{"username": "robot", "password": "{p}"}}}}}}"#,
+            up.addr
+        )
+    };
+    std::fs::write(&auth, creds("old-secret")).unwrap();
+    let bin = Binary::start(hosts.path(), &["--auth-file", auth.to_str().unwrap()]).await;
+    let url = format!(
+        "http://127.0.0.1:{}/v2/app/manifests/v1?ns=reg.test",
+        bin.port
+    );
+    assert_eq!(
+        get(&url).await.status,
+        StatusCode::NOT_FOUND,
+        "old password refused"
+    );
+
+    std::fs::write(&auth, creds("new-secret")).unwrap();
+    kill(Pid::from_raw(bin.proc.child.id() as i32), Signal::SIGHUP).unwrap();
+    wait_for(
+        "the new password to be used",
+        Duration::from_secs(10),
+        || answers_ok(&url),
+    )
+    .await;
+}

@@ -70,15 +70,23 @@ fn host_key(s: &str) -> String {
 }
 
 impl Credentials {
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-        Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    /// Errors carry the line (0 when it is about the file as a whole).
+    pub fn load(path: &Path) -> Result<Self, (usize, String)> {
+        let text = std::fs::read_to_string(path).map_err(|e| (0, format!("cannot read: {e}")))?;
+        Self::parse_at(&text)
     }
 
     pub fn parse(text: &str) -> Result<Self, String> {
-        let cfg: DockerConfig =
-            serde_json::from_str(text).map_err(|e| format!("line {}: {e}", e.line()))?;
+        Self::parse_at(text).map_err(|(line, e)| format!("line {line}: {e}"))
+    }
+
+    fn parse_at(text: &str) -> Result<Self, (usize, String)> {
+        let cfg: DockerConfig = serde_json::from_str(text)
+            .map_err(|e| (e.line(), format!("invalid docker config.json: {e}")))?;
+        Self::from_config(cfg).map_err(|e| (0, e))
+    }
+
+    fn from_config(cfg: DockerConfig) -> Result<Self, String> {
         let mut out = HashMap::new();
         for (key, a) in cfg.auths {
             let cred = match (a.auth, a.username, a.password) {
@@ -208,7 +216,7 @@ struct Cached {
 /// Authorization headers that worked, per endpoint and repository.
 #[derive(Default)]
 pub struct Auth {
-    pub credentials: Credentials,
+    credentials: std::sync::RwLock<std::sync::Arc<Credentials>>,
     cache: Mutex<HashMap<String, Cached>>,
 }
 
@@ -219,9 +227,16 @@ const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 impl Auth {
     pub fn new(credentials: Credentials) -> Self {
         Auth {
-            credentials,
+            credentials: std::sync::RwLock::new(std::sync::Arc::new(credentials)),
             cache: Mutex::default(),
         }
+    }
+
+    /// Swaps in re-read credentials; tokens obtained with the old ones go.
+    pub fn replace_credentials(&self, credentials: Credentials) {
+        *self.credentials.write().unwrap_or_else(|p| p.into_inner()) =
+            std::sync::Arc::new(credentials);
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     /// A still-valid header for `key`, if one was obtained earlier.
@@ -257,7 +272,12 @@ impl Auth {
     ) -> Result<HeaderValue, AuthError> {
         let parsed =
             parse_challenge(challenge).ok_or_else(|| AuthError::Unsupported(challenge.into()))?;
-        let credential = self.credentials.for_url(endpoint);
+        let credentials = self
+            .credentials
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let credential = credentials.for_url(endpoint);
         let (header, lifetime) = match parsed.scheme.as_str() {
             "basic" => {
                 let c = credential.ok_or(AuthError::NoCredentials)?;
