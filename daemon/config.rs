@@ -91,10 +91,21 @@ pub struct Settings {
     pub auth_file: Option<PathBuf>,
     pub upstream: UpstreamSettings,
     pub cache: CacheSettings,
+    /// Where these settings came from, to load them again on reload;
+    /// `None` for settings built in code, which reload keeps as they are.
+    pub origin: Option<Origin>,
+}
+
+/// The config file argument and flags settings were loaded with.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Origin {
+    /// `--config` as given (`None`: the default file, if it exists).
+    pub config: Option<PathBuf>,
+    pub overrides: Overrides,
 }
 
 /// Values given on the command line; each one wins over the file.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Overrides {
     pub listen: Option<SocketAddr>,
     pub cache_dir: Option<PathBuf>,
@@ -108,6 +119,10 @@ impl Settings {
     /// `overrides`. An explicitly named file must exist.
     pub fn load(config: Option<&Path>, overrides: Overrides) -> Result<Settings, ConfigErrors> {
         let mut settings = Settings::defaults();
+        settings.origin = Some(Origin {
+            config: config.map(Path::to_path_buf),
+            overrides: overrides.clone(),
+        });
         let file = match config {
             Some(p) => Some(p.to_path_buf()),
             None => Some(PathBuf::from(DEFAULT_CONFIG_FILE)).filter(|p| p.exists()),
@@ -127,6 +142,23 @@ impl Settings {
         Ok(settings)
     }
 
+    /// Loads the settings again from where these came from (file, then
+    /// the same flags on top).
+    pub fn reload(&self) -> Result<Settings, ConfigErrors> {
+        match &self.origin {
+            Some(o) => Settings::load(o.config.as_deref(), o.overrides.clone()),
+            None => Ok(self.clone()),
+        }
+    }
+
+    /// The config file these settings were read from, if any.
+    pub fn config_file(&self) -> Option<PathBuf> {
+        match self.origin.as_ref()?.config.clone() {
+            Some(p) => Some(p),
+            None => Some(PathBuf::from(DEFAULT_CONFIG_FILE)).filter(|p| p.exists()),
+        }
+    }
+
     /// The embedded defaults: loopback listener, a cache directory the user
     /// can write, `/etc/nodemirror/hosts.d`, docker.io for bare requests.
     pub fn defaults() -> Settings {
@@ -141,6 +173,7 @@ impl Settings {
             auth_file: Some(PathBuf::from(DEFAULT_AUTH_FILE)).filter(|p| p.exists()),
             upstream: UpstreamSettings::default(),
             cache: CacheSettings::default(),
+            origin: None,
         }
     }
 

@@ -24,6 +24,7 @@ pub mod mirror;
 pub mod node;
 pub mod prefetch;
 pub mod reference;
+pub mod reload;
 pub mod server;
 pub mod systemd;
 pub mod upstream;
@@ -82,15 +83,15 @@ pub fn build(settings: &Settings) -> Result<Arc<App>, StartError> {
             flights: Flights::new(store.clone(), upstream.clone()),
             upstream,
             store,
-            tag_ttl: settings.cache.tag_ttl,
+            tag_ttl: std::sync::RwLock::new(settings.cache.tag_ttl),
         },
-        default_namespace: settings.default_namespace.clone(),
+        settings: std::sync::RwLock::new(Arc::new(settings.clone())),
         draining: std::sync::atomic::AtomicBool::new(false),
     }))
 }
 
-/// Serves on `listener` until `shutdown` resolves; re-reads hosts.d on
-/// SIGHUP, keeping the routes in force when the new files are broken.
+/// Serves on `listener` until `shutdown` resolves; reloads configuration
+/// on SIGHUP and file changes ([`reload`]).
 pub async fn run(
     settings: Settings,
     listener: TcpListener,
@@ -109,24 +110,8 @@ pub async fn run(
         Ok(s) => format!("{} blobs, {} MiB cached", s.blobs, s.blob_bytes >> 20),
         Err(e) => format!("cache scan failed: {e}"),
     };
-    let reload_app = app.clone();
-    let hosts_dir = settings.hosts_dir.clone();
-    let reloader = tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            return;
-        };
-        while hup.recv().await.is_some() {
-            systemd::reloading();
-            let status = reload_hosts(&reload_app, &hosts_dir);
-            systemd::ready(&status);
-        }
-    });
-    let gc = tokio::spawn(collect_periodically(
-        app.mirror.store.clone(),
-        settings.cache.clone(),
-    ));
-    let watcher = watch_hosts(app.clone(), settings.hosts_dir.clone());
+    let reloader = reload::spawn(app.clone());
+    let gc = tokio::spawn(collect_periodically(app.clone()));
     let listen = listener
         .local_addr()
         .map(|a| a.to_string())
@@ -145,13 +130,10 @@ pub async fn run(
         systemd::stopping();
     };
     server::serve(listener, app.clone(), shutdown).await;
-    reloader.abort();
+    reloader.stop();
     gc.abort();
     if let Some(w) = watchdog {
         w.abort();
-    }
-    if let Some((_watcher, task)) = watcher {
-        task.abort();
     }
     // Let fetches under way finish storing what they downloaded: work
     // already paid for upstream is not thrown away on a restart.
@@ -168,80 +150,13 @@ pub async fn run(
     Ok(())
 }
 
-/// Changes settle for this long before a reload, so an editor's write,
-/// rename and chmod make one reload.
-const RELOAD_SETTLE: std::time::Duration = std::time::Duration::from_millis(300);
-
-/// Reloads hosts.d whenever something under it changes (inotify).
-fn watch_hosts(
-    app: Arc<App>,
-    dir: std::path::PathBuf,
-) -> Option<(notify::RecommendedWatcher, tokio::task::JoinHandle<()>)> {
-    use notify::{EventKind, RecursiveMode, Watcher};
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if let Ok(ev) = res {
-            if !matches!(ev.kind, EventKind::Access(_)) {
-                let _ = tx.send(());
-            }
-        }
-    });
-    let mut watcher = match watcher {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch hosts.d; reload with SIGHUP");
-            return None;
-        }
-    };
-    if let Err(e) = watcher.watch(&dir, RecursiveMode::Recursive) {
-        tracing::info!(dir = %dir.display(), error = %e, "not watching hosts.d for changes; reload with SIGHUP");
-        return None;
-    }
-    let task = tokio::spawn(async move {
-        while rx.recv().await.is_some() {
-            loop {
-                match tokio::time::timeout(RELOAD_SETTLE, rx.recv()).await {
-                    Ok(Some(())) => continue,
-                    Ok(None) => return,
-                    Err(_) => break,
-                }
-            }
-            systemd::reloading();
-            let status = reload_hosts(&app, &dir);
-            systemd::ready(&status);
-        }
-    });
-    Some((watcher, task))
-}
-
-/// Re-reads hosts.d; on errors the routes in force stay. Returns a status
-/// line for systemd.
-pub fn reload_hosts(app: &App, hosts_dir: &std::path::Path) -> String {
-    match app.mirror.upstream.reload(hosts_dir) {
-        Ok(()) => {
-            tracing::info!(dir = %hosts_dir.display(), "reloaded hosts.d");
-            format!("reloaded {}", hosts_dir.display())
-        }
-        Err(errors) => {
-            for e in &errors {
-                tracing::error!(error = %e, "hosts.d reload failed; keeping the last good configuration");
-            }
-            format!(
-                "reload failed ({} errors); last good configuration in force",
-                errors.len()
-            )
-        }
-    }
-}
-
-/// Evicts least-recently-used blobs now and then, off the async threads.
-async fn collect_periodically(store: Arc<Store>, cache: config::CacheSettings) {
-    let mut tick = tokio::time::interval(cache.gc_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// Evicts least-recently-used blobs now and then, off the async threads,
+/// with the limits and interval in force.
+async fn collect_periodically(app: Arc<App>) {
     loop {
-        tick.tick().await;
-        let store = store.clone();
-        let cache = cache.clone();
+        let cache = app.settings().cache.clone();
+        tokio::time::sleep(cache.gc_interval).await;
+        let store = app.mirror.store.clone();
         let result = tokio::task::spawn_blocking(move || {
             let limits = Limits::from_settings(&cache, store.root())?;
             store.collect(limits)

@@ -43,7 +43,8 @@ pub struct Mirror {
     pub upstream: Arc<Upstream>,
     pub store: Arc<Store>,
     pub flights: Arc<Flights>,
-    pub tag_ttl: Duration,
+    /// How long a tag's digest is trusted (replaced by a reload).
+    pub tag_ttl: std::sync::RwLock<Duration>,
 }
 
 /// A manifest as fetched or cached.
@@ -72,6 +73,14 @@ fn internal(e: impl std::fmt::Display) -> ServeError {
 }
 
 impl Mirror {
+    pub fn set_tag_ttl(&self, ttl: Duration) {
+        *self.tag_ttl.write().unwrap_or_else(|p| p.into_inner()) = ttl;
+    }
+
+    fn tag_ttl(&self) -> Duration {
+        *self.tag_ttl.read().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub async fn manifest(
         &self,
         method: &Method,
@@ -129,7 +138,7 @@ impl Mirror {
             let age = SystemTime::now()
                 .duration_since(*confirmed)
                 .unwrap_or_default();
-            if age < self.tag_ttl {
+            if age < self.tag_ttl() {
                 METRICS.cache.inc(&[("kind", "tag"), ("result", "hit")]);
                 return Ok(m.clone());
             }

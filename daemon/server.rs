@@ -48,8 +48,8 @@ where
 /// What the server needs to answer requests.
 pub struct App {
     pub mirror: Mirror,
-    /// For requests without `?ns=`.
-    pub default_namespace: Namespace,
+    /// The configuration in force (replaced by a reload).
+    pub settings: std::sync::RwLock<Arc<crate::config::Settings>>,
     /// Set once shutdown begins: /readyz answers 503.
     pub draining: std::sync::atomic::AtomicBool,
 }
@@ -109,6 +109,21 @@ fn plain(status: StatusCode, content_type: &'static str, body: String) -> Respon
 }
 
 impl App {
+    pub fn settings(&self) -> Arc<crate::config::Settings> {
+        self.settings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn set_settings(&self, s: crate::config::Settings) {
+        *self.settings.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(s);
+    }
+
+    fn default_namespace(&self) -> Namespace {
+        self.settings().default_namespace.clone()
+    }
+
     pub async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
         match req.uri().path() {
             "/healthz" => return plain(StatusCode::OK, "text/plain", "ok\n".into()),
@@ -146,7 +161,7 @@ impl App {
         let ns = namespace_param(req.uri().query())
             .ok()
             .flatten()
-            .unwrap_or_else(|| self.default_namespace.clone());
+            .unwrap_or_else(|| self.default_namespace());
         let status = resp.status();
         METRICS.requests.inc(&[
             ("ns", ns.as_str()),
@@ -165,8 +180,7 @@ impl App {
         if method != Method::GET && method != Method::HEAD {
             return Err(ServeError::MethodNotAllowed(method.clone()));
         }
-        let ns =
-            namespace_param(req.uri().query())?.unwrap_or_else(|| self.default_namespace.clone());
+        let ns = namespace_param(req.uri().query())?.unwrap_or_else(|| self.default_namespace());
         tracing::Span::current().record("ns", tracing::field::display(&ns));
         match route {
             Route::Base => {

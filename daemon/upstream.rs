@@ -188,18 +188,22 @@ pub struct Routes {
 }
 
 impl Routes {
-    pub fn build(dir: &HostsDir, pool: &mut ClientPool) -> Result<Routes, Vec<ConfigError>> {
+    pub fn build(
+        dir: &HostsDir,
+        pool: &mut ClientPool,
+        connect_timeout: Duration,
+    ) -> Result<Routes, Vec<ConfigError>> {
         let mut errors = Vec::new();
         let mut namespaces = HashMap::new();
         for (ns, file) in &dir.namespaces {
-            let mut chain = endpoints(file, pool, &mut errors);
+            let mut chain = endpoints(file, pool, connect_timeout, &mut errors);
             let server = file.server.clone().unwrap_or_else(|| implicit_server(ns));
             if let Some(ep) = endpoint(
                 server,
                 false,
                 &file.server_settings,
                 file.server_origin.clone(),
-                pool,
+                (pool, connect_timeout),
                 &mut errors,
             ) {
                 chain.push(ep);
@@ -208,9 +212,9 @@ impl Routes {
         }
         let empty = hosts::HostsFile::default();
         let default = dir.default.as_ref().unwrap_or(&empty);
-        let default_mirrors = endpoints(default, pool, &mut errors);
+        let default_mirrors = endpoints(default, pool, connect_timeout, &mut errors);
         let default_client = pool
-            .client(&default.server_settings)
+            .client(&default.server_settings, connect_timeout)
             .map_err(|e| vec![config_error(&default.server_origin, e)])?;
         if !errors.is_empty() {
             return Err(errors);
@@ -266,6 +270,7 @@ fn config_error(origin: &str, message: String) -> ConfigError {
 fn endpoints(
     file: &hosts::HostsFile,
     pool: &mut ClientPool,
+    connect_timeout: Duration,
     errors: &mut Vec<ConfigError>,
 ) -> Vec<Arc<Endpoint>> {
     file.mirrors
@@ -276,7 +281,7 @@ fn endpoints(
                 true,
                 &m.settings,
                 m.origin.clone(),
-                pool,
+                (&mut *pool, connect_timeout),
                 errors,
             )
         })
@@ -288,10 +293,10 @@ fn endpoint(
     mirror: bool,
     settings: &HostSettings,
     origin: String,
-    pool: &mut ClientPool,
+    (pool, connect_timeout): (&mut ClientPool, Duration),
     errors: &mut Vec<ConfigError>,
 ) -> Option<Arc<Endpoint>> {
-    match pool.client(settings) {
+    match pool.client(settings, connect_timeout) {
         Ok(client) => Some(Arc::new(Endpoint {
             base,
             mirror,
@@ -313,8 +318,8 @@ pub struct Upstream {
     pool: std::sync::Mutex<ClientPool>,
     health: Health,
     auth: Auth,
-    auth_file: Option<std::path::PathBuf>,
-    settings: UpstreamSettings,
+    auth_file: RwLock<Option<std::path::PathBuf>>,
+    settings: RwLock<UpstreamSettings>,
 }
 
 /// Renders an error with its sources, as hyper's errors hide the cause.
@@ -353,34 +358,52 @@ impl Upstream {
         settings: UpstreamSettings,
     ) -> Result<Upstream, Vec<ConfigError>> {
         let credentials = load_credentials(auth_file)?;
-        let mut pool = ClientPool::new(settings.connect_timeout);
-        let routes = Routes::build(&hosts::load_dir(hosts_dir)?, &mut pool)?;
+        let mut pool = ClientPool::load();
+        let routes = Routes::build(
+            &hosts::load_dir(hosts_dir)?,
+            &mut pool,
+            settings.connect_timeout,
+        )?;
         Ok(Upstream {
             routes: RwLock::new(Arc::new(routes)),
             pool: std::sync::Mutex::new(pool),
             health: Health::new(settings.backoff, settings.backoff_max),
             auth: Auth::new(credentials),
-            auth_file: auth_file.map(Path::to_path_buf),
-            settings,
+            auth_file: RwLock::new(auth_file.map(Path::to_path_buf)),
+            settings: RwLock::new(settings),
         })
     }
 
-    /// Re-reads hosts.d and the credentials file; on any error nothing
-    /// changes and the configuration in force stays.
-    pub fn reload(&self, hosts_dir: &Path) -> Result<(), Vec<ConfigError>> {
+    /// Re-reads hosts.d and the credentials file and takes new timeouts;
+    /// on any error nothing changes and the configuration in force stays.
+    pub fn reload(
+        &self,
+        hosts_dir: &Path,
+        auth_file: Option<&Path>,
+        settings: &UpstreamSettings,
+    ) -> Result<(), Vec<ConfigError>> {
         let dir = hosts::load_dir(hosts_dir)?;
-        let credentials = load_credentials(self.auth_file.as_deref())?;
+        let credentials = load_credentials(auth_file)?;
         let routes = {
             let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-            Routes::build(&dir, &mut pool)?
+            Routes::build(&dir, &mut pool, settings.connect_timeout)?
         };
         *self.routes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(routes);
         self.auth.replace_credentials(credentials);
+        *self.auth_file.write().unwrap_or_else(|p| p.into_inner()) =
+            auth_file.map(Path::to_path_buf);
+        self.health
+            .set_limits(settings.backoff, settings.backoff_max);
+        *self.settings.write().unwrap_or_else(|p| p.into_inner()) = settings.clone();
         Ok(())
     }
 
-    pub fn settings(&self) -> &UpstreamSettings {
-        &self.settings
+    /// The timeouts in force.
+    pub fn settings(&self) -> UpstreamSettings {
+        self.settings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The endpoints to try for `req`, capable ones only: healthy first in
@@ -495,7 +518,7 @@ impl Upstream {
                         &ep.base,
                         req.repository.as_str(),
                         challenge,
-                        self.settings.first_byte_timeout,
+                        self.settings().first_byte_timeout,
                     )
                     .await?;
                 authorization = Some(header);
@@ -578,7 +601,7 @@ impl Upstream {
         let request = builder
             .body(Empty::<Bytes>::new())
             .map_err(|e| AttemptError::Invalid(format!("building request: {e}")))?;
-        let timeout = self.settings.first_byte_timeout;
+        let timeout = self.settings().first_byte_timeout;
         match tokio::time::timeout(timeout, ep.client.request(request)).await {
             Err(_) => Err(AttemptError::Timeout(timeout)),
             Ok(Err(e)) => Err(AttemptError::Connect(error_chain(&e))),

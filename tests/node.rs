@@ -600,3 +600,81 @@ async fn reload_picks_up_new_credentials() {
     )
     .await;
 }
+
+/// Edits to config.toml apply without a restart (inotify on its folder);
+/// a broken edit is reported with file and line and changes nothing; flags
+/// still win over the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_toml_edits_apply_without_a_restart() {
+    let a = Fake::start(Behaviour::default()).await;
+    let b = Fake::start(Behaviour::default()).await;
+    let (img_a, img_b) = (
+        Image::build(&[("f", b"from a")]),
+        Image::build(&[("f", b"from b")]),
+    );
+    a.push_image("app", "v1", &img_a);
+    b.push_image("app", "v1", &img_b);
+    let hosts = tempfile::tempdir().unwrap();
+    write_hosts(
+        hosts.path(),
+        &[
+            ("a.test", format!("server = \"{}\"\n", a.url())),
+            ("b.test", format!("server = \"{}\"\n", b.url())),
+        ],
+    );
+    let bin = Binary::start_in(hosts.path(), None, "default_namespace = \"a.test\"\n", &[]).await;
+    let config = bin.config_file();
+    let url = format!("http://127.0.0.1:{}/v2/app/manifests/v1", bin.port);
+    assert_eq!(
+        get(&url).await.header("docker-content-digest"),
+        img_a.digest
+    );
+
+    std::fs::write(&config, "default_namespace = \"b.test\"\n").unwrap();
+    let want_b = img_b.digest.clone();
+    wait_for("the new default namespace", Duration::from_secs(10), || {
+        let (url, want) = (url.clone(), want_b.clone());
+        async move { get(&url).await.header("docker-content-digest") == want }
+    })
+    .await;
+
+    std::fs::write(
+        &config,
+        "default_namespace = \"b.test\"\n\n[cache]\ntag_tll = \"5s\"\n",
+    )
+    .unwrap();
+    let expected = format!("{}:4: unknown key `tag_tll`", config.display());
+    wait_for(
+        "the broken edit to be reported",
+        Duration::from_secs(10),
+        || {
+            let found = bin.proc.log_text().contains(&expected);
+            async move { found }
+        },
+    )
+    .await;
+    assert_eq!(
+        get(&url).await.header("docker-content-digest"),
+        img_b.digest,
+        "last good config stays"
+    );
+
+    // Flags win on reload too: a listen in the file does not displace --listen.
+    let reloads = |log: String| log.matches("configuration reloaded").count();
+    let before = reloads(bin.proc.log_text());
+    std::fs::write(
+        &config,
+        "default_namespace = \"b.test\"\nlisten = \"127.0.0.1:1\"\n",
+    )
+    .unwrap();
+    wait_for("the next reload", Duration::from_secs(10), || {
+        let done = reloads(bin.proc.log_text()) > before;
+        async move { done }
+    })
+    .await;
+    assert!(
+        !bin.proc.log_text().contains("listen changed"),
+        "the --listen flag wins"
+    );
+    assert_eq!(get(&url).await.status, StatusCode::OK);
+}

@@ -255,6 +255,7 @@ impl DaemonBuilder {
             auth_file,
             upstream: quick_upstream(),
             cache: self.cache.unwrap_or_else(test_cache),
+            origin: None,
         };
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(async move {

@@ -27,12 +27,12 @@ pub type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
 pub struct ClientPool {
     provider: Arc<CryptoProvider>,
     system_roots: RootCertStore,
-    connect_timeout: Duration,
     clients: HashMap<String, HttpClient>,
 }
 
 impl ClientPool {
-    pub fn new(connect_timeout: Duration) -> Self {
+    /// Reads the system's root certificates.
+    pub fn load() -> Self {
         let mut system_roots = RootCertStore::empty();
         let found = rustls_native_certs::load_native_certs();
         for e in &found.errors {
@@ -43,14 +43,18 @@ impl ClientPool {
         ClientPool {
             provider: Arc::new(rustls::crypto::ring::default_provider()),
             system_roots,
-            connect_timeout,
             clients: HashMap::new(),
         }
     }
 
-    /// The client for `settings`, built on first use.
-    pub fn client(&mut self, settings: &HostSettings) -> Result<HttpClient, String> {
-        let dial = settings.dial_timeout.unwrap_or(self.connect_timeout);
+    /// The client for `settings` (dialling with `connect_timeout` unless
+    /// the host sets its own), built on first use.
+    pub fn client(
+        &mut self,
+        settings: &HostSettings,
+        connect_timeout: Duration,
+    ) -> Result<HttpClient, String> {
+        let dial = settings.dial_timeout.unwrap_or(connect_timeout);
         let key = format!("{};dial={}", settings.tls_key, dial.as_millis());
         if let Some(c) = self.clients.get(&key) {
             return Ok(c.clone());

@@ -8,8 +8,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub struct Health {
-    base: Duration,
-    max: Duration,
+    /// Base and maximum back-off; changed by a reload.
+    limits: Mutex<(Duration, Duration)>,
     state: Mutex<HashMap<String, State>>,
 }
 
@@ -21,10 +21,13 @@ struct State {
 impl Health {
     pub fn new(base: Duration, max: Duration) -> Self {
         Health {
-            base,
-            max,
+            limits: Mutex::new((base, max)),
             state: Mutex::default(),
         }
+    }
+
+    pub fn set_limits(&self, base: Duration, max: Duration) {
+        *self.limits.lock().unwrap_or_else(|p| p.into_inner()) = (base, max);
     }
 
     /// True while `endpoint` should be skipped.
@@ -43,7 +46,8 @@ impl Health {
         });
         s.failures = s.failures.saturating_add(1);
         let factor = 1u32 << (s.failures - 1).min(16);
-        let wait = self.base.saturating_mul(factor).min(self.max);
+        let (base, max) = *self.limits.lock().unwrap_or_else(|p| p.into_inner());
+        let wait = base.saturating_mul(factor).min(max);
         s.until = Instant::now() + wait;
         wait
     }

@@ -153,6 +153,11 @@ impl Binary {
         Binary { proc, port }
     }
 
+    /// The config file the binary was started with (`--config`).
+    pub fn config_file(&self) -> std::path::PathBuf {
+        self.proc.log.with_file_name("config.toml")
+    }
+
     /// Peak resident memory so far, from /proc.
     pub fn peak_rss_kib(&self) -> u64 {
         let status =

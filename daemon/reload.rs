@@ -1,0 +1,197 @@
+//! Applying configuration changes without a restart, on SIGHUP and when
+//! files change (inotify on hosts.d and on the config file's folder).
+//!
+//! A reload reads config.toml again (with the same flags on top), hosts.d
+//! and the credentials file. If anything is broken, each problem is logged
+//! with its file and line and nothing changes. Otherwise upstream routes,
+//! credentials, timeouts and back-off, tag TTL, cache limits and the
+//! default namespace apply at once; `listen` and `cache_dir` need a
+//! restart, and the log says so.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::server::App;
+use crate::systemd;
+
+/// Changes settle for this long before a reload, so an editor's write,
+/// rename and chmod make one reload.
+const SETTLE: Duration = Duration::from_millis(300);
+
+/// Reloads everything; returns a status line for systemd.
+pub fn apply(app: &App) -> String {
+    let current = app.settings();
+    let new = match current.reload() {
+        Ok(s) => s,
+        Err(errors) => {
+            for e in &errors.0 {
+                tracing::error!(error = %e, "configuration reload failed; keeping the last good configuration");
+            }
+            return format!(
+                "reload failed ({} errors); last good configuration in force",
+                errors.0.len()
+            );
+        }
+    };
+    let upstream = &app.mirror.upstream;
+    if let Err(errors) = upstream.reload(&new.hosts_dir, new.auth_file.as_deref(), &new.upstream) {
+        for e in &errors {
+            tracing::error!(error = %e, "reload failed; keeping the last good configuration");
+        }
+        return format!(
+            "reload failed ({} errors); last good configuration in force",
+            errors.len()
+        );
+    }
+    if new.listen != current.listen {
+        tracing::warn!(old = %current.listen, new = %new.listen, "listen changed: restart to apply");
+    }
+    if new.cache_dir != current.cache_dir {
+        tracing::warn!(old = %current.cache_dir.display(), new = %new.cache_dir.display(), "cache_dir changed: restart to apply");
+    }
+    if new.hosts_dir != current.hosts_dir {
+        tracing::info!(dir = %new.hosts_dir.display(), "hosts_dir changed: read now; restart to watch it for changes");
+    }
+    app.mirror.set_tag_ttl(new.cache.tag_ttl);
+    let status = format!("reloaded {}", new.hosts_dir.display());
+    app.set_settings(new);
+    tracing::info!("configuration reloaded");
+    status
+}
+
+/// Background reloading: a SIGHUP listener and a file watcher.
+pub struct Reloader {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+impl Reloader {
+    pub fn stop(self) {
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn reload_now(app: &App) {
+    systemd::reloading();
+    let status = apply(app);
+    systemd::ready(&status);
+}
+
+pub fn spawn(app: Arc<App>) -> Reloader {
+    let mut tasks = Vec::new();
+    let hup_app = app.clone();
+    tasks.push(tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            reload_now(&hup_app);
+        }
+    }));
+    let settings = app.settings();
+    let mut targets = vec![Target {
+        dir: settings.hosts_dir.clone(),
+        only: None,
+    }];
+    // The config file's folder may hold anything (logs, even): react to
+    // the config file and the credentials file only.
+    if let Some(file) = settings.config_file() {
+        let dir = file.parent().map(PathBuf::from).unwrap_or_default();
+        let mut only: Vec<PathBuf> = vec![file.clone()];
+        only.extend(
+            settings
+                .auth_file
+                .iter()
+                .filter(|a| a.parent() == Some(&dir))
+                .cloned(),
+        );
+        targets.push(Target {
+            dir,
+            only: Some(only),
+        });
+    }
+    let watcher = watch(targets).map(|(watcher, mut rx)| {
+        tasks.push(tokio::spawn(async move {
+            while rx.recv().await.is_some() {
+                loop {
+                    match tokio::time::timeout(SETTLE, rx.recv()).await {
+                        Ok(Some(())) => continue,
+                        Ok(None) => return,
+                        Err(_) => break,
+                    }
+                }
+                reload_now(&app);
+            }
+        }));
+        watcher
+    });
+    Reloader {
+        tasks,
+        _watcher: watcher,
+    }
+}
+
+/// A folder to watch: everything under it, or `only` these files in it.
+struct Target {
+    dir: PathBuf,
+    only: Option<Vec<PathBuf>>,
+}
+
+/// Watches the targets; each relevant change sends a unit.
+fn watch(
+    targets: Vec<Target>,
+) -> Option<(
+    notify::RecommendedWatcher,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+)> {
+    use notify::{EventKind, RecursiveMode, Watcher};
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let recursive: Vec<PathBuf> = targets
+        .iter()
+        .filter(|t| t.only.is_none())
+        .map(|t| t.dir.clone())
+        .collect();
+    let files: Vec<PathBuf> = targets
+        .iter()
+        .flat_map(|t| t.only.clone().unwrap_or_default())
+        .collect();
+    let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        let Ok(ev) = res else { return };
+        if matches!(ev.kind, EventKind::Access(_)) {
+            return;
+        }
+        let relevant = ev
+            .paths
+            .iter()
+            .any(|p| recursive.iter().any(|d| p.starts_with(d)) || files.iter().any(|f| p == f));
+        if relevant {
+            let _ = tx.send(());
+        }
+    });
+    let mut watcher = match watcher {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch for configuration changes; reload with SIGHUP");
+            return None;
+        }
+    };
+    let mut watching = 0;
+    for t in targets {
+        let mode = if t.only.is_none() {
+            RecursiveMode::Recursive
+        } else {
+            RecursiveMode::NonRecursive
+        };
+        match watcher.watch(&t.dir, mode) {
+            Ok(()) => watching += 1,
+            Err(e) => {
+                tracing::info!(dir = %t.dir.display(), error = %e, "not watching for changes; reload with SIGHUP")
+            }
+        }
+    }
+    (watching > 0).then_some((watcher, rx))
+}
