@@ -17,7 +17,7 @@ use crate::proxy::hosts_toml;
 use crate::support::fake::{Behaviour, Fake};
 use crate::support::image::Image;
 use crate::support::real::Binary;
-use crate::support::{blob_path, get, request, temp_files, test_cache, wait_for, Daemon};
+use crate::support::{blob_path, get, request, temp_files, test_cache, wait_until, Daemon};
 
 /// A blob of `count` chunks of `size` bytes, seeded; its digest.
 fn generated(size: usize, count: usize, seed: u8) -> (Bytes, String) {
@@ -80,13 +80,10 @@ async fn stream(
 /// Clients finish once the digest is verified; the fsync and rename into
 /// the store follow.
 async fn wait_for_file(path: &std::path::Path) {
-    wait_for(
+    wait_until(
         "the blob to be committed to the store",
         Duration::from_secs(20),
-        || {
-            let there = path.exists();
-            async move { there }
-        },
+        || path.exists(),
     )
     .await;
 }
@@ -188,13 +185,10 @@ async fn a_client_hanging_up_does_not_cancel_the_fetch() {
     let (_, r) = stream(&url, None, Some(300 << 10)).await;
     assert!(r.is_err());
     let path = d.blob_path(&digest);
-    wait_for(
+    wait_until(
         "the abandoned fetch to complete",
         Duration::from_secs(20),
-        || {
-            let done = path.exists();
-            async move { done }
-        },
+        || path.exists(),
     )
     .await;
     let (_, r) = stream(&url, None, None).await;
@@ -480,16 +474,15 @@ async fn kill_9_mid_download_leaves_nothing_servable() {
         let url = url.clone();
         tokio::spawn(async move { stream(&url, None, None).await })
     };
-    wait_for("a partial download", Duration::from_secs(10), || {
-        let partial = std::fs::read_dir(cache.path().join("tmp"))
+    let partial = || {
+        std::fs::read_dir(cache.path().join("tmp"))
             .map(|d| {
                 d.filter_map(|e| e.ok())
                     .any(|e| e.metadata().is_ok_and(|m| m.len() > 0))
             })
-            .unwrap_or(false);
-        async move { partial }
-    })
-    .await;
+            .unwrap_or(false)
+    };
+    wait_until("a partial download", Duration::from_secs(10), partial).await;
     bin.proc.child.kill().unwrap(); // SIGKILL
     bin.proc.child.wait().unwrap();
     assert!(

@@ -21,6 +21,22 @@ fn nodemirror(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+fn check_config(
+    config: &std::path::Path,
+    hosts: &std::path::Path,
+    cache: &std::path::Path,
+) -> std::process::Output {
+    nodemirror(&[
+        "check-config",
+        "--config",
+        config.to_str().unwrap(),
+        "--hosts-dir",
+        hosts.to_str().unwrap(),
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ])
+}
+
 #[test]
 fn bad_config_exits_64_naming_file_and_line() {
     let dir = tempfile::tempdir().unwrap();
@@ -48,15 +64,7 @@ fn broken_hosts_toml_exits_64_naming_file_and_line() {
         "server = \"https://x\"\n[host.\"http://m\"\ncapabilities = 1\n",
     )
     .unwrap();
-    let out = nodemirror(&[
-        "check-config",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--hosts-dir",
-        hosts.to_str().unwrap(),
-        "--cache-dir",
-        dir.path().join("c").to_str().unwrap(),
-    ]);
+    let out = check_config(&cfg, &hosts, &dir.path().join("c"));
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -69,15 +77,7 @@ fn broken_hosts_toml_exits_64_naming_file_and_line() {
         "server = \"https://x\"\n\n[host.\"http://m\"]\ncapabilities = [\"pul\"]\n",
     )
     .unwrap();
-    let out = nodemirror(&[
-        "check-config",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--hosts-dir",
-        hosts.to_str().unwrap(),
-        "--cache-dir",
-        dir.path().join("c").to_str().unwrap(),
-    ]);
+    let out = check_config(&cfg, &hosts, &dir.path().join("c"));
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -215,15 +215,7 @@ async fn sighup_reloads_hosts_and_keeps_the_last_good_config() {
     .unwrap();
     hup();
     let expected = format!("{}:2", file.display());
-    crate::support::wait_for(
-        "the broken file to be reported",
-        Duration::from_secs(10),
-        || {
-            let found = bin.proc.log_text().contains(&expected);
-            async move { found }
-        },
-    )
-    .await;
+    bin.proc.wait_for_log(&expected).await;
     assert_eq!(
         crate::support::get(&url).await.status,
         StatusCode::OK,
@@ -238,15 +230,7 @@ fn shipped_hosts_d_is_valid() {
     std::fs::write(&cfg, "").unwrap();
     let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/hosts.d");
     let cache = dir.path().join("cache");
-    let out = nodemirror(&[
-        "check-config",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--hosts-dir",
-        shipped,
-        "--cache-dir",
-        cache.to_str().unwrap(),
-    ]);
+    let out = check_config(&cfg, std::path::Path::new(shipped), &cache);
     assert!(
         out.status.success(),
         "{}",
@@ -325,8 +309,15 @@ async fn prefetch_then_cache_stats_gc_and_verify() {
     );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("2 manifests, 2 blobs"), "{text}");
+    // Clients finish once digests are verified; the commits follow.
     for blob in arm.blobs() {
-        assert!(d.blob_path(&crate::support::sha256(blob)).exists());
+        let path = d.blob_path(&crate::support::sha256(blob));
+        crate::support::wait_until(
+            "the prefetched blob in the cache",
+            Duration::from_secs(10),
+            || path.exists(),
+        )
+        .await;
     }
     for blob in amd.layers.iter() {
         assert!(

@@ -14,7 +14,7 @@ use nix::unistd::Pid;
 use crate::support::fake::{Behaviour, Fake};
 use crate::support::image::Image;
 use crate::support::real::{require, Binary};
-use crate::support::{answers_ok, free_port, get, wait_for, write_hosts};
+use crate::support::{answers_ok, free_port, get, wait_for, wait_until, write_hosts};
 
 /// Collects notify messages until one contains `want` or time runs out.
 fn expect(sock: &UnixDatagram, want: &str, seen: &mut Vec<String>) {
@@ -145,15 +145,7 @@ async fn hosts_d_edits_apply_without_a_signal() {
     )
     .unwrap();
     let expected = format!("{}:4: unknown key `bogus`", file.display());
-    wait_for(
-        "the broken file to be reported",
-        Duration::from_secs(10),
-        || {
-            let found = bin.proc.log_text().contains(&expected);
-            async move { found }
-        },
-    )
-    .await;
+    bin.proc.wait_for_log(&expected).await;
     assert_eq!(
         get(&url).await.status,
         StatusCode::OK,
@@ -644,15 +636,7 @@ async fn config_toml_edits_apply_without_a_restart() {
     )
     .unwrap();
     let expected = format!("{}:4: unknown key `tag_tll`", config.display());
-    wait_for(
-        "the broken edit to be reported",
-        Duration::from_secs(10),
-        || {
-            let found = bin.proc.log_text().contains(&expected);
-            async move { found }
-        },
-    )
-    .await;
+    bin.proc.wait_for_log(&expected).await;
     assert_eq!(
         get(&url).await.header("docker-content-digest"),
         img_b.digest,
@@ -667,9 +651,8 @@ async fn config_toml_edits_apply_without_a_restart() {
         "default_namespace = \"b.test\"\nlisten = \"127.0.0.1:1\"\n",
     )
     .unwrap();
-    wait_for("the next reload", Duration::from_secs(10), || {
-        let done = reloads(bin.proc.log_text()) > before;
-        async move { done }
+    wait_until("the next reload", Duration::from_secs(10), || {
+        reloads(bin.proc.log_text()) > before
     })
     .await;
     assert!(

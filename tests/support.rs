@@ -146,6 +146,15 @@ pub fn temp_files(cache: &Path) -> usize {
     std::fs::read_dir(cache.join("tmp")).map_or(0, |d| d.count())
 }
 
+/// Polls a plain condition until it holds or `limit` passes.
+pub async fn wait_until(what: &str, limit: Duration, check: impl Fn() -> bool) {
+    wait_for(what, limit, || {
+        let ok = check();
+        async move { ok }
+    })
+    .await;
+}
+
 /// A loopback port that was free a moment ago, for external processes.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -65,6 +65,15 @@ impl Process {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Waits (10 s at most) until the log contains `needle`.
+    pub async fn wait_for_log(&self, needle: &str) {
+        let what = format!("{needle:?} in the log");
+        super::wait_until(&what, Duration::from_secs(10), || {
+            self.log_text().contains(needle)
+        })
+        .await;
+    }
 }
 
 impl Drop for Process {
