@@ -73,23 +73,21 @@ enum Command {
 enum ContainerdAction {
     /// Write <certs-dir>/_default/hosts.toml (or per registry) with the mirror first, and set config_path.
     Install {
-        /// containerd's hosts folder [default: config_path from --containerd-config, else /etc/containerd/certs.d]
+        /// containerd's hosts folder [default: config_path from --config, else /etc/containerd/certs.d]
         #[arg(long)]
         certs_dir: Option<PathBuf>,
         /// containerd's config.toml
-        #[arg(long, default_value = "/etc/containerd/config.toml")]
+        #[arg(long = "config", default_value = "/etc/containerd/config.toml")]
         containerd_config: PathBuf,
         /// Only these registries (repeatable), instead of _default (all of them).
         #[arg(long = "registry")]
         registries: Vec<String>,
-        /// Mirror URL [default: http://<listen address from the configuration>]
+        /// Mirror URL [default: http://<listen address from nodemirror's config ($NODEMIRROR_CONFIG or /etc/nodemirror/config.toml)>]
         #[arg(long)]
         mirror: Option<String>,
         /// Where the originals are kept for uninstall.
         #[arg(long, default_value = "/var/lib/nodemirror")]
         state_dir: PathBuf,
-        #[command(flatten)]
-        args: ServeArgs,
     },
     /// Restore what install changed.
     Uninstall {
@@ -341,9 +339,12 @@ fn containerd_command(action: ContainerdAction) -> ExitCode {
             registries,
             mirror,
             state_dir,
-            args,
         } => {
-            let mirror = match mirror_url(mirror, &args) {
+            let own = ServeArgs {
+                config: std::env::var_os("NODEMIRROR_CONFIG").map(PathBuf::from),
+                ..ServeArgs::default()
+            };
+            let mirror = match mirror_url(mirror, &own) {
                 Ok(m) => m,
                 Err(code) => return code,
             };
