@@ -419,6 +419,35 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Whatever a client sends, parsing returns, never panics, and what
+        /// parses prints back as itself (modulo namespace case).
+        #[test]
+        fn parsers_are_total_and_round_trip(s in "\\PC{0,300}") {
+            if let Ok(d) = s.parse::<Digest>() { proptest::prop_assert_eq!(d.to_string(), s.clone()); }
+            if let Ok(r) = s.parse::<Repository>() { proptest::prop_assert_eq!(r.to_string(), s.clone()); }
+            if let Ok(r) = s.parse::<Reference>() { proptest::prop_assert_eq!(r.to_string(), s.clone()); }
+            if let Ok(n) = s.parse::<Namespace>() { proptest::prop_assert_eq!(n.to_string(), s.to_ascii_lowercase()); }
+            let _ = s.parse::<ImageRef>();
+        }
+
+        /// Near-valid names: separators and case mixed in.
+        #[test]
+        fn names_never_escape_their_path(s in "[a-z0-9._/-]{1,80}") {
+            if let Ok(r) = s.parse::<Repository>() {
+                let name = r.to_string();
+                proptest::prop_assert!(!name.split('/').any(|c| c == ".." || c == "." || c.is_empty()));
+                proptest::prop_assert!(!name.starts_with('/'));
+            }
+        }
+
+        #[test]
+        fn generated_digests_parse(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let d = Digest::of(&bytes);
+            proptest::prop_assert_eq!(d.to_string().parse::<Digest>().unwrap(), d);
+        }
+    }
+
     #[test]
     fn default_servers() {
         let ns = |s: &str| s.parse::<Namespace>().unwrap().default_server();

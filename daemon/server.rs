@@ -273,7 +273,7 @@ async fn log_request(
                 .headers()
                 .get(CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok())
-                .unwrap_or("-"),
+                .and_then(|v| v.parse::<u64>().ok()),
             ms = start.elapsed().as_millis() as u64,
             "served"
         );
@@ -320,6 +320,24 @@ mod tests {
         assert_eq!(code("/v2/a/tags/list"), "UNSUPPORTED");
         assert_eq!(code("/other"), "UNSUPPORTED");
         assert_eq!(code("/v2/../etc/manifests/x"), "NAME_INVALID");
+    }
+
+    proptest::proptest! {
+        /// Any path and query a client sends is routed or refused; no panic.
+        #[test]
+        fn routing_is_total(path in "/v2/\\PC{0,200}", query in "\\PC{0,100}") {
+            let _ = route(&path);
+            let _ = namespace_param(Some(&query));
+        }
+
+        /// Paths built from the URL alphabet, with the route markers mixed in.
+        #[test]
+        fn near_valid_paths(parts in proptest::collection::vec("(manifests|blobs|uploads|sha256:[0-9a-f]{0,64}|[a-z0-9._-]{0,12}|\\.\\.)", 0..8)) {
+            let path = format!("/v2/{}", parts.join("/"));
+            if let Ok(Route::Manifest(name, _) | Route::Blob(name, _)) = route(&path) {
+                proptest::prop_assert!(!name.as_str().split('/').any(|c| c == ".."));
+            }
+        }
     }
 
     #[test]

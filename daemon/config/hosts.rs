@@ -507,6 +507,38 @@ server = "https://registry-1.docker.io"
         );
     }
 
+    proptest::proptest! {
+        /// Any text, TOML or not, gives hosts or errors with a line number
+        /// inside the file; never a panic.
+        #[test]
+        fn arbitrary_files_never_panic(text in "\\PC{0,400}") {
+            let lines = text.lines().count().max(1);
+            match Source::parse(Path::new("h.toml"), text.clone()) {
+                Err(e) => proptest::prop_assert!(e.line <= lines + 1),
+                Ok(src) => {
+                    if let Err(errors) = parse_source(&src) {
+                        for e in errors {
+                            proptest::prop_assert!(e.line <= lines + 1);
+                        }
+                    }
+                }
+            }
+        }
+
+        /// Structured near-miss files: known and unknown keys, odd values.
+        #[test]
+        fn near_miss_files_never_panic(
+            url in "(https?://)?[a-z0-9.:-]{0,20}(/[a-z0-9]{0,5}){0,2}",
+            key in "(capabilities|ca|client|skip_verify|override_path|header|dial_timeout|[a-z_]{1,12})",
+            value in "(true|false|1|\"[a-z]{0,6}\"|\\[\"pull\", \"resolve\"\\]|\\[\\[\"a\", \"b\"\\]\\]|\\{ x = \"y\" \\})",
+        ) {
+            let text = format!("server = \"{url}\"\n[host.\"{url}\"]\n{key} = {value}\n");
+            if let Ok(src) = Source::parse(Path::new("h.toml"), text) {
+                let _ = parse_source(&src);
+            }
+        }
+    }
+
     #[test]
     fn bad_urls_and_capabilities() {
         let e = parse("server = \"ftp://x\"\n").unwrap_err();
