@@ -150,7 +150,7 @@ impl App {
         let resp = match self.dispatch(&req).await {
             Ok(resp) => resp,
             Err(e) => {
-                if e.status().is_server_error() {
+                if e.status().is_server_error() || matches!(e, ServeError::Loop) {
                     tracing::warn!(error = %e, "request failed");
                 } else {
                     tracing::debug!(error = %e, "request refused");
@@ -176,6 +176,13 @@ impl App {
         req: &Request<Incoming>,
     ) -> Result<Response<ResponseBody>, ServeError> {
         let route = route(req.uri().path())?;
+        let own = crate::upstream::via();
+        if req.headers().get_all(http::header::VIA).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|hop| hop.trim() == own))
+        }) {
+            return Err(ServeError::Loop);
+        }
         let method = req.method();
         if method != Method::GET && method != Method::HEAD {
             return Err(ServeError::MethodNotAllowed(method.clone()));

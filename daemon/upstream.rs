@@ -31,6 +31,20 @@ use health::Health;
 
 pub const USER_AGENT: &str = concat!("nodemirror/", env!("CARGO_PKG_VERSION"));
 
+/// `Via` value naming this process: a request that comes back carrying it
+/// went round a loop (hosts.d pointing at this very daemon).
+pub fn via() -> &'static str {
+    static VIA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VIA.get_or_init(|| {
+        // Unique enough per process and start: pid and start time.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        format!("1.1 nodemirror-{:x}-{:x}", std::process::id(), nanos)
+    })
+}
+
 /// Redirect hops followed before giving up on an endpoint.
 const MAX_REDIRECTS: usize = 5;
 
@@ -582,7 +596,8 @@ impl Upstream {
         let mut builder = Request::builder()
             .method(method.clone())
             .uri(url.as_str())
-            .header(USER_AGENT_HEADER, USER_AGENT);
+            .header(USER_AGENT_HEADER, USER_AGENT)
+            .header(http::header::VIA, via());
         let same_host = url.host_str() == ep.base.host_str() && url.port() == ep.base.port();
         if same_host {
             for (name, value) in &ep.headers {

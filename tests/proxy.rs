@@ -538,3 +538,49 @@ async fn configured_headers_are_sent_to_their_endpoint() {
         .is_some_and(|v| v == "abc"));
     d.stop().await;
 }
+
+/// hosts.d pointing a namespace back at the daemon itself is cut at once
+/// (the daemon recognises its own Via), and the next endpoint serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hosts_d_loop_back_to_this_daemon_is_cut_at_once() {
+    let up = Fake::start(Behaviour::default()).await;
+    let img = small_image();
+    up.push_image("app", "v1", &img);
+    let hosts = tempfile::tempdir().unwrap();
+    let bin = crate::support::real::Binary::start(hosts.path(), &[]).await;
+    let own = format!("http://127.0.0.1:{}", bin.port);
+    // The first endpoint is this very daemon; the server is real.
+    crate::support::write_hosts(
+        hosts.path(),
+        &[(
+            "reg.test",
+            format!("server = \"{}\"\n[host.\"{own}\"]\n", up.url()),
+        )],
+    );
+    let url = format!("{own}/v2/app/manifests/v1?ns=reg.test");
+    crate::support::wait_until(
+        "the looping hosts.toml to apply",
+        std::time::Duration::from_secs(10),
+        || bin.proc.log_text().contains("configuration reloaded"),
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let r = get(&url).await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "the loop is skipped and the server answers"
+    );
+    assert_eq!(r.header("docker-content-digest"), img.digest);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "no recursion until timeouts"
+    );
+    let log = bin.proc.log_text();
+    assert!(log.contains("request loop"), "{log}");
+    let served = log
+        .lines()
+        .filter(|l| l.contains("path=/v2/app/manifests/v1") && l.contains(" served "))
+        .count();
+    assert_eq!(served, 2, "one outer request, one looped request: {log}");
+}

@@ -28,6 +28,12 @@ pub enum ServeError {
         what: &'static str,
         source: Arc<Exhausted>,
     },
+    /// The request came from this daemon itself: hosts.d routes a
+    /// namespace back here.
+    #[error(
+        "request loop: this request came from this nodemirror; a hosts.d entry points back at it"
+    )]
+    Loop,
     /// A fetch failed before anything was sent to this client.
     #[error("{0}")]
     Unavailable(String),
@@ -42,6 +48,8 @@ impl ServeError {
             ServeError::Invalid(_) => StatusCode::BAD_REQUEST,
             ServeError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ServeError::UnknownRoute(_) => StatusCode::NOT_FOUND,
+            // A quick 404 ends the loop at once and lets the caller move on.
+            ServeError::Loop => StatusCode::NOT_FOUND,
             // A quick 404 lets containerd go on to its next host; 503 says
             // the upstreams are unreachable rather than the content absent.
             ServeError::Upstream { source, .. } if source.all_not_found() => StatusCode::NOT_FOUND,
@@ -59,6 +67,7 @@ impl ServeError {
             ServeError::Invalid(ParseError::Digest(_)) => "DIGEST_INVALID",
             ServeError::Invalid(ParseError::Tag(_)) => "TAG_INVALID",
             ServeError::MethodNotAllowed(_) | ServeError::UnknownRoute(_) => "UNSUPPORTED",
+            ServeError::Loop => "NAME_UNKNOWN",
             ServeError::Upstream { source, what } if source.all_not_found() => match *what {
                 "manifest" => "MANIFEST_UNKNOWN",
                 _ => "BLOB_UNKNOWN",
