@@ -142,12 +142,13 @@ impl App {
             _ => {}
         }
         let head = req.method() == Method::HEAD;
-        let kind = match route(req.uri().path()) {
+        let route = route(req.uri().path());
+        let kind = match &route {
             Ok(Route::Manifest(..)) => "manifest",
             Ok(Route::Blob(..)) => "blob",
             _ => "other",
         };
-        let resp = match self.dispatch(&req).await {
+        let resp = match self.dispatch(route, &req).await {
             Ok(resp) => resp,
             Err(e) => {
                 if e.status().is_server_error() || matches!(e, ServeError::Loop) {
@@ -173,9 +174,10 @@ impl App {
 
     async fn dispatch(
         &self,
+        route: Result<Route, ServeError>,
         req: &Request<Incoming>,
     ) -> Result<Response<ResponseBody>, ServeError> {
-        let route = route(req.uri().path())?;
+        let route = route?;
         let own = crate::upstream::via();
         if req.headers().get_all(http::header::VIA).iter().any(|v| {
             v.to_str()

@@ -1,0 +1,190 @@
+//! Endpoint chains by namespace: mirrors from hosts.d in file order, then
+//! the server; `_default` for namespaces without a folder, and the
+//! implicit `https://<namespace>` (docker.io → registry-1.docker.io).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue};
+use url::Url;
+
+use super::client::{ClientPool, HttpClient};
+use super::UpstreamRequest;
+use crate::config::hosts::{self, Capabilities, HostSettings, HostsDir};
+use crate::config::ConfigError;
+use crate::reference::Namespace;
+
+/// One place a namespace's content can be fetched from.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// API base, e.g. `https://registry-1.docker.io/v2`.
+    pub base: Url,
+    /// Mirrors get `?ns=<namespace>`; the server does not.
+    pub mirror: bool,
+    pub capabilities: Capabilities,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub client: HttpClient,
+    /// Where it was configured (`file:line`, or `implicit`).
+    pub origin: String,
+}
+
+impl Endpoint {
+    /// Identifies the endpoint in logs, health state and the auth cache.
+    pub fn key(&self) -> &str {
+        self.base.as_str()
+    }
+
+    pub(super) fn url_for(&self, req: &UpstreamRequest) -> Url {
+        let mut url = self.base.clone();
+        let path = format!(
+            "{}/{}/{}",
+            url.path().trim_end_matches('/'),
+            req.repository,
+            req.tail
+        );
+        url.set_path(&path);
+        if self.mirror {
+            url.query_pairs_mut()
+                .append_pair("ns", req.namespace.as_str());
+        }
+        url
+    }
+}
+
+/// Endpoint chains by namespace, built from one hosts.d snapshot.
+pub struct Routes {
+    namespaces: HashMap<Namespace, Vec<Arc<Endpoint>>>,
+    /// `_default` mirrors, for namespaces without a folder.
+    default_mirrors: Vec<Arc<Endpoint>>,
+    /// `_default`'s `server`, if it names one.
+    default_server: Option<Url>,
+    /// Client for servers of namespaces without a folder.
+    default_client: HttpClient,
+    default_capabilities: Capabilities,
+}
+
+impl Routes {
+    pub fn build(
+        dir: &HostsDir,
+        pool: &mut ClientPool,
+        connect_timeout: Duration,
+    ) -> Result<Routes, Vec<ConfigError>> {
+        let mut errors = Vec::new();
+        let mut namespaces = HashMap::new();
+        for (ns, file) in &dir.namespaces {
+            let mut chain = endpoints(file, pool, connect_timeout, &mut errors);
+            let server = file.server.clone().unwrap_or_else(|| implicit_server(ns));
+            if let Some(ep) = endpoint(
+                server,
+                false,
+                &file.server_settings,
+                file.server_origin.clone(),
+                (pool, connect_timeout),
+                &mut errors,
+            ) {
+                chain.push(ep);
+            }
+            namespaces.insert(ns.clone(), chain);
+        }
+        let empty = hosts::HostsFile::default();
+        let default = dir.default.as_ref().unwrap_or(&empty);
+        let default_mirrors = endpoints(default, pool, connect_timeout, &mut errors);
+        let default_client = pool
+            .client(&default.server_settings, connect_timeout)
+            .map_err(|e| vec![config_error(&default.server_origin, e)])?;
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Routes {
+            namespaces,
+            default_mirrors,
+            default_server: default.server.clone(),
+            default_client,
+            default_capabilities: default
+                .server_settings
+                .capabilities
+                .unwrap_or(Capabilities::ALL),
+        })
+    }
+
+    /// The endpoints for `ns`, in the order to try them.
+    pub fn chain(&self, ns: &Namespace) -> Vec<Arc<Endpoint>> {
+        if let Some(chain) = self.namespaces.get(ns) {
+            return chain.clone();
+        }
+        let mut chain = self.default_mirrors.clone();
+        chain.push(Arc::new(Endpoint {
+            base: self
+                .default_server
+                .clone()
+                .unwrap_or_else(|| implicit_server(ns)),
+            mirror: false,
+            capabilities: self.default_capabilities,
+            headers: Vec::new(),
+            client: self.default_client.clone(),
+            origin: "implicit".into(),
+        }));
+        chain
+    }
+}
+
+fn implicit_server(ns: &Namespace) -> Url {
+    // default_server() is "https://" + a validated host[:port].
+    let raw = format!("{}/v2", ns.default_server());
+    Url::parse(&raw).unwrap_or_else(|_| unreachable!("validated namespace makes a valid URL"))
+}
+
+fn config_error(origin: &str, message: String) -> ConfigError {
+    let (path, line) = origin.rsplit_once(':').unwrap_or((origin, "0"));
+    ConfigError {
+        path: path.into(),
+        line: line.parse().unwrap_or(0),
+        message,
+    }
+}
+
+fn endpoints(
+    file: &hosts::HostsFile,
+    pool: &mut ClientPool,
+    connect_timeout: Duration,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<Arc<Endpoint>> {
+    file.mirrors
+        .iter()
+        .filter_map(|m| {
+            endpoint(
+                m.base.clone(),
+                true,
+                &m.settings,
+                m.origin.clone(),
+                (&mut *pool, connect_timeout),
+                errors,
+            )
+        })
+        .collect()
+}
+
+fn endpoint(
+    base: Url,
+    mirror: bool,
+    settings: &HostSettings,
+    origin: String,
+    (pool, connect_timeout): (&mut ClientPool, Duration),
+    errors: &mut Vec<ConfigError>,
+) -> Option<Arc<Endpoint>> {
+    match pool.client(settings, connect_timeout) {
+        Ok(client) => Some(Arc::new(Endpoint {
+            base,
+            mirror,
+            capabilities: settings.capabilities.unwrap_or(Capabilities::ALL),
+            headers: settings.headers.clone(),
+            client,
+            origin,
+        })),
+        Err(e) => {
+            errors.push(config_error(&origin, e));
+            None
+        }
+    }
+}
