@@ -85,8 +85,10 @@ pub struct Metrics {
     /// By kind and result: hit, miss, coalesced (joined a fetch under way),
     /// stale (served while every upstream failed).
     pub cache: Family,
-    /// Body bytes sent to clients, by source (cache, upstream).
-    pub bytes_served: Family,
+    /// Body bytes sent to clients from the cache, and straight from an
+    /// upstream (the request that started a fetch). Atomics: bumped per frame.
+    pub served_from_cache: AtomicU64,
+    pub served_from_upstream: AtomicU64,
     /// Failed attempts, by endpoint and reason.
     pub upstream_errors: Family,
     /// Moves to the next endpoint after a failure, by the endpoint left.
@@ -109,10 +111,8 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
         "nodemirror_cache_requests_total",
         "Cache lookups by kind and result (hit, miss, coalesced, stale).",
     ),
-    bytes_served: Family::new(
-        "nodemirror_served_bytes_total",
-        "Body bytes sent to clients by source.",
-    ),
+    served_from_cache: AtomicU64::new(0),
+    served_from_upstream: AtomicU64::new(0),
     upstream_errors: Family::new(
         "nodemirror_upstream_errors_total",
         "Failed upstream attempts by endpoint and reason.",
@@ -140,7 +140,6 @@ impl Metrics {
         for f in [
             &self.requests,
             &self.cache,
-            &self.bytes_served,
             &self.upstream_errors,
             &self.fallbacks,
             &self.upstream_bytes,
@@ -148,6 +147,15 @@ impl Metrics {
         ] {
             f.render(&mut out);
         }
+        let _ = writeln!(
+            out,
+            "# HELP nodemirror_served_bytes_total Body bytes sent to clients by source.\n\
+             # TYPE nodemirror_served_bytes_total counter\n\
+             nodemirror_served_bytes_total{{source=\"cache\"}} {}\n\
+             nodemirror_served_bytes_total{{source=\"upstream\"}} {}",
+            self.served_from_cache.load(Ordering::Relaxed),
+            self.served_from_upstream.load(Ordering::Relaxed),
+        );
         for (name, help, v) in [
             (
                 "nodemirror_cache_size_bytes",

@@ -43,8 +43,8 @@ impl Body for FileBody {
         match self.rx.poll_recv(cx) {
             Poll::Ready(Some(Ok(b))) => {
                 METRICS
-                    .bytes_served
-                    .add(&[("source", "cache")], b.len() as u64);
+                    .served_from_cache
+                    .fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 if let Some(r) = self.remaining.as_mut() {
                     *r = r.saturating_sub(b.len() as u64);
                 }
@@ -136,8 +136,8 @@ impl Body for TeeBody {
                     Poll::Ready(Some(b)) => {
                         this.received += b.len() as u64;
                         METRICS
-                            .bytes_served
-                            .add(&[("source", "upstream")], b.len() as u64);
+                            .served_from_upstream
+                            .fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
                         if this.received < this.total {
                             return Poll::Ready(Some(Ok(Frame::data(b))));
                         }
@@ -166,8 +166,8 @@ impl Body for TeeBody {
                         let last = last.take();
                         if let Some(b) = &last {
                             METRICS
-                                .bytes_served
-                                .add(&[("source", "upstream")], b.len() as u64);
+                                .served_from_upstream
+                                .fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
                         }
                         this.state = Tee::Finished;
                         this.held = None;
