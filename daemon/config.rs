@@ -210,10 +210,6 @@ impl Settings {
                         .map_err(|e| src.error(f.span.clone(), format!("{e}")))?
                 }
                 "upstream" => {
-                    let table = f
-                        .item
-                        .as_table_like()
-                        .ok_or_else(|| src.error(f.span.clone(), "`upstream` must be a table"))?;
                     let u = &mut self.upstream;
                     let keys = [
                         "connect_timeout",
@@ -222,8 +218,7 @@ impl Settings {
                         "backoff",
                         "backoff_max",
                     ];
-                    let mut inner = Vec::new();
-                    visit_table(src, table, &keys, &mut inner, |f| {
+                    f.section(&keys, |f| {
                         let d = f.duration()?;
                         match f.key {
                             "connect_timeout" => u.connect_timeout = d,
@@ -233,20 +228,12 @@ impl Settings {
                             _ => u.backoff_max = d,
                         }
                         Ok(())
-                    });
-                    if let Some(e) = inner.into_iter().next() {
-                        return Err(e);
-                    }
+                    })?;
                 }
                 "cache" => {
-                    let table = f
-                        .item
-                        .as_table_like()
-                        .ok_or_else(|| src.error(f.span.clone(), "`cache` must be a table"))?;
                     let c = &mut self.cache;
                     let keys = ["max_size", "min_free", "tag_ttl", "gc_interval"];
-                    let mut inner = Vec::new();
-                    visit_table(src, table, &keys, &mut inner, |f| {
+                    f.section(&keys, |f| {
                         match f.key {
                             "max_size" => c.max_size = Some(f.size()?),
                             "min_free" => c.min_free = min_free(&f)?,
@@ -254,10 +241,7 @@ impl Settings {
                             _ => c.gc_interval = f.duration()?,
                         }
                         Ok(())
-                    });
-                    if let Some(e) = inner.into_iter().next() {
-                        return Err(e);
-                    }
+                    })?;
                 }
                 _ => unreachable!("visit_table passes known keys only"),
             }
@@ -394,6 +378,24 @@ mod tests {
         assert_eq!(lines, [1, 2, 4], "{e}");
         assert!(
             e.to_string().contains("config.toml:2: unknown key `lisen`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn every_error_inside_a_section_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "[upstream]\nconnect_timeout = \"soon\"\nbackof = 1\nidle_timeout = -1\n[cache]\nmax_size = \"big\"\ntag_ttl = \"1m\"\ngc_intervall = 5\n",
+        );
+        let e = Settings::load(Some(&p), Overrides::default()).unwrap_err();
+        let lines: Vec<usize> = e.0.iter().map(|e| e.line).collect();
+        assert_eq!(lines, [2, 3, 4, 6, 8], "{e}");
+        let p = write(dir.path(), "upstream = 5\n");
+        let e = Settings::load(Some(&p), Overrides::default()).unwrap_err();
+        assert!(
+            e.to_string().contains(":1: `upstream` must be a table"),
             "{e}"
         );
     }

@@ -23,7 +23,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use toml_edit::TableLike;
 use url::Url;
 
-use super::source::{span_of, visit_table, ConfigError, Field, Source};
+use super::source::{span_of, visit_table, ConfigError, ConfigErrors, Field, Source};
 use crate::reference::Namespace;
 
 /// What an endpoint may be used for, as in containerd.
@@ -272,7 +272,7 @@ fn endpoint_url(f: &Field<'_>, raw: &str, override_path: bool) -> Result<Url, Co
 struct Settings(HostSettings, Vec<String>);
 
 impl Settings {
-    fn visit(&mut self, f: &Field<'_>, dir: &Path) -> Result<(), ConfigError> {
+    fn visit(&mut self, f: &Field<'_>, dir: &Path) -> Result<(), ConfigErrors> {
         let s = &mut self.0;
         match f.key {
             "capabilities" => {
@@ -286,10 +286,13 @@ impl Settings {
                         "resolve" => caps.resolve = true,
                         "push" => {}
                         other => {
-                            return Err(f.src.error(
-                                f.span.clone(),
-                                format!("unknown capability {other:?} (pull, resolve, push)"),
-                            ))
+                            return Err(f
+                                .src
+                                .error(
+                                    f.span.clone(),
+                                    format!("unknown capability {other:?} (pull, resolve, push)"),
+                                )
+                                .into())
                         }
                     }
                 }
@@ -330,8 +333,8 @@ impl Settings {
                 })?;
                 let mut errs = Vec::new();
                 visit_headers(f.src, table, &mut s.headers, &mut errs);
-                if let Some(e) = errs.into_iter().next() {
-                    return Err(e);
+                if !errs.is_empty() {
+                    return Err(ConfigErrors(errs));
                 }
             }
             _ => unreachable!("visit_table passes known keys only"),
@@ -537,6 +540,16 @@ server = "https://registry-1.docker.io"
                 let _ = parse_source(&src);
             }
         }
+    }
+
+    #[test]
+    fn every_bad_header_is_reported() {
+        let errs = parse(
+            "[host.\"http://a\"]\n  [host.\"http://a\".header]\n    \"bad name\" = \"x\"\n    ok = \"y\"\n    other = 5\n",
+        )
+        .unwrap_err();
+        let lines: Vec<usize> = errs.iter().map(|e| e.line).collect();
+        assert_eq!(lines, [3, 5], "{errs:?}");
     }
 
     #[test]

@@ -160,6 +160,26 @@ impl<'a> Field<'a> {
         parse_size(s).ok_or_else(|| self.wrong(want))
     }
 
+    /// Visits this value as a table of `known` keys (`[upstream]`, say),
+    /// returning every problem found in it.
+    pub fn section(
+        &self,
+        known: &[&str],
+        visit: impl FnMut(Field<'a>) -> Result<(), ConfigErrors>,
+    ) -> Result<(), ConfigErrors> {
+        let table = self.item.as_table_like().ok_or_else(|| {
+            self.src
+                .error(self.span.clone(), format!("`{}` must be a table", self.key))
+        })?;
+        let mut errors = Vec::new();
+        visit_table(self.src, table, known, &mut errors, visit);
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
     /// A duration: whole seconds as an integer, or a string such as
     /// `"500ms"`, `"5s"`, `"2m"`.
     pub fn duration(&self) -> Result<Duration, ConfigError> {
@@ -216,12 +236,13 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 
 /// Walks the keys of a table, handing each known key to `visit` and
 /// reporting unknown keys, so a typo never silently changes behaviour.
+/// Every problem `visit` returns is kept (a nested table may have several).
 pub fn visit_table<'a>(
     src: &'a Source,
     table: &'a dyn TableLike,
     known: &[&str],
     errors: &mut Vec<ConfigError>,
-    mut visit: impl FnMut(Field<'a>) -> Result<(), ConfigError>,
+    mut visit: impl FnMut(Field<'a>) -> Result<(), ConfigErrors>,
 ) {
     for (key, item) in table.iter() {
         let span = span_of(table, key);
@@ -241,7 +262,7 @@ pub fn visit_table<'a>(
             item,
             span,
         }) {
-            errors.push(e);
+            errors.extend(e.0);
         }
     }
 }
