@@ -17,10 +17,6 @@ pub fn ready(status: &str) {
     send(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
-pub fn status(status: &str) {
-    send(&[NotifyState::Status(status)]);
-}
-
 /// RELOADING=1 with the monotonic timestamp `Type=notify-reload` expects.
 pub fn reloading() {
     match NotifyState::monotonic_usec_now() {

@@ -60,7 +60,6 @@ impl Progress {
 
 /// One blob being fetched.
 pub struct Flight {
-    pub digest: Digest,
     pub progress: watch::Receiver<Progress>,
     /// The file being written, for readers (`pread` ignores its offset).
     pub file: File,
@@ -136,7 +135,6 @@ impl Flights {
             total: None,
         });
         let flight = Arc::new(Flight {
-            digest: digest.clone(),
             progress: rx,
             file: file.try_clone()?,
         });
