@@ -78,14 +78,15 @@ pub fn build(settings: &Settings) -> Result<Arc<App>, StartError> {
         path: settings.cache_dir.clone(),
         source,
     })?;
+    let live = Arc::new(config::Live::new(settings.clone()));
     Ok(Arc::new(App {
         mirror: Mirror {
             flights: Flights::new(store.clone(), upstream.clone()),
             upstream,
             store,
-            tag_ttl: std::sync::RwLock::new(settings.cache.tag_ttl),
+            settings: live.clone(),
         },
-        settings: std::sync::RwLock::new(Arc::new(settings.clone())),
+        settings: live,
         draining: std::sync::atomic::AtomicBool::new(false),
     }))
 }

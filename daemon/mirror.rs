@@ -43,8 +43,8 @@ pub struct Mirror {
     pub upstream: Arc<Upstream>,
     pub store: Arc<Store>,
     pub flights: Arc<Flights>,
-    /// How long a tag's digest is trusted (replaced by a reload).
-    pub tag_ttl: std::sync::RwLock<Duration>,
+    /// The configuration in force, shared with the server (for `tag_ttl`).
+    pub settings: Arc<crate::config::Live>,
 }
 
 /// A manifest as fetched or cached.
@@ -73,12 +73,9 @@ fn internal(e: impl std::fmt::Display) -> ServeError {
 }
 
 impl Mirror {
-    pub fn set_tag_ttl(&self, ttl: Duration) {
-        *self.tag_ttl.write().unwrap_or_else(|p| p.into_inner()) = ttl;
-    }
-
+    /// How long a tag's digest is trusted before a HEAD revalidates it.
     fn tag_ttl(&self) -> Duration {
-        *self.tag_ttl.read().unwrap_or_else(|p| p.into_inner())
+        self.settings.get().cache.tag_ttl
     }
 
     pub async fn manifest(

@@ -53,9 +53,8 @@ pub fn apply(app: &App) -> String {
     if new.hosts_dir != current.hosts_dir {
         tracing::info!(dir = %new.hosts_dir.display(), "hosts_dir changed: read now; restart to watch it for changes");
     }
-    app.mirror.set_tag_ttl(new.cache.tag_ttl);
     let status = format!("reloaded {}", new.hosts_dir.display());
-    app.set_settings(new);
+    app.settings.set(new);
     tracing::info!("configuration reloaded");
     status
 }

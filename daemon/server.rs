@@ -49,7 +49,7 @@ where
 pub struct App {
     pub mirror: Mirror,
     /// The configuration in force (replaced by a reload).
-    pub settings: std::sync::RwLock<Arc<crate::config::Settings>>,
+    pub settings: Arc<crate::config::Live>,
     /// Set once shutdown begins: /readyz answers 503.
     pub draining: std::sync::atomic::AtomicBool,
 }
@@ -110,14 +110,7 @@ fn plain(status: StatusCode, content_type: &'static str, body: String) -> Respon
 
 impl App {
     pub fn settings(&self) -> Arc<crate::config::Settings> {
-        self.settings
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    pub fn set_settings(&self, s: crate::config::Settings) {
-        *self.settings.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(s);
+        self.settings.get()
     }
 
     fn default_namespace(&self) -> Namespace {
