@@ -203,19 +203,13 @@ fn main() -> ExitCode {
         }) => return prefetch_command(&image, server, platform, all_platforms, &args),
         None => (false, cli.serve),
     };
-    let settings = match args.settings() {
+    let settings = match load_or_exit(&args) {
         Ok(s) => s,
-        Err(e) => {
-            eprintln!("nodemirror: invalid configuration:\n{e}");
-            return ExitCode::from(64);
-        }
+        Err(code) => return code,
     };
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match runtime() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("nodemirror: cannot start the async runtime: {e}");
-            return ExitCode::from(71);
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async move {
         if check_only {
@@ -256,6 +250,13 @@ async fn listen(settings: &Settings) -> std::io::Result<tokio::net::TcpListener>
         }
         None => tokio::net::TcpListener::bind(settings.listen).await,
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Runtime::new().map_err(|e| {
+        eprintln!("nodemirror: cannot start the async runtime: {e}");
+        ExitCode::from(71)
+    })
 }
 
 fn load_or_exit(args: &ServeArgs) -> Result<Settings, ExitCode> {
@@ -322,7 +323,8 @@ fn cache_command(action: CacheAction) -> ExitCode {
     })
 }
 
-/// The mirror URL: given, or from the configured listen address.
+/// The mirror's URL (or a daemon's, for prefetch): given, or from the
+/// configured listen address.
 fn mirror_url(mirror: Option<String>, args: &ServeArgs) -> Result<String, ExitCode> {
     match mirror {
         Some(m) => Ok(m),
@@ -484,24 +486,18 @@ fn prefetch_command(
             return ExitCode::from(64);
         }
     };
-    let server = match server {
-        Some(s) => s,
-        None => match load_or_exit(args) {
-            Ok(s) => format!("http://{}", s.listen),
-            Err(code) => return code,
-        },
+    let server = match mirror_url(server, args) {
+        Ok(s) => s,
+        Err(code) => return code,
     };
     let platforms = match (all_platforms, platform) {
         (true, _) => Platforms::All,
         (false, Some(p)) => Platforms::One(p),
         (false, None) => Platforms::host(),
     };
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match runtime() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("nodemirror: cannot start the async runtime: {e}");
-            return ExitCode::from(71);
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(prefetch(&server, &image, &platforms)) {
         Ok(s) => {

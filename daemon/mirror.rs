@@ -23,7 +23,7 @@ use crate::cache::flight::{Flights, Phase, Progress, Source};
 use crate::cache::{read, Store};
 use crate::metrics::METRICS;
 use crate::reference::{Digest, Namespace, Reference, Repository};
-use crate::server::{boxed, full, ResponseBody, ServeError, API_VERSION};
+use crate::server::{boxed, content_length, full, ResponseBody, ServeError, API_VERSION};
 use crate::upstream::{AttemptError, Endpoint, Upstream, UpstreamRequest};
 use range::RangeSpec;
 
@@ -273,7 +273,7 @@ impl Mirror {
         let h = resp.headers();
         let text = |name| h.get(name).and_then(|v: &HeaderValue| v.to_str().ok());
         let digest = text(DOCKER_CONTENT_DIGEST).and_then(|v| v.parse::<Digest>().ok());
-        let length = text(CONTENT_LENGTH.as_str()).and_then(|v| v.parse::<u64>().ok());
+        let length = content_length(h);
         let media_type = text(CONTENT_TYPE.as_str()).filter(|t| !t.is_empty());
         if let (Some(digest), Some(length), Some(media_type)) = (digest, length, media_type) {
             return check(Manifest {
@@ -440,13 +440,9 @@ impl Mirror {
                 let (len, _) = self
                     .upstream
                     .first_success(&req, |_, resp| async move {
-                        resp.headers()
-                            .get(CONTENT_LENGTH)
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(|v| v.parse::<u64>().ok())
-                            .ok_or_else(|| {
-                                AttemptError::Invalid("blob HEAD without Content-Length".into())
-                            })
+                        content_length(resp.headers()).ok_or_else(|| {
+                            AttemptError::Invalid("blob HEAD without Content-Length".into())
+                        })
                     })
                     .await
                     .map_err(|source| ServeError::Upstream {

@@ -24,25 +24,11 @@ pub fn apply(app: &App) -> String {
     let current = app.settings();
     let new = match current.reload() {
         Ok(s) => s,
-        Err(errors) => {
-            for e in &errors.0 {
-                tracing::error!(error = %e, "configuration reload failed; keeping the last good configuration");
-            }
-            return format!(
-                "reload failed ({} errors); last good configuration in force",
-                errors.0.len()
-            );
-        }
+        Err(errors) => return failed(&errors.0),
     };
     let upstream = &app.mirror.upstream;
     if let Err(errors) = upstream.reload(&new.hosts_dir, new.auth_file.as_deref(), &new.upstream) {
-        for e in &errors {
-            tracing::error!(error = %e, "reload failed; keeping the last good configuration");
-        }
-        return format!(
-            "reload failed ({} errors); last good configuration in force",
-            errors.len()
-        );
+        return failed(&errors);
     }
     if new.listen != current.listen {
         tracing::warn!(old = %current.listen, new = %new.listen, "listen changed: restart to apply");
@@ -57,6 +43,17 @@ pub fn apply(app: &App) -> String {
     app.settings.set(new);
     tracing::info!("configuration reloaded");
     status
+}
+
+/// Logs each problem; returns the status line of a failed reload.
+fn failed(errors: &[crate::config::ConfigError]) -> String {
+    for e in errors {
+        tracing::error!(error = %e, "reload failed; keeping the last good configuration");
+    }
+    format!(
+        "reload failed ({} errors); last good configuration in force",
+        errors.len()
+    )
 }
 
 /// Background reloading: a SIGHUP listener and a file watcher.

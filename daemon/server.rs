@@ -34,6 +34,14 @@ pub const API_VERSION: (&str, &str) = ("docker-distribution-api-version", "regis
 /// How long in-flight requests may take to finish after shutdown begins.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The `Content-Length` of a message, if present and a number.
+pub fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
 pub fn full(b: Bytes) -> ResponseBody {
     Full::new(b).map_err(|never| match never {}).boxed()
 }
@@ -141,7 +149,15 @@ impl App {
             Ok(Route::Blob(..)) => "blob",
             _ => "other",
         };
-        let resp = match self.dispatch(route, &req).await {
+        let ns = namespace_param(req.uri().query())
+            .map(|ns| ns.unwrap_or_else(|| self.default_namespace()));
+        // Requests with an invalid ns are counted under the default one.
+        let ns_label = ns
+            .as_ref()
+            .ok()
+            .cloned()
+            .unwrap_or_else(|| self.default_namespace());
+        let resp = match self.dispatch(route, ns, &req).await {
             Ok(resp) => resp,
             Err(e) => {
                 if e.status().is_server_error() || matches!(e, ServeError::Loop) {
@@ -152,13 +168,9 @@ impl App {
                 e.into_response(head)
             }
         };
-        let ns = namespace_param(req.uri().query())
-            .ok()
-            .flatten()
-            .unwrap_or_else(|| self.default_namespace());
         let status = resp.status();
         METRICS.requests.inc(&[
-            ("ns", ns.as_str()),
+            ("ns", ns_label.as_str()),
             ("kind", kind),
             ("status", status.as_str()),
         ]);
@@ -168,6 +180,7 @@ impl App {
     async fn dispatch(
         &self,
         route: Result<Route, ServeError>,
+        ns: Result<Namespace, ServeError>,
         req: &Request<Incoming>,
     ) -> Result<Response<ResponseBody>, ServeError> {
         let route = route?;
@@ -182,7 +195,7 @@ impl App {
         if method != Method::GET && method != Method::HEAD {
             return Err(ServeError::MethodNotAllowed(method.clone()));
         }
-        let ns = namespace_param(req.uri().query())?.unwrap_or_else(|| self.default_namespace());
+        let ns = ns?;
         tracing::Span::current().record("ns", tracing::field::display(&ns));
         match route {
             Route::Base => {
@@ -271,11 +284,7 @@ async fn log_request(
         let resp = app.handle(req).await;
         tracing::info!(
             status = resp.status().as_u16(),
-            length = resp
-                .headers()
-                .get(CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok()),
+            length = content_length(resp.headers()),
             ms = start.elapsed().as_millis() as u64,
             "served"
         );

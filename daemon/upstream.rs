@@ -366,7 +366,7 @@ impl Upstream {
                 answered_challenge = true;
                 continue;
             }
-            if status.is_redirection() && status != StatusCode::NOT_MODIFIED {
+            if is_redirect(status) {
                 return self.follow_redirects(ep, req, &url, resp).await;
             }
             return classify(resp);
@@ -403,7 +403,7 @@ impl Upstream {
             resp = self.send(ep, &req.method, &next, req, None).await?;
             current = next;
             let status = resp.status();
-            if !(status.is_redirection() && status != StatusCode::NOT_MODIFIED) {
+            if !is_redirect(status) {
                 return classify(resp);
             }
         }
@@ -450,6 +450,11 @@ impl Upstream {
             Ok(Ok(resp)) => Ok(resp),
         }
     }
+}
+
+/// A 3xx pointing elsewhere (304 is an answer, not a redirect).
+fn is_redirect(status: StatusCode) -> bool {
+    status.is_redirection() && status != StatusCode::NOT_MODIFIED
 }
 
 fn classify(resp: Response<Incoming>) -> Result<Response<Incoming>, AttemptError> {

@@ -11,7 +11,6 @@ use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use http::header::CONTENT_LENGTH;
 use http::{Method, StatusCode};
 use http_body_util::BodyExt;
 use sha2::{Digest as _, Sha256};
@@ -46,6 +45,17 @@ pub struct Progress {
     pub written: u64,
     /// The blob's size, once known from the upstream's headers.
     pub total: Option<u64>,
+}
+
+impl Phase {
+    /// Why readers must stop, when the fetch failed.
+    pub fn failure(&self) -> Option<String> {
+        match self {
+            Phase::Failed(why) => Some(format!("blob transfer failed: {why}")),
+            Phase::Unavailable(ex) => Some(format!("blob unavailable: {ex}")),
+            Phase::Connecting | Phase::Streaming | Phase::Verified | Phase::Done => None,
+        }
+    }
 }
 
 impl Progress {
@@ -194,11 +204,7 @@ impl Flights {
             Ok((found, _)) => found,
             Err(exhausted) => return Phase::Unavailable(Arc::new(exhausted)),
         };
-        let total = resp
-            .headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        let total = crate::server::content_length(resp.headers());
         if let Some(t) = total.filter(|&t| t > 0) {
             // One extent allocation up front; a full disk fails here, early.
             let len = i64::try_from(t).unwrap_or(i64::MAX);

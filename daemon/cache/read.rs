@@ -112,11 +112,9 @@ fn verdict(mut progress: watch::Receiver<Progress>) -> Verified {
             .await
             .map_err(|_| "blob fetch vanished")?
             .clone();
-        match p.phase {
-            Phase::Verified | Phase::Done => Ok(()),
-            Phase::Failed(why) => Err(format!("blob transfer failed: {why}").into()),
-            Phase::Unavailable(ex) => Err(format!("blob unavailable: {ex}").into()),
-            Phase::Connecting | Phase::Streaming => Err("blob fetch vanished".into()),
+        match p.phase.failure() {
+            Some(why) => Err(why.into()),
+            None => Ok(()),
         }
     })
 }
@@ -232,12 +230,13 @@ fn pump(
     let mut closed = false;
     loop {
         let p = progress.borrow_and_update().clone();
+        if let Some(why) = p.phase.failure() {
+            return Err(why.into());
+        }
         let readable = match &p.phase {
             Phase::Verified | Phase::Done => p.written,
-            Phase::Failed(why) => return Err(format!("blob transfer failed: {why}").into()),
-            Phase::Unavailable(ex) => return Err(format!("blob unavailable: {ex}").into()),
             // Hold back the final byte until the digest is confirmed.
-            Phase::Connecting | Phase::Streaming => match p.total {
+            _ => match p.total {
                 Some(t) => p.written.min(t.saturating_sub(1)),
                 None => p.written,
             },
