@@ -6,7 +6,7 @@
 //! through nodemirror's ?ns= routing. Then both registries stop and a fresh
 //! containerd pulls the same images from nodemirror's cache.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::support::image::Image;
 use crate::support::real::{require, Binary, Containerd, Registry};
@@ -64,35 +64,8 @@ async fn containerd_pulls_from_two_registries_through_the_mirror() {
         ("registry-a.test:5000/team/app:v1", &img_a),
         ("registry-b.test/library/tool:1.0", &img_b),
     ] {
-        let start = Instant::now();
-        let out = ctrd.ctr(&[
-            "images",
-            "pull",
-            "--hosts-dir",
-            certs_dir,
-            "--snapshotter",
-            "native",
-            reference,
-        ]);
-        let took = start.elapsed();
-        assert!(
-            out.status.success(),
-            "pull of {reference} failed:\n{}\n{}\n--- nodemirror log ---\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            nm.proc.log_text()
-        );
+        let took = pull(&ctrd, certs_dir, reference, &image.digest, &nm);
         eprintln!("e2e: ctr images pull {reference} through nodemirror took {took:?}");
-        let listed = ctrd.ctr(&["images", "ls"]);
-        let listed = String::from_utf8_lossy(&listed.stdout);
-        let line = listed
-            .lines()
-            .find(|l| l.starts_with(reference))
-            .unwrap_or_else(|| panic!("{reference} not in `ctr images ls`:\n{listed}"));
-        assert!(
-            line.contains(&image.digest),
-            "wrong digest for {reference}: {line}"
-        );
     }
 
     // Every layer is in containerd's content store, and the mirror served
@@ -110,30 +83,12 @@ async fn containerd_pulls_from_two_registries_through_the_mirror() {
     // like a new node) still pulls both images by tag from nodemirror.
     drop((reg_a, reg_b));
     let fresh = Containerd::start().await;
-    for reference in [
-        "registry-a.test:5000/team/app:v1",
-        "registry-b.test/library/tool:1.0",
+    for (reference, image) in [
+        ("registry-a.test:5000/team/app:v1", &img_a),
+        ("registry-b.test/library/tool:1.0", &img_b),
     ] {
-        let start = Instant::now();
-        let out = fresh.ctr(&[
-            "images",
-            "pull",
-            "--hosts-dir",
-            certs_dir,
-            "--snapshotter",
-            "native",
-            reference,
-        ]);
-        assert!(
-            out.status.success(),
-            "offline pull of {reference} failed:\n{}\n--- nodemirror log ---\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            nm.proc.log_text()
-        );
-        eprintln!(
-            "e2e: offline pull of {reference} from the warm cache took {:?}",
-            start.elapsed()
-        );
+        let took = pull(&fresh, certs_dir, reference, &image.digest, &nm);
+        eprintln!("e2e: offline pull of {reference} from the warm cache took {took:?}");
     }
 
     let log = nm.proc.log_text();
@@ -150,4 +105,44 @@ async fn containerd_pulls_from_two_registries_through_the_mirror() {
         log.contains(&format!("127.0.0.1:{dead}")),
         "dead endpoint was tried and reported: {log}"
     );
+}
+
+/// `ctr images pull` of `reference` through `certs_dir`; asserts success and
+/// the digest `ctr images ls` shows. Returns how long the pull took.
+fn pull(
+    ctrd: &Containerd,
+    certs_dir: &str,
+    reference: &str,
+    digest: &str,
+    nm: &Binary,
+) -> Duration {
+    let start = Instant::now();
+    let out = ctrd.ctr(&[
+        "images",
+        "pull",
+        "--hosts-dir",
+        certs_dir,
+        "--snapshotter",
+        "native",
+        reference,
+    ]);
+    let took = start.elapsed();
+    assert!(
+        out.status.success(),
+        "pull of {reference} failed:\n{}\n{}\n--- nodemirror log ---\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        nm.proc.log_text()
+    );
+    let listed = ctrd.ctr(&["images", "ls"]);
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    let line = listed
+        .lines()
+        .find(|l| l.starts_with(reference))
+        .unwrap_or_else(|| panic!("{reference} not in `ctr images ls`:\n{listed}"));
+    assert!(
+        line.contains(digest),
+        "wrong digest for {reference}: {line}"
+    );
+    took
 }
