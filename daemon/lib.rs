@@ -14,7 +14,8 @@
 //!
 //! [`run`] wires them together; `main` only parses the command line.
 
-// One audited exception: adopting a socket passed by systemd (systemd.rs).
+// Two audited exceptions: adopting a socket passed by systemd (systemd.rs),
+// and mapping a complete cache file to send it with sendfile (sendfile.rs).
 #![deny(unsafe_code)]
 
 pub mod cache;
@@ -25,6 +26,7 @@ pub mod node;
 pub mod prefetch;
 pub mod reference;
 pub mod reload;
+pub mod sendfile;
 pub mod server;
 pub mod systemd;
 pub mod upstream;

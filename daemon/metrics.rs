@@ -89,6 +89,8 @@ pub struct Metrics {
     /// upstream (the request that started a fetch). Atomics: bumped per frame.
     pub served_from_cache: AtomicU64,
     pub served_from_upstream: AtomicU64,
+    /// Of the bytes from the cache, those sent with sendfile(2).
+    pub sent_by_sendfile: AtomicU64,
     /// Failed attempts, by endpoint and reason.
     pub upstream_errors: Family,
     /// Moves to the next endpoint after a failure, by the endpoint left.
@@ -113,6 +115,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     ),
     served_from_cache: AtomicU64::new(0),
     served_from_upstream: AtomicU64::new(0),
+    sent_by_sendfile: AtomicU64::new(0),
     upstream_errors: Family::new(
         "nodemirror_upstream_errors_total",
         "Failed upstream attempts by endpoint and reason.",
@@ -155,6 +158,13 @@ impl Metrics {
              nodemirror_served_bytes_total{{source=\"upstream\"}} {}",
             self.served_from_cache.load(Ordering::Relaxed),
             self.served_from_upstream.load(Ordering::Relaxed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP nodemirror_sendfile_bytes_total Of the bytes from the cache, those sent with sendfile(2), without a copy through the daemon.\n\
+             # TYPE nodemirror_sendfile_bytes_total counter\n\
+             nodemirror_sendfile_bytes_total {}",
+            self.sent_by_sendfile.load(Ordering::Relaxed),
         );
         for (name, help, v) in [
             (

@@ -9,6 +9,7 @@
 
 pub mod range;
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -23,6 +24,7 @@ use crate::cache::flight::{Flights, Phase, Progress, Source};
 use crate::cache::{read, Store};
 use crate::metrics::METRICS;
 use crate::reference::{Digest, Namespace, Reference, Repository};
+use crate::sendfile::{self, Mappings};
 use crate::server::{boxed, content_length, full, ResponseBody, ServeError, API_VERSION};
 use crate::upstream::{AttemptError, Endpoint, Upstream, UpstreamRequest};
 use range::RangeSpec;
@@ -327,12 +329,13 @@ impl Mirror {
         repository: Repository,
         digest: Digest,
         headers: &HeaderMap,
+        zero_copy: Option<&Arc<Mappings>>,
     ) -> Result<Response<ResponseBody>, ServeError> {
         if method == Method::HEAD {
             return self.blob_head(ns, repository, digest).await;
         }
         let held = self.store.hold(&digest);
-        let (file, progress, leader) = match self
+        let (file, progress, leader, cached) = match self
             .flights
             .get_or_start(&ns, &repository, &digest)
             .map_err(internal)?
@@ -340,7 +343,7 @@ impl Mirror {
             Source::Cached(file, len) => {
                 METRICS.cache.inc(&[("kind", "blob"), ("result", "hit")]);
                 let (_, rx) = watch::channel(Progress::complete(len));
-                (file, rx, None)
+                (file, rx, None, true)
             }
             Source::Flight(f, leader) => {
                 let result = if leader.is_some() {
@@ -366,7 +369,7 @@ impl Mirror {
                     Phase::Failed(why) => return Err(ServeError::Unavailable(why.to_string())),
                     _ => {}
                 }
-                (f.file.try_clone().map_err(internal)?, rx, leader)
+                (f.file.try_clone().map_err(internal)?, rx, leader, false)
             }
         };
         let total = progress.borrow().total;
@@ -400,10 +403,27 @@ impl Mirror {
         if let Some(e) = end {
             builder = builder.header(CONTENT_LENGTH, e - start);
         }
-        let body = match (leader, spec, total) {
+        let body = match (leader, spec, total, end) {
             // The request that started the fetch, for the whole blob.
-            (Some(frames), RangeSpec::Full, Some(t)) => {
+            (Some(frames), RangeSpec::Full, Some(t), _) => {
                 boxed(read::tee(frames, file, progress, t, held))
+            }
+            // A complete blob on a plain-TCP connection: one frame, sent
+            // from the file by the connection's writer.
+            (None, _, Some(t), Some(e)) if cached && e - start >= sendfile::MIN_LEN => {
+                match zero_copy.map(|m| m.blob(&file, t, start, e, self.store.hold(&digest))) {
+                    Some(Ok(frame)) => {
+                        METRICS
+                            .served_from_cache
+                            .fetch_add(e - start, Ordering::Relaxed);
+                        full(frame)
+                    }
+                    Some(Err(err)) => {
+                        tracing::warn!(error = %err, %digest, "cannot map cached blob; reading it instead");
+                        boxed(read::stream(file, progress, start, end, held))
+                    }
+                    None => boxed(read::stream(file, progress, start, end, held)),
+                }
             }
             _ => boxed(read::stream(file, progress, start, end, held)),
         };

@@ -218,8 +218,9 @@ impl App {
                     .await
             }
             Route::Blob(name, digest) => {
+                let zero_copy = req.extensions().get::<Arc<crate::sendfile::Mappings>>();
                 self.mirror
-                    .blob(method, ns, name, digest, req.headers())
+                    .blob(method, ns, name, digest, req.headers(), zero_copy)
                     .await
             }
         }
@@ -244,9 +245,12 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                let stream = crate::sendfile::Stream::new(stream);
+                let mappings = stream.mappings();
                 let app = app.clone();
-                let service = service_fn(move |req: Request<Incoming>| {
+                let service = service_fn(move |mut req: Request<Incoming>| {
                     let app = app.clone();
+                    req.extensions_mut().insert(mappings.clone());
                     async move { Ok::<_, Infallible>(log_request(&app, req, peer).await) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()

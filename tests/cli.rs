@@ -125,40 +125,22 @@ async fn sigterm_drains_and_exits_zero() {
     assert_eq!(status.code(), Some(0), "{}", bin.proc.log_text());
 }
 
-/// A 1 GiB blob streams through with memory bounded far below its size.
-#[tokio::test]
-async fn a_1gib_blob_streams_in_bounded_memory() {
-    const CHUNK: usize = 1 << 20;
-    const COUNT: usize = 1024;
-    let chunk: Vec<u8> = (0..CHUNK).map(|i| (i * 31 % 251) as u8).collect();
-    let mut h = sha2::Sha256::new();
-    for _ in 0..COUNT {
-        h.update(&chunk);
+/// GETs `url` (with a `Range` header if given) on `client`: the status
+/// and the body's length and digest.
+async fn hashed_get(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
+    url: &str,
+    range: Option<&str>,
+) -> (StatusCode, usize, String) {
+    let mut req = Request::get(url);
+    if let Some(r) = range {
+        req = req.header("range", r);
     }
-    let digest = format!("sha256:{}", hex::encode(h.finalize()));
-    let up = Fake::start(Behaviour::default()).await;
-    up.put_repeated_blob("big", &digest, Bytes::from(chunk), COUNT);
-
-    let hosts = tempfile::tempdir().unwrap();
-    crate::support::write_hosts(
-        hosts.path(),
-        &[("reg.test", format!("server = \"{}\"\n", up.url()))],
-    );
-    let bin = Binary::start(hosts.path(), &[]).await;
-    let url = format!(
-        "http://127.0.0.1:{}/v2/big/blobs/{digest}?ns=reg.test",
-        bin.port
-    );
-    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let resp = client
-        .request(Request::get(url).body(Empty::new()).unwrap())
+        .request(req.body(Empty::new()).unwrap())
         .await
         .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    assert_eq!(
-        resp.headers()["content-length"],
-        (CHUNK * COUNT).to_string()
-    );
+    let status = resp.status();
     let mut body = resp.into_body();
     let mut h = sha2::Sha256::new();
     let mut total = 0usize;
@@ -168,13 +150,99 @@ async fn a_1gib_blob_streams_in_bounded_memory() {
             h.update(&data);
         }
     }
-    assert_eq!(total, CHUNK * COUNT);
-    assert_eq!(format!("sha256:{}", hex::encode(h.finalize())), digest);
+    (
+        status,
+        total,
+        format!("sha256:{}", hex::encode(h.finalize())),
+    )
+}
+
+/// A 1 GiB blob streams through with memory bounded far below its size;
+/// once cached, it is sent from the file with sendfile, on a keep-alive
+/// connection, whole and as a range, without its pages ever being read
+/// into the daemon (peak RSS would grow by the blob's size).
+#[tokio::test]
+async fn a_1gib_blob_streams_in_bounded_memory_and_is_then_sent_from_the_file() {
+    const CHUNK: usize = 1 << 20;
+    const COUNT: usize = 1024;
+    let chunk: Vec<u8> = (0..CHUNK).map(|i| (i * 31 % 251) as u8).collect();
+    let mut h = sha2::Sha256::new();
+    for _ in 0..COUNT {
+        h.update(&chunk);
+    }
+    let digest = format!("sha256:{}", hex::encode(h.finalize()));
+    let up = Fake::start(Behaviour::default()).await;
+    up.put_repeated_blob("big", &digest, Bytes::from(chunk.clone()), COUNT);
+
+    let hosts = tempfile::tempdir().unwrap();
+    crate::support::write_hosts(
+        hosts.path(),
+        &[("reg.test", format!("server = \"{}\"\n", up.url()))],
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let bin = Binary::start_in(hosts.path(), Some(cache.path()), "", &[]).await;
+    let url = format!(
+        "http://127.0.0.1:{}/v2/big/blobs/{digest}?ns=reg.test",
+        bin.port
+    );
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    assert_eq!(
+        hashed_get(&client, &url, None).await,
+        (StatusCode::OK, CHUNK * COUNT, digest.clone())
+    );
     let peak_mib = bin.peak_rss_kib() / 1024;
     eprintln!("peak RSS of nodemirror while streaming 1 GiB: {peak_mib} MiB");
     assert!(
         peak_mib < 64,
         "peak RSS {peak_mib} MiB: the blob was buffered"
+    );
+
+    let sent_by_sendfile = || async {
+        let text = crate::support::get(&format!("http://127.0.0.1:{}/metrics", bin.port)).await;
+        let text = String::from_utf8(text.bytes().to_vec()).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("nodemirror_sendfile_bytes_total "))
+            .and_then(|v| v.parse::<u64>().ok())
+            .expect("nodemirror_sendfile_bytes_total in /metrics")
+    };
+    assert_eq!(sent_by_sendfile().await, 0, "nothing was cached yet");
+    crate::support::wait_until("the blob to be committed", Duration::from_secs(30), || {
+        crate::support::blob_path(cache.path(), &digest).exists()
+    })
+    .await;
+    // Twice on one keep-alive connection, then a range across a chunk
+    // boundary: the client pool reuses the connection.
+    for _ in 0..2 {
+        assert_eq!(
+            hashed_get(&client, &url, None).await,
+            (StatusCode::OK, CHUNK * COUNT, digest.clone())
+        );
+    }
+    let (a, b) = (5 * CHUNK - 10, 7 * CHUNK + 9);
+    let mut want = sha2::Sha256::new();
+    want.update(&chunk[CHUNK - 10..]);
+    want.update(&chunk);
+    want.update(&chunk);
+    want.update(&chunk[..10]);
+    assert_eq!(
+        hashed_get(&client, &url, Some(&format!("bytes={a}-{b}"))).await,
+        (
+            StatusCode::PARTIAL_CONTENT,
+            b - a + 1,
+            format!("sha256:{}", hex::encode(want.finalize()))
+        )
+    );
+    assert_eq!(
+        sent_by_sendfile().await,
+        (2 * CHUNK * COUNT + (b - a + 1)) as u64,
+        "every cached byte went out with sendfile"
+    );
+    assert_eq!(up.hits("/blobs/"), 1, "one upstream fetch in all");
+    let peak_mib = bin.peak_rss_kib() / 1024;
+    eprintln!("peak RSS of nodemirror after sending 2 GiB from the cache: {peak_mib} MiB");
+    assert!(
+        peak_mib < 64,
+        "peak RSS {peak_mib} MiB: the mapped blob was read into memory"
     );
 }
 

@@ -1,0 +1,237 @@
+//! Zero-copy sending of cached blobs on plain-TCP connections.
+//!
+//! hyper writes response bodies from memory; it has no file body. So a
+//! cached blob's body is one frame whose bytes are the blob file mapped
+//! read-only, and the connection's writer ([`Stream`]) knows the mappings
+//! its responses hold ([`Mappings`]). With vectored writes hyper queues
+//! body frames as they are and hands their slices to the writer unchanged;
+//! when the writer sees a slice that lies inside one of its mappings, it
+//! sends those bytes with sendfile(2) from the file at the same offset
+//! instead of copying them out of the mapping.
+//!
+//! The mapped pages are therefore never touched: no copy through user
+//! space, and no resident memory growing with the blob's size (a mapping
+//! costs address space only). Correctness does not rest on recognising
+//! the slice: a slice that reached the writer by another way would hold
+//! the file's own bytes. Cache files are never written after they are
+//! renamed into place (a new blob is a new file, eviction unlinks), so the
+//! mapping and the file agree.
+
+use std::fs::File;
+use std::io::{self, IoSlice};
+use std::os::fd::AsFd;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::cache::InUse;
+use crate::metrics::METRICS;
+
+/// Blobs smaller than this go through the ordinary read path: mapping and
+/// registering costs more than copying a few pages.
+pub const MIN_LEN: u64 = 64 << 10;
+
+/// The largest count one sendfile(2) call accepts on Linux.
+const MAX_SEND: usize = 2 << 20;
+
+/// The file mappings of one connection's responses in progress.
+#[derive(Default)]
+pub struct Mappings {
+    regions: Mutex<Vec<Region>>,
+}
+
+struct Region {
+    start: usize,
+    len: usize,
+    file: Arc<File>,
+}
+
+impl Mappings {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Region>> {
+        self.regions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The file and offset that `slice` shows, if it lies inside a mapping.
+    fn find(&self, slice: &[u8]) -> Option<(Arc<File>, u64)> {
+        let at = slice.as_ptr() as usize;
+        self.lock()
+            .iter()
+            .find(|r| at >= r.start && at + slice.len() <= r.start + r.len)
+            .map(|r| (r.file.clone(), (at - r.start) as u64))
+    }
+
+    /// Bytes `start..end` of a complete cached blob of `len` bytes, as a
+    /// frame this connection's writer sends with sendfile. `held` keeps the
+    /// blob from eviction until the frame is dropped.
+    pub fn blob(
+        self: &Arc<Self>,
+        file: &File,
+        len: u64,
+        start: u64,
+        end: u64,
+        held: InUse,
+    ) -> io::Result<Bytes> {
+        let map = map_read_only(file, len)?;
+        let file = file.try_clone()?;
+        let start_addr = map.as_ptr() as usize;
+        self.lock().push(Region {
+            start: start_addr,
+            len: map.len(),
+            file: Arc::new(file),
+        });
+        let owner = Mapped {
+            map,
+            mappings: self.clone(),
+            _held: held,
+        };
+        Ok(Bytes::from_owner(owner).slice(start as usize..end as usize))
+    }
+}
+
+/// A mapping, registered with its connection for as long as it lives.
+struct Mapped {
+    map: memmap2::Mmap,
+    mappings: Arc<Mappings>,
+    _held: InUse,
+}
+
+impl AsRef<[u8]> for Mapped {
+    fn as_ref(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // Unregister before the address range is unmapped (the field drops
+        // after this), so a later mapping at the same address is never
+        // mistaken for this one.
+        let start = self.map.as_ptr() as usize;
+        self.mappings.lock().retain(|r| r.start != start);
+    }
+}
+
+#[allow(unsafe_code)]
+fn map_read_only(file: &File, len: u64) -> io::Result<memmap2::Mmap> {
+    // SAFETY: the mapping is of a cache file that is complete and verified:
+    // the store never writes to such a file again (blobs are written to a
+    // temp file and renamed into place; eviction and quarantine unlink or
+    // rename), and the mapping is read-only. Its pages are normally never read at all (the writer sends the file
+    // instead); if another process truncated the file anyway, sendfile
+    // would come up short and the connection would be cut.
+    unsafe { memmap2::MmapOptions::new().len(len as usize).map(file) }
+}
+
+/// A plain-TCP connection whose writer sends mapped blob frames with
+/// sendfile(2) and everything else with ordinary (vectored) writes.
+pub struct Stream {
+    tcp: TcpStream,
+    mappings: Arc<Mappings>,
+}
+
+impl Stream {
+    pub fn new(tcp: TcpStream) -> Self {
+        Stream {
+            tcp,
+            mappings: Arc::default(),
+        }
+    }
+
+    /// The registry that this connection's blob frames are mapped into.
+    pub fn mappings(&self) -> Arc<Mappings> {
+        self.mappings.clone()
+    }
+
+    fn poll_sendfile(
+        &self,
+        cx: &mut Context<'_>,
+        file: &File,
+        offset: u64,
+        len: usize,
+    ) -> Poll<io::Result<usize>> {
+        let count = len.min(MAX_SEND);
+        loop {
+            ready!(self.tcp.poll_write_ready(cx))?;
+            let sent = self.tcp.try_io(Interest::WRITABLE, || {
+                let mut off = offset as nix::libc::off_t;
+                nix::sys::sendfile::sendfile(self.tcp.as_fd(), file.as_fd(), Some(&mut off), count)
+                    .map_err(io::Error::from)
+            });
+            match sent {
+                Ok(n) => {
+                    METRICS
+                        .sent_by_sendfile
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                    // 0 means the file is shorter than its mapping: hyper
+                    // treats a zero-length write as an error and closes.
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if let Some((file, offset)) = self.mappings.find(buf) {
+            return self.poll_sendfile(cx, &file, offset, buf.len());
+        }
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let bufs = match bufs.iter().position(|b| !b.is_empty()) {
+            Some(first) => &bufs[first..],
+            None => return Poll::Ready(Ok(0)),
+        };
+        if let Some((file, offset)) = self.mappings.find(&bufs[0]) {
+            return self.poll_sendfile(cx, &file, offset, bufs[0].len());
+        }
+        // Write what comes before the next mapped slice (response heads,
+        // small bodies) in one call; the mapped slice goes on the next.
+        let plain = bufs
+            .iter()
+            .position(|b| self.mappings.find(b).is_some())
+            .unwrap_or(bufs.len());
+        Pin::new(&mut self.tcp).poll_write_vectored(cx, &bufs[..plain])
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        // hyper queues body frames unchanged only for vectored writers;
+        // otherwise it would copy them into its own buffer.
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
