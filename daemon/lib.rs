@@ -14,12 +14,14 @@
 //!
 //! [`run`] wires them together; `main` only parses the command line.
 
-// Two audited exceptions: adopting a socket passed by systemd (systemd.rs),
-// and mapping a complete cache file to send it with sendfile (sendfile.rs).
+// Three audited exceptions: adopting a socket passed by systemd (systemd.rs),
+// mapping a complete cache file to send it with sendfile (sendfile.rs), and
+// setting glibc's allocator parameters (memory.rs).
 #![deny(unsafe_code)]
 
 pub mod cache;
 pub mod config;
+pub mod memory;
 pub mod metrics;
 pub mod mirror;
 pub mod node;

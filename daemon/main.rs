@@ -182,6 +182,7 @@ fn init_logging() {
 }
 
 fn main() -> ExitCode {
+    nodemirror::memory::tune_for_streaming();
     let cli = Cli::parse();
     init_logging();
     let (check_only, args) = match cli.command {
