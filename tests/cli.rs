@@ -244,6 +244,35 @@ async fn a_1gib_blob_streams_in_bounded_memory_and_is_then_sent_from_the_file() 
         peak_mib < 64,
         "peak RSS {peak_mib} MiB: the mapped blob was read into memory"
     );
+
+    // A client that stops reading holds the mapping; once it hangs up, the
+    // mapping is gone and the daemon serves on.
+    let blob_file = crate::support::blob_path(cache.path(), &digest);
+    let mapped = || {
+        std::fs::read_to_string(format!("/proc/{}/maps", bin.proc.child.id()))
+            .unwrap()
+            .contains(blob_file.to_str().unwrap())
+    };
+    assert!(!mapped(), "no mapping outlives its response");
+    let resp = client
+        .request(Request::get(&url).body(Empty::new()).unwrap())
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert!(first.is_data());
+    assert!(mapped(), "the response in progress maps the blob");
+    drop(body);
+    crate::support::wait_until(
+        "the mapping to be released",
+        Duration::from_secs(10),
+        || !mapped(),
+    )
+    .await;
+    assert_eq!(
+        hashed_get(&client, &url, None).await,
+        (StatusCode::OK, CHUNK * COUNT, digest.clone())
+    );
 }
 
 /// SIGHUP re-reads hosts.d; a broken file is reported with path and line
