@@ -36,7 +36,8 @@ use crate::metrics::METRICS;
 /// registering costs more than copying a few pages.
 pub const MIN_LEN: u64 = 64 << 10;
 
-/// The largest count one sendfile(2) call accepts on Linux.
+/// Bytes per sendfile(2) call, like nginx's `sendfile_max_chunk`: the
+/// socket is released between calls and the worker can serve other tasks.
 const MAX_SEND: usize = 2 << 20;
 
 /// The file mappings of one connection's responses in progress.
