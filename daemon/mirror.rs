@@ -21,7 +21,7 @@ use hyper::body::Incoming;
 use tokio::sync::watch;
 
 use crate::cache::flight::{Flights, Phase, Progress, Source};
-use crate::cache::{read, Store};
+use crate::cache::{read, InUse, Store};
 use crate::metrics::METRICS;
 use crate::reference::{Digest, Namespace, Reference, Repository};
 use crate::sendfile::{self, Mappings};
@@ -403,29 +403,16 @@ impl Mirror {
         if let Some(e) = end {
             builder = builder.header(CONTENT_LENGTH, e - start);
         }
-        let body = match (leader, spec, total, end) {
+        let body = match (leader, spec, total) {
             // The request that started the fetch, for the whole blob.
-            (Some(frames), RangeSpec::Full, Some(t), _) => {
+            (Some(frames), RangeSpec::Full, Some(t)) => {
                 boxed(read::tee(frames, file, progress, t, held))
             }
-            // A complete blob on a plain-TCP connection: one frame, sent
-            // from the file by the connection's writer.
-            (None, _, Some(t), Some(e)) if cached && e - start >= sendfile::MIN_LEN => {
-                match zero_copy.map(|m| m.blob(&file, t, start, e, self.store.hold(&digest))) {
-                    Some(Ok(frame)) => {
-                        METRICS
-                            .served_from_cache
-                            .fetch_add(e - start, Ordering::Relaxed);
-                        full(frame)
-                    }
-                    Some(Err(err)) => {
-                        tracing::warn!(error = %err, %digest, "cannot map cached blob; reading it instead");
-                        boxed(read::stream(file, progress, start, end, held))
-                    }
-                    None => boxed(read::stream(file, progress, start, end, held)),
-                }
-            }
-            _ => boxed(read::stream(file, progress, start, end, held)),
+            _ => match sendfile_frame(zero_copy.filter(|_| cached), &file, total, start, end, held)
+            {
+                Ok(frame) => full(frame),
+                Err(held) => boxed(read::stream(file, progress, start, end, held)),
+            },
         };
         builder.body(body).map_err(internal)
     }
@@ -477,6 +464,37 @@ impl Mirror {
             .header(CONTENT_LENGTH, len)
             .body(full(Bytes::new()))
             .map_err(internal)
+    }
+}
+
+/// Bytes `start..end` of a complete cached blob as one frame that the
+/// connection's writer sends with sendfile, when the connection can and the
+/// range is worth it; otherwise `held` comes back for the ordinary read path.
+fn sendfile_frame(
+    zero_copy: Option<&Arc<Mappings>>,
+    file: &std::fs::File,
+    total: Option<u64>,
+    start: u64,
+    end: Option<u64>,
+    held: InUse,
+) -> Result<Bytes, InUse> {
+    let (Some(mappings), Some(total), Some(end)) = (zero_copy, total, end) else {
+        return Err(held);
+    };
+    if end - start < sendfile::MIN_LEN {
+        return Err(held);
+    }
+    match mappings.blob(file, total, start, end, held) {
+        Ok(frame) => {
+            METRICS
+                .served_from_cache
+                .fetch_add(end - start, Ordering::Relaxed);
+            Ok(frame)
+        }
+        Err((e, held)) => {
+            tracing::warn!(error = %e, "cannot map a cached blob; reading it instead");
+            Err(held)
+        }
     }
 }
 

@@ -68,7 +68,8 @@ impl Mappings {
 
     /// Bytes `start..end` of a complete cached blob of `len` bytes, as a
     /// frame this connection's writer sends with sendfile. `held` keeps the
-    /// blob from eviction until the frame is dropped.
+    /// blob from eviction until the frame is dropped; if the file cannot be
+    /// mapped, it comes back with the error.
     pub fn blob(
         self: &Arc<Self>,
         file: &File,
@@ -76,12 +77,14 @@ impl Mappings {
         start: u64,
         end: u64,
         held: InUse,
-    ) -> io::Result<Bytes> {
-        let map = map_read_only(file, len)?;
-        let file = file.try_clone()?;
-        let start_addr = map.as_ptr() as usize;
+    ) -> Result<Bytes, (io::Error, InUse)> {
+        let mapped = map_read_only(file, len).and_then(|map| Ok((map, file.try_clone()?)));
+        let (map, file) = match mapped {
+            Ok(m) => m,
+            Err(e) => return Err((e, held)),
+        };
         self.lock().push(Region {
-            start: start_addr,
+            start: map.as_ptr() as usize,
             len: map.len(),
             file: Arc::new(file),
         });
@@ -122,9 +125,10 @@ fn map_read_only(file: &File, len: u64) -> io::Result<memmap2::Mmap> {
     // SAFETY: the mapping is of a cache file that is complete and verified:
     // the store never writes to such a file again (blobs are written to a
     // temp file and renamed into place; eviction and quarantine unlink or
-    // rename), and the mapping is read-only. Its pages are normally never read at all (the writer sends the file
-    // instead); if another process truncated the file anyway, sendfile
-    // would come up short and the connection would be cut.
+    // rename), and the mapping is read-only. Its pages are normally never
+    // read at all (the writer sends the file instead); if another process
+    // truncated the file anyway, sendfile would come up short and the
+    // connection would be cut.
     unsafe { memmap2::MmapOptions::new().len(len as usize).map(file) }
 }
 
@@ -206,20 +210,22 @@ impl AsyncWrite for Stream {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let bufs = match bufs.iter().position(|b| !b.is_empty()) {
-            Some(first) => &bufs[first..],
-            None => return Poll::Ready(Ok(0)),
-        };
-        if let Some((file, offset)) = self.mappings.find(&bufs[0]) {
-            return self.poll_sendfile(cx, &file, offset, bufs[0].len());
+        // What comes before the first mapped slice (response heads, small
+        // bodies) goes in one write; a mapped slice goes alone, by sendfile.
+        let mut before = 0;
+        for (i, b) in bufs.iter().enumerate() {
+            if b.is_empty() {
+                continue;
+            }
+            if let Some((file, offset)) = self.mappings.find(b) {
+                if before == 0 {
+                    return self.poll_sendfile(cx, &file, offset, b.len());
+                }
+                return Pin::new(&mut self.tcp).poll_write_vectored(cx, &bufs[..i]);
+            }
+            before += b.len();
         }
-        // Write what comes before the next mapped slice (response heads,
-        // small bodies) in one call; the mapped slice goes on the next.
-        let plain = bufs
-            .iter()
-            .position(|b| self.mappings.find(b).is_some())
-            .unwrap_or(bufs.len());
-        Pin::new(&mut self.tcp).poll_write_vectored(cx, &bufs[..plain])
+        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
