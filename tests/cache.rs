@@ -6,10 +6,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, Request, StatusCode};
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http::{Method, StatusCode};
 use nodemirror::config::CacheSettings;
 use sha2::Digest as _;
 
@@ -17,7 +14,9 @@ use crate::proxy::hosts_toml;
 use crate::support::fake::{Behaviour, Fake};
 use crate::support::image::Image;
 use crate::support::real::Binary;
-use crate::support::{blob_path, get, request, temp_files, test_cache, wait_until, Daemon};
+use crate::support::{
+    blob_path, get, http_client, request, stream_on, temp_files, test_cache, wait_until, Daemon,
+};
 
 /// A blob of `count` chunks of `size` bytes, seeded; its digest.
 fn generated(size: usize, count: usize, seed: u8) -> (Bytes, String) {
@@ -34,47 +33,13 @@ fn generated(size: usize, count: usize, seed: u8) -> (Bytes, String) {
     )
 }
 
-/// GETs `url` streaming; the status, and the body's length and digest, or
-/// the error that cut it. `stop_after` drops the connection after that
-/// many bytes.
+/// [`stream_on`] on a client of its own (a connection of its own).
 async fn stream(
     url: &str,
     range: Option<&str>,
     stop_after: Option<u64>,
 ) -> (StatusCode, Result<(u64, String), String>) {
-    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let mut req = Request::get(url);
-    if let Some(r) = range {
-        req = req.header("range", r);
-    }
-    let resp = match client.request(req.body(Empty::new()).unwrap()).await {
-        Ok(r) => r,
-        Err(e) => return (StatusCode::BAD_GATEWAY, Err(e.to_string())),
-    };
-    let status = resp.status();
-    let mut body = resp.into_body();
-    let mut h = sha2::Sha256::new();
-    let mut n = 0u64;
-    loop {
-        match tokio::time::timeout(Duration::from_secs(30), body.frame()).await {
-            Err(_) => return (status, Err("stalled".into())),
-            Ok(None) => break,
-            Ok(Some(Err(e))) => return (status, Err(e.to_string())),
-            Ok(Some(Ok(f))) => {
-                if let Ok(d) = f.into_data() {
-                    n += d.len() as u64;
-                    h.update(&d);
-                }
-            }
-        }
-        if stop_after.is_some_and(|s| n >= s) {
-            return (status, Err("stopped by the client".into()));
-        }
-    }
-    (
-        status,
-        Ok((n, format!("sha256:{}", hex::encode(h.finalize())))),
-    )
+    stream_on(&http_client(), url, range, stop_after).await
 }
 
 /// Clients finish once the digest is verified; the fsync and rename into

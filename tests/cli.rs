@@ -7,12 +7,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use sha2::Digest as _;
 
 use crate::support::fake::{Behaviour, Fake};
 use crate::support::real::Binary;
+use crate::support::stream_on;
 
 fn nodemirror(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_nodemirror"))
@@ -125,38 +124,6 @@ async fn sigterm_drains_and_exits_zero() {
     assert_eq!(status.code(), Some(0), "{}", bin.proc.log_text());
 }
 
-/// GETs `url` (with a `Range` header if given) on `client`: the status
-/// and the body's length and digest.
-async fn hashed_get(
-    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
-    url: &str,
-    range: Option<&str>,
-) -> (StatusCode, usize, String) {
-    let mut req = Request::get(url);
-    if let Some(r) = range {
-        req = req.header("range", r);
-    }
-    let resp = client
-        .request(req.body(Empty::new()).unwrap())
-        .await
-        .unwrap();
-    let status = resp.status();
-    let mut body = resp.into_body();
-    let mut h = sha2::Sha256::new();
-    let mut total = 0usize;
-    while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame.unwrap().into_data() {
-            total += data.len();
-            h.update(&data);
-        }
-    }
-    (
-        status,
-        total,
-        format!("sha256:{}", hex::encode(h.finalize())),
-    )
-}
-
 /// A 1 GiB blob streams through with memory bounded far below its size;
 /// once cached, it is sent from the file with sendfile, on a keep-alive
 /// connection, whole and as a range, without its pages ever being read
@@ -185,11 +152,9 @@ async fn a_1gib_blob_streams_in_bounded_memory_and_is_then_sent_from_the_file() 
         "http://127.0.0.1:{}/v2/big/blobs/{digest}?ns=reg.test",
         bin.port
     );
-    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    assert_eq!(
-        hashed_get(&client, &url, None).await,
-        (StatusCode::OK, CHUNK * COUNT, digest.clone())
-    );
+    let client = crate::support::http_client();
+    let whole = (StatusCode::OK, Ok(((CHUNK * COUNT) as u64, digest.clone())));
+    assert_eq!(stream_on(&client, &url, None, None).await, whole);
     let peak_mib = bin.peak_rss_kib() / 1024;
     eprintln!("peak RSS of nodemirror while streaming 1 GiB: {peak_mib} MiB");
     assert!(
@@ -213,10 +178,7 @@ async fn a_1gib_blob_streams_in_bounded_memory_and_is_then_sent_from_the_file() 
     // Twice on one keep-alive connection, then a range across a chunk
     // boundary: the client pool reuses the connection.
     for _ in 0..2 {
-        assert_eq!(
-            hashed_get(&client, &url, None).await,
-            (StatusCode::OK, CHUNK * COUNT, digest.clone())
-        );
+        assert_eq!(stream_on(&client, &url, None, None).await, whole);
     }
     let (a, b) = (5 * CHUNK - 10, 7 * CHUNK + 9);
     let mut want = sha2::Sha256::new();
@@ -225,11 +187,13 @@ async fn a_1gib_blob_streams_in_bounded_memory_and_is_then_sent_from_the_file() 
     want.update(&chunk);
     want.update(&chunk[..10]);
     assert_eq!(
-        hashed_get(&client, &url, Some(&format!("bytes={a}-{b}"))).await,
+        stream_on(&client, &url, Some(&format!("bytes={a}-{b}")), None).await,
         (
             StatusCode::PARTIAL_CONTENT,
-            b - a + 1,
-            format!("sha256:{}", hex::encode(want.finalize()))
+            Ok((
+                (b - a + 1) as u64,
+                format!("sha256:{}", hex::encode(want.finalize()))
+            ))
         )
     );
     assert_eq!(
@@ -269,10 +233,7 @@ async fn a_1gib_blob_streams_in_bounded_memory_and_is_then_sent_from_the_file() 
         || !mapped(),
     )
     .await;
-    assert_eq!(
-        hashed_get(&client, &url, None).await,
-        (StatusCode::OK, CHUNK * COUNT, digest.clone())
-    );
+    assert_eq!(stream_on(&client, &url, None, None).await, whole);
 }
 
 /// SIGHUP re-reads hosts.d; a broken file is reported with path and line

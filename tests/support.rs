@@ -109,6 +109,56 @@ pub async fn try_request(
         .expect("request took over 60s")
 }
 
+/// A plain-HTTP client; its pool keeps connections alive between requests.
+pub type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
+
+pub fn http_client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// GETs `url` on `client` (with a `Range` header if given), streaming: the
+/// status, and the body's length and digest, or the error that cut it.
+/// `stop_after` drops the connection after that many bytes.
+pub async fn stream_on(
+    client: &HttpClient,
+    url: &str,
+    range: Option<&str>,
+    stop_after: Option<u64>,
+) -> (StatusCode, Result<(u64, String), String>) {
+    let mut req = Request::get(url);
+    if let Some(r) = range {
+        req = req.header("range", r);
+    }
+    let resp = match client.request(req.body(Empty::new()).unwrap()).await {
+        Ok(r) => r,
+        Err(e) => return (StatusCode::BAD_GATEWAY, Err(e.to_string())),
+    };
+    let status = resp.status();
+    let mut body = resp.into_body();
+    let mut h = sha2::Sha256::new();
+    let mut n = 0u64;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), body.frame()).await {
+            Err(_) => return (status, Err("stalled".into())),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return (status, Err(e.to_string())),
+            Ok(Some(Ok(f))) => {
+                if let Ok(d) = f.into_data() {
+                    n += d.len() as u64;
+                    h.update(&d);
+                }
+            }
+        }
+        if stop_after.is_some_and(|s| n >= s) {
+            return (status, Err("stopped by the client".into()));
+        }
+    }
+    (
+        status,
+        Ok((n, format!("sha256:{}", hex::encode(h.finalize())))),
+    )
+}
+
 pub async fn get(url: &str) -> Reply {
     request(Method::GET, url, &[]).await
 }
