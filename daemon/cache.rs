@@ -14,18 +14,19 @@
 //!
 //! A blob's mtime is its last access, for least-recently-used eviction.
 
-pub mod flight;
 pub mod gc;
+pub mod ingest;
 pub mod read;
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 
 use crate::reference::{Digest, Namespace, Repository};
 
@@ -48,7 +49,7 @@ pub struct InUse {
 
 impl Drop for InUse {
     fn drop(&mut self) {
-        let mut map = self.store.in_use.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.store.in_use.lock();
         if let Some(n) = map.get_mut(&self.digest) {
             *n -= 1;
             if *n == 0 {
@@ -121,12 +122,7 @@ impl Store {
 
     /// Marks `d` in use until the guard drops.
     pub fn hold(self: &Arc<Self>, d: &Digest) -> InUse {
-        *self
-            .in_use
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(d.clone())
-            .or_insert(0) += 1;
+        *self.in_use.lock().entry(d.clone()).or_insert(0) += 1;
         InUse {
             store: self.clone(),
             digest: d.clone(),
@@ -134,10 +130,7 @@ impl Store {
     }
 
     pub fn in_use(&self, d: &Digest) -> bool {
-        self.in_use
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(d)
+        self.in_use.lock().contains_key(d)
     }
 
     /// The cached blob, opened, with its length; records the access.
@@ -172,7 +165,7 @@ impl Store {
 
     /// Moves a fully written, verified and synced temp file into place.
     pub fn commit_blob(&self, tmp: &Path, d: &Digest) -> io::Result<()> {
-        place(tmp, &self.blob_path(d))
+        crate::atomic::rename(tmp, &self.blob_path(d))
     }
 
     /// The cached manifest: media type and bytes, re-verified on read.
@@ -205,18 +198,11 @@ impl Store {
         if path.exists() {
             return Ok(());
         }
-        let (mut f, tmp) = self.temp_file("manifest")?;
-        let written = (|| {
-            f.write_all(media_type.as_bytes())?;
-            f.write_all(b"\n")?;
-            f.write_all(body)?;
-            f.sync_all()
-        })();
-        if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
-        place(&tmp, &path)
+        let mut content = Vec::with_capacity(media_type.len() + 1 + body.len());
+        content.extend_from_slice(media_type.as_bytes());
+        content.push(b'\n');
+        content.extend_from_slice(body);
+        crate::atomic::write_via(&self.root.join("tmp"), &path, &content)
     }
 
     /// The digest `tag` pointed to and when that was last confirmed.
@@ -251,26 +237,8 @@ impl Store {
         d: &Digest,
     ) -> io::Result<()> {
         let path = self.tag_path(ns, repo, tag);
-        let (mut f, tmp) = self.temp_file("tag")?;
-        let written = writeln!(f, "{d}").and_then(|_| f.sync_all());
-        if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
-        place(&tmp, &path)
+        crate::atomic::write_via(&self.root.join("tmp"), &path, format!("{d}\n").as_bytes())
     }
-}
-
-/// Renames `tmp` to `dest` (creating its folder) and syncs the folder, so
-/// the entry survives a crash once this returns.
-fn place(tmp: &Path, dest: &Path) -> io::Result<()> {
-    let dir = dest.parent().unwrap_or(Path::new("/"));
-    let result = fs::create_dir_all(dir).and_then(|_| fs::rename(tmp, dest));
-    if let Err(e) = result {
-        let _ = fs::remove_file(tmp);
-        return Err(e);
-    }
-    File::open(dir).and_then(|d| d.sync_all())
 }
 
 /// Records an access as the file's mtime, at most once per granularity.

@@ -19,12 +19,14 @@
 // setting glibc's allocator parameters (memory.rs).
 #![deny(unsafe_code)]
 
+pub mod atomic;
 pub mod cache;
 pub mod config;
 pub mod memory;
 pub mod metrics;
 pub mod mirror;
 pub mod node;
+pub mod oci;
 pub mod prefetch;
 pub mod reference;
 pub mod reload;
@@ -38,10 +40,10 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
-use cache::flight::Flights;
 use cache::gc::Limits;
 use cache::Store;
 use config::{ConfigErrors, Settings};
+use mirror::flight::Flights;
 use mirror::Mirror;
 use server::App;
 use upstream::Upstream;

@@ -7,6 +7,7 @@
 //! digest and content are served, so a warm node pulls with upstreams down.
 //! Blobs go through the single-flight cache ([`crate::cache::flight`]).
 
+pub mod flight;
 pub mod range;
 
 use std::sync::atomic::Ordering;
@@ -20,25 +21,21 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use tokio::sync::watch;
 
-use crate::cache::flight::{Flights, Phase, Progress, Source};
+use crate::cache::ingest::{Phase, Progress};
 use crate::cache::{read, InUse, Store};
 use crate::metrics::METRICS;
+use crate::oci::{
+    boxed, content_length, full, media, Content, ResponseBody, ServeError, Verdict, API_VERSION,
+    DOCKER_CONTENT_DIGEST,
+};
 use crate::reference::{Digest, Namespace, Reference, Repository};
 use crate::sendfile::{self, Mappings};
-use crate::server::{boxed, content_length, full, ResponseBody, ServeError, API_VERSION};
 use crate::upstream::{AttemptError, Endpoint, Upstream, UpstreamRequest};
+use flight::{Flights, Source};
 use range::RangeSpec;
 
 /// Largest manifest accepted; OCI registries commonly refuse over 4 MiB.
 pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
-
-pub const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
-
-/// Asked for when the client names no media types.
-const DEFAULT_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
-application/vnd.oci.image.manifest.v1+json, \
-application/vnd.docker.distribution.manifest.list.v2+json, \
-application/vnd.docker.distribution.manifest.v2+json";
 
 /// The pull API over the cache and the upstream endpoint chains.
 pub struct Mirror {
@@ -155,12 +152,14 @@ impl Mirror {
             .await
         {
             Ok(m) => m,
-            Err(ServeError::Upstream { source, .. })
-                if cached.is_some() && !source.all_not_found() =>
-            {
+            Err(ServeError::Upstream {
+                verdict: Verdict::Failed,
+                detail,
+                ..
+            }) if cached.is_some() => {
                 let (m, _) = cached.unwrap_or_else(|| unreachable!("checked is_some"));
                 METRICS.cache.inc(&[("kind", "tag"), ("result", "stale")]);
-                tracing::warn!(%ns, %repository, tag, digest = %m.digest, error = %source,
+                tracing::warn!(%ns, %repository, tag, digest = %m.digest, error = %detail,
                     "every upstream failed; serving the last known manifest for this tag");
                 return Ok(m);
             }
@@ -234,11 +233,7 @@ impl Mirror {
             tail: format!("manifests/{reference}"),
             repository: repository.clone(),
             needs_resolve: matches!(reference, Reference::Tag(_)),
-            accept: Some(
-                accept
-                    .cloned()
-                    .unwrap_or(HeaderValue::from_static(DEFAULT_ACCEPT)),
-            ),
+            accept: Some(accept.cloned().unwrap_or_else(media::accept_all)),
             range: None,
         };
         let want = reference.digest();
@@ -246,10 +241,7 @@ impl Mirror {
             .first_success(&req, |ep, resp| self.take_manifest(ep, resp, &req, want))
             .await
             .map(|(m, _)| m)
-            .map_err(|source| ServeError::Upstream {
-                what: "manifest",
-                source: Arc::new(source),
-            })
+            .map_err(|exhausted| exhausted.into_error(Content::Manifest))
     }
 
     /// Checks one endpoint's manifest response. For HEAD, the headers must
@@ -359,12 +351,7 @@ impl Mirror {
                     .map(|p| p.clone())
                     .map_err(|_| internal("blob fetch vanished"))?;
                 match p.phase {
-                    Phase::Unavailable(source) => {
-                        return Err(ServeError::Upstream {
-                            what: "blob",
-                            source,
-                        })
-                    }
+                    Phase::Unavailable(e) => return Err(e),
                     // Nothing sent yet: a quick error lets the client move on.
                     Phase::Failed(why) => return Err(ServeError::Unavailable(why.to_string())),
                     _ => {}
@@ -452,10 +439,7 @@ impl Mirror {
                         })
                     })
                     .await
-                    .map_err(|source| ServeError::Upstream {
-                        what: "blob",
-                        source: Arc::new(source),
-                    })?;
+                    .map_err(|exhausted| exhausted.into_error(Content::Blob))?;
                 len
             }
         };

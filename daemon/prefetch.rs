@@ -12,11 +12,6 @@ use sha2::{Digest as _, Sha256};
 
 use crate::reference::{Digest, ImageRef, Reference};
 
-const MANIFEST_TYPES: &str = "application/vnd.oci.image.index.v1+json, \
-application/vnd.oci.image.manifest.v1+json, \
-application/vnd.docker.distribution.manifest.list.v2+json, \
-application/vnd.docker.distribution.manifest.v2+json";
-
 #[derive(Debug, thiserror::Error)]
 pub enum PrefetchError {
     #[error("{url}: {why}")]
@@ -160,7 +155,7 @@ async fn fetch(
         why,
     };
     let req = Request::get(url)
-        .header(ACCEPT, MANIFEST_TYPES)
+        .header(ACCEPT, crate::oci::media::accept_all())
         .body(Empty::new())
         .map_err(|e| fail(e.to_string()))?;
     let resp = client

@@ -2,8 +2,6 @@
 //! by path and `?ns=`, logs one line per request, and drains in-flight
 //! requests on shutdown.
 
-mod error;
-
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
@@ -12,7 +10,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -20,38 +17,14 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tracing::Instrument;
 
-pub use error::ServeError;
+use crate::oci::{content_length, full, ResponseBody, ServeError, API_VERSION};
 
 use crate::metrics::METRICS;
 use crate::mirror::Mirror;
 use crate::reference::{Namespace, Reference};
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub type ResponseBody = BoxBody<Bytes, BoxError>;
-
-pub const API_VERSION: (&str, &str) = ("docker-distribution-api-version", "registry/2.0");
-
 /// How long in-flight requests may take to finish after shutdown begins.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The `Content-Length` of a message, if present and a number.
-pub fn content_length(headers: &http::HeaderMap) -> Option<u64> {
-    headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-}
-
-pub fn full(b: Bytes) -> ResponseBody {
-    Full::new(b).map_err(|never| match never {}).boxed()
-}
-
-pub fn boxed<B>(body: B) -> ResponseBody
-where
-    B: http_body::Body<Data = Bytes, Error = BoxError> + Send + Sync + 'static,
-{
-    BoxBody::new(body)
-}
 
 /// What the server needs to answer requests.
 pub struct App {

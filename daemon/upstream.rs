@@ -24,6 +24,7 @@ use url::Url;
 
 use crate::config::hosts;
 use crate::config::{ConfigError, UpstreamSettings};
+use crate::oci::{Content, ServeError, Verdict};
 use crate::reference::{Namespace, Repository};
 use auth::{Auth, Credentials};
 use client::ClientPool;
@@ -133,6 +134,22 @@ impl Exhausted {
         self.attempts
             .iter()
             .all(|(_, e)| matches!(e, AttemptError::NotFound | AttemptError::Denied(_)))
+    }
+}
+
+impl Exhausted {
+    /// The error a client gets when no endpoint could serve `what`.
+    pub fn into_error(self, what: Content) -> ServeError {
+        let verdict = if self.all_not_found() {
+            Verdict::NotFound
+        } else {
+            Verdict::Failed
+        };
+        ServeError::Upstream {
+            what,
+            verdict,
+            detail: self.to_string().into(),
+        }
     }
 }
 

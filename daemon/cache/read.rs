@@ -16,10 +16,10 @@ use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::{mpsc, watch};
 
-use super::flight::{Phase, Progress};
+use super::ingest::{Phase, Progress};
 use super::InUse;
 use crate::metrics::METRICS;
-use crate::server::BoxError;
+use crate::oci::BoxError;
 
 /// Bytes read from disk per step.
 const CHUNK: usize = 128 << 10;

@@ -9,9 +9,44 @@ use http::{Response, StatusCode};
 
 use super::{full, ResponseBody, API_VERSION};
 use crate::reference::ParseError;
-use crate::upstream::Exhausted;
 
-#[derive(Debug, thiserror::Error)]
+/// What a request asked the upstreams for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Content {
+    Manifest,
+    Blob,
+}
+
+impl Content {
+    /// The OCI error code for "not there".
+    fn unknown_code(self) -> &'static str {
+        match self {
+            Content::Manifest => "MANIFEST_UNKNOWN",
+            Content::Blob => "BLOB_UNKNOWN",
+        }
+    }
+}
+
+impl std::fmt::Display for Content {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Content::Manifest => "manifest",
+            Content::Blob => "blob",
+        })
+    }
+}
+
+/// What every endpoint of a chain together said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every endpoint answered that it does not have the content (or may
+    /// not show it): the client should look elsewhere.
+    NotFound,
+    /// Endpoints failed: down, timing out, erring.
+    Failed,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ServeError {
     /// The client asked for something malformed.
     #[error("{0}")]
@@ -22,11 +57,12 @@ pub enum ServeError {
     /// No such route in the distribution API subset served here.
     #[error("unsupported endpoint {0}")]
     UnknownRoute(String),
-    /// Every upstream endpoint was tried (`what` is MANIFEST or BLOB).
-    #[error("{what} unavailable from every upstream endpoint: {source}")]
+    /// Every upstream endpoint was tried; `detail` says what each answered.
+    #[error("{what} unavailable from every upstream endpoint: {detail}")]
     Upstream {
-        what: &'static str,
-        source: Arc<Exhausted>,
+        what: Content,
+        verdict: Verdict,
+        detail: Arc<str>,
     },
     /// The request came from this daemon itself: hosts.d routes a
     /// namespace back here.
@@ -43,6 +79,10 @@ pub enum ServeError {
 }
 
 impl ServeError {
+    pub fn internal(e: impl std::fmt::Display) -> ServeError {
+        ServeError::Internal(e.to_string())
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ServeError::Invalid(_) => StatusCode::BAD_REQUEST,
@@ -52,10 +92,15 @@ impl ServeError {
             ServeError::Loop => StatusCode::NOT_FOUND,
             // A quick 404 lets containerd go on to its next host; 503 says
             // the upstreams are unreachable rather than the content absent.
-            ServeError::Upstream { source, .. } if source.all_not_found() => StatusCode::NOT_FOUND,
-            ServeError::Upstream { .. } | ServeError::Unavailable(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
+            ServeError::Upstream {
+                verdict: Verdict::NotFound,
+                ..
+            } => StatusCode::NOT_FOUND,
+            ServeError::Upstream {
+                verdict: Verdict::Failed,
+                ..
             }
+            | ServeError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ServeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -68,10 +113,11 @@ impl ServeError {
             ServeError::Invalid(ParseError::Tag(_)) => "TAG_INVALID",
             ServeError::MethodNotAllowed(_) | ServeError::UnknownRoute(_) => "UNSUPPORTED",
             ServeError::Loop => "NAME_UNKNOWN",
-            ServeError::Upstream { source, what } if source.all_not_found() => match *what {
-                "manifest" => "MANIFEST_UNKNOWN",
-                _ => "BLOB_UNKNOWN",
-            },
+            ServeError::Upstream {
+                what,
+                verdict: Verdict::NotFound,
+                ..
+            } => what.unknown_code(),
             ServeError::Upstream { .. } | ServeError::Unavailable(_) => "UNAVAILABLE",
             ServeError::Internal(_) => "UNKNOWN",
         }

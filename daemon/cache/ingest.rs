@@ -1,0 +1,327 @@
+//! Writing a blob into the store: a temporary file fed by a writer thread,
+//! a hasher thread beside it, and progress published for readers of the
+//! growing file ([`super::read`]). Only after every byte matched the
+//! digest is the file synced and renamed into `blobs/`.
+//!
+//! Where the bytes come from is not this module's concern: the mirror's
+//! single-flight fetch ([`crate::mirror`]) pushes them in.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use sha2::{Digest as _, Sha256};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::Store;
+use crate::oci::ServeError;
+use crate::reference::Digest;
+
+/// Where an ingest stands.
+#[derive(Clone, Debug)]
+pub enum Phase {
+    /// Looking for an endpoint that has the blob.
+    Connecting,
+    /// Bytes are arriving; `written` of them are in the file.
+    Streaming,
+    /// Every byte is in the file and matched the digest; it is being
+    /// synced and moved into the store. Readers may finish now.
+    Verified,
+    /// Verified and in the store.
+    Done,
+    /// No endpoint could serve it; nothing was sent.
+    Unavailable(ServeError),
+    /// The transfer broke or the digest did not match.
+    Failed(Arc<str>),
+}
+
+impl Phase {
+    /// Why readers must stop, when the fetch failed.
+    pub fn failure(&self) -> Option<String> {
+        match self {
+            Phase::Failed(why) => Some(format!("blob transfer failed: {why}")),
+            Phase::Unavailable(e) => Some(format!("blob unavailable: {e}")),
+            Phase::Connecting | Phase::Streaming | Phase::Verified | Phase::Done => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Progress {
+    pub phase: Phase,
+    /// Bytes in the file and readable.
+    pub written: u64,
+    /// The blob's size, once known from the upstream's headers.
+    pub total: Option<u64>,
+}
+
+impl Progress {
+    pub fn complete(len: u64) -> Progress {
+        Progress {
+            phase: Phase::Done,
+            written: len,
+            total: Some(len),
+        }
+    }
+}
+
+/// Why an ingest did not verify.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("writing {path}: {source}")]
+    Write { path: PathBuf, source: io::Error },
+    /// The bytes were not the blob: the source lied or broke.
+    #[error("blob digest mismatch: expected {expected}, got {got} ({len} bytes)")]
+    Mismatch {
+        expected: Digest,
+        got: Digest,
+        len: u64,
+    },
+}
+
+/// One blob being written. Its temporary file is removed when it is
+/// dropped without having been committed.
+pub struct Ingest {
+    store: Arc<Store>,
+    digest: Digest,
+    file: Option<File>,
+    tmp: PathBuf,
+    progress: watch::Sender<Progress>,
+    committed: bool,
+}
+
+/// Upstream frames queued for the writer and the hasher. Frames are up to
+/// a few hundred KiB (hyper's read buffer), and both queues share them:
+/// this bounds an ingest to a few MiB of memory.
+const FRAMES_QUEUED: usize = 8;
+
+/// Bytes gathered before a write, unless the queue runs dry first.
+const WRITE_BATCH: usize = 1 << 20;
+
+impl Ingest {
+    /// Starts an ingest of `digest` into a new temporary file.
+    pub fn start(store: &Arc<Store>, digest: &Digest) -> io::Result<Ingest> {
+        let (file, tmp) = store.temp_file("blob")?;
+        let (progress, _) = watch::channel(Progress {
+            phase: Phase::Connecting,
+            written: 0,
+            total: None,
+        });
+        Ok(Ingest {
+            store: store.clone(),
+            digest: digest.clone(),
+            file: Some(file),
+            tmp,
+            progress,
+            committed: false,
+        })
+    }
+
+    /// A handle on the growing file for a reader (`pread` ignores offsets).
+    pub fn reader(&self) -> io::Result<File> {
+        match &self.file {
+            Some(f) => f.try_clone(),
+            None => Err(io::Error::other("ingest already writing")),
+        }
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Progress> {
+        self.progress.subscribe()
+    }
+
+    /// The source is found and `total` bytes (when known) will come: one
+    /// extent is allocated up front, so a full disk fails here, early.
+    pub fn reserve(&mut self, total: Option<u64>) -> Result<(), String> {
+        if let (Some(t), Some(file)) = (total.filter(|&t| t > 0), &self.file) {
+            let len = i64::try_from(t).unwrap_or(i64::MAX);
+            if let Err(e) = nix::fcntl::posix_fallocate(file, 0, len) {
+                if e != nix::errno::Errno::EOPNOTSUPP && e != nix::errno::Errno::EINVAL {
+                    return Err(format!("reserving {t} bytes in the cache: {e}"));
+                }
+            }
+        }
+        self.progress.send_modify(|p| {
+            p.phase = Phase::Streaming;
+            p.total = total;
+        });
+        Ok(())
+    }
+
+    /// Starts the writer and hasher threads. Writing and hashing run side
+    /// by side: readers follow the writes, and the last byte waits only
+    /// for the hash to finish.
+    pub fn pump(&mut self) -> io::Result<Pump> {
+        let file = self
+            .file
+            .take()
+            .ok_or_else(|| io::Error::other("ingest already writing"))?;
+        let (chunks, rx) = mpsc::channel::<Bytes>(FRAMES_QUEUED);
+        let (to_hash, hash_rx) = mpsc::channel::<Bytes>(FRAMES_QUEUED);
+        let progress = self.progress.clone();
+        let writer = tokio::task::spawn_blocking(move || write_chunks(file, rx, &progress));
+        let hasher = tokio::task::spawn_blocking(move || hash_chunks(hash_rx));
+        Ok(Pump {
+            chunks,
+            to_hash,
+            writer,
+            hasher,
+        })
+    }
+
+    /// Waits for every byte to be written and hashed, and checks them
+    /// against the digest and `total`. On success readers may send the
+    /// last byte; durability follows in [`Ingest::commit`].
+    pub async fn verify(&mut self, pump: Pump, total: Option<u64>) -> Result<u64, IngestError> {
+        let Pump {
+            chunks,
+            to_hash,
+            writer,
+            hasher,
+        } = pump;
+        drop((chunks, to_hash));
+        let written = writer
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))
+            .and_then(|r| r);
+        let hashed = hasher.await.map_err(|e| io::Error::other(e.to_string()));
+        let ((file, len), got) = match (written, hashed) {
+            (Ok(w), Ok(h)) => (w, h),
+            (Err(source), _) | (_, Err(source)) => {
+                return Err(IngestError::Write {
+                    path: self.tmp.clone(),
+                    source,
+                })
+            }
+        };
+        if got != self.digest || total.is_some_and(|t| t != len) {
+            return Err(IngestError::Mismatch {
+                expected: self.digest.clone(),
+                got,
+                len,
+            });
+        }
+        self.file = Some(file);
+        // Clients may have their last byte now; durability is the cache's
+        // concern and continues without holding them.
+        self.progress.send_modify(|p| p.phase = Phase::Verified);
+        Ok(len)
+    }
+
+    /// Syncs the verified file and renames it into the store. On failure
+    /// readers still finish from their open file; only caching failed.
+    pub async fn commit(&mut self) -> io::Result<()> {
+        let file = self
+            .file
+            .take()
+            .ok_or_else(|| io::Error::other("nothing verified to commit"))?;
+        let store = self.store.clone();
+        let (tmp, d) = (self.tmp.clone(), self.digest.clone());
+        tokio::task::spawn_blocking(move || {
+            file.sync_all()?;
+            store.commit_blob(&tmp, &d)
+        })
+        .await
+        .map_err(|e| io::Error::other(e.to_string()))??;
+        self.committed = true;
+        Ok(())
+    }
+
+    /// Publishes how the ingest ended, removing the temporary file first
+    /// unless the blob is in the store.
+    pub fn end(mut self, phase: Phase) {
+        self.remove_temp();
+        self.progress.send_modify(|p| p.phase = phase);
+    }
+
+    fn remove_temp(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.tmp);
+            self.committed = true; // nothing left to remove
+        }
+    }
+}
+
+impl Drop for Ingest {
+    fn drop(&mut self) {
+        self.remove_temp();
+    }
+}
+
+/// The writer and hasher threads of an ingest.
+pub struct Pump {
+    chunks: mpsc::Sender<Bytes>,
+    to_hash: mpsc::Sender<Bytes>,
+    writer: JoinHandle<io::Result<(File, u64)>>,
+    hasher: JoinHandle<Digest>,
+}
+
+impl Pump {
+    /// Queues `data` for writing and hashing; false once the writer has
+    /// failed (its error comes out of [`Ingest::verify`]).
+    pub async fn push(&self, data: Bytes) -> bool {
+        self.to_hash.send(data.clone()).await.is_ok() && self.chunks.send(data).await.is_ok()
+    }
+
+    /// Stops without verifying (the source broke): waits for the threads
+    /// to let go of the file.
+    pub async fn stop(self) {
+        drop((self.chunks, self.to_hash));
+        let _ = self.writer.await;
+        let _ = self.hasher.await;
+    }
+}
+
+fn hash_chunks(mut rx: mpsc::Receiver<Bytes>) -> Digest {
+    let mut hasher = Sha256::new();
+    while let Some(chunk) = rx.blocking_recv() {
+        hasher.update(&chunk);
+    }
+    Digest::from_hasher(hasher)
+}
+
+/// Writes chunks as they come, publishing after every write how much is
+/// readable. Chunks queued together are written with one `writev`, without
+/// copying them into a buffer first.
+fn write_chunks(
+    mut file: File,
+    mut rx: mpsc::Receiver<Bytes>,
+    tx: &watch::Sender<Progress>,
+) -> io::Result<(File, u64)> {
+    let mut batch: Vec<Bytes> = Vec::new();
+    let mut written = 0u64;
+    while let Some(first) = rx.blocking_recv() {
+        let mut batched = first.len();
+        batch.push(first);
+        while batched < WRITE_BATCH {
+            match rx.try_recv() {
+                Ok(more) => {
+                    batched += more.len();
+                    batch.push(more);
+                }
+                Err(_) => break,
+            }
+        }
+        write_all_vectored(&mut file, &batch)?;
+        batch.clear();
+        written += batched as u64;
+        tx.send_modify(|p| p.written = written);
+    }
+    Ok((file, written))
+}
+
+fn write_all_vectored(file: &mut File, chunks: &[Bytes]) -> io::Result<()> {
+    let mut slices: Vec<io::IoSlice<'_>> = chunks.iter().map(|c| io::IoSlice::new(c)).collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        match file.write_vectored(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

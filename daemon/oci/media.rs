@@ -1,0 +1,31 @@
+//! Manifest media types.
+
+use http::HeaderValue;
+
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+
+/// The manifest and index types of images today, most capable first.
+pub const MANIFESTS: [&str; 4] = [OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST];
+
+/// An `Accept` value naming every type in [`MANIFESTS`], for a client
+/// that names none.
+pub fn accept_all() -> HeaderValue {
+    // The constants above are plain ASCII, so the joined value is valid.
+    HeaderValue::try_from(MANIFESTS.join(", "))
+        .unwrap_or_else(|_| HeaderValue::from_static(OCI_MANIFEST))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn accept_all_names_every_type() {
+        let v = super::accept_all();
+        let v = v.to_str().unwrap();
+        for t in super::MANIFESTS {
+            assert!(v.contains(t), "{v}");
+        }
+    }
+}
