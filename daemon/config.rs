@@ -96,25 +96,6 @@ pub struct Settings {
     pub origin: Option<Origin>,
 }
 
-/// The settings in force, replaced as a whole by a reload; everything that
-/// may change at run time reads them from here.
-#[derive(Debug)]
-pub struct Live(std::sync::RwLock<std::sync::Arc<Settings>>);
-
-impl Live {
-    pub fn new(settings: Settings) -> Self {
-        Live(std::sync::RwLock::new(std::sync::Arc::new(settings)))
-    }
-
-    pub fn get(&self) -> std::sync::Arc<Settings> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    pub fn set(&self, settings: Settings) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = std::sync::Arc::new(settings);
-    }
-}
-
 /// The config file argument and flags settings were loaded with.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Origin {

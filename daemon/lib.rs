@@ -32,6 +32,7 @@ pub mod reference;
 pub mod reload;
 pub mod sendfile;
 pub mod server;
+pub mod snapshot;
 pub mod systemd;
 pub mod upstream;
 
@@ -46,6 +47,7 @@ use config::{ConfigErrors, Settings};
 use mirror::flight::Flights;
 use mirror::Mirror;
 use server::App;
+use snapshot::{Live, Snapshot};
 use upstream::Upstream;
 
 /// Errors that stop the daemon from starting.
@@ -72,27 +74,19 @@ impl StartError {
 
 /// Builds everything `settings` describes, ready to serve.
 pub fn build(settings: &Settings) -> Result<Arc<App>, StartError> {
-    let upstream = Arc::new(
-        Upstream::new(
-            &settings.hosts_dir,
-            settings.auth_file.as_deref(),
-            settings.upstream.clone(),
-        )
-        .map_err(ConfigErrors)?,
-    );
+    let upstream = Arc::new(Upstream::new());
+    let snapshot = Snapshot::build(&upstream, settings.clone(), 0)?;
     let store = Store::open(&settings.cache_dir).map_err(|source| StartError::CacheDir {
         path: settings.cache_dir.clone(),
         source,
     })?;
-    let live = Arc::new(config::Live::new(settings.clone()));
     Ok(Arc::new(App {
         mirror: Mirror {
             flights: Flights::new(store.clone(), upstream.clone()),
             upstream,
             store,
-            settings: live.clone(),
         },
-        settings: live,
+        live: Live::new(snapshot),
         draining: std::sync::atomic::AtomicBool::new(false),
     }))
 }
@@ -161,7 +155,7 @@ pub async fn run(
 /// with the limits and interval in force.
 async fn collect_periodically(app: Arc<App>) {
     loop {
-        let cache = app.settings().cache.clone();
+        let cache = app.live.load().settings.cache.clone();
         tokio::time::sleep(cache.gc_interval).await;
         let store = app.mirror.store.clone();
         let result = tokio::task::spawn_blocking(move || {

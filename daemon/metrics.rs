@@ -7,7 +7,9 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{LazyLock, Mutex};
+use std::sync::LazyLock;
+
+use parking_lot::Mutex;
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -33,29 +35,19 @@ impl Family {
 
     pub fn add(&self, labels: &[(&'static str, &str)], n: u64) {
         let key: Labels = labels.iter().map(|(k, v)| (*k, v.to_string())).collect();
-        *self
-            .values
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(key)
-            .or_insert(0) += n;
+        *self.values.lock().entry(key).or_insert(0) += n;
     }
 
     /// The value for exactly these labels (0 if never set).
     pub fn get(&self, labels: &[(&'static str, &str)]) -> u64 {
         let key: Labels = labels.iter().map(|(k, v)| (*k, v.to_string())).collect();
-        self.values
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-            .copied()
-            .unwrap_or(0)
+        self.values.lock().get(&key).copied().unwrap_or(0)
     }
 
     fn render(&self, out: &mut String) {
         let _ = writeln!(out, "# HELP {} {}", self.name, self.help);
         let _ = writeln!(out, "# TYPE {} counter", self.name);
-        for (labels, v) in self.values.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        for (labels, v) in self.values.lock().iter() {
             let _ = writeln!(out, "{}{} {v}", self.name, render_labels(labels));
         }
     }

@@ -30,6 +30,7 @@ use crate::oci::{
 };
 use crate::reference::{Digest, Namespace, Reference, Repository};
 use crate::sendfile::{self, Mappings};
+use crate::snapshot::Snapshot;
 use crate::upstream::{AttemptError, Endpoint, Upstream, UpstreamRequest};
 use flight::{Flights, Source};
 use range::RangeSpec;
@@ -42,8 +43,17 @@ pub struct Mirror {
     pub upstream: Arc<Upstream>,
     pub store: Arc<Store>,
     pub flights: Arc<Flights>,
-    /// The configuration in force, shared with the server (for `tag_ttl`).
-    pub settings: Arc<crate::config::Live>,
+}
+
+/// One client request, as the mirror needs it: the configuration it
+/// started under, the namespace, HEAD or GET, the client's headers, and
+/// the connection's sendfile mappings when it can send a file.
+pub struct Pull<'a> {
+    pub snap: Arc<Snapshot>,
+    pub ns: Namespace,
+    pub head: bool,
+    pub headers: &'a HeaderMap,
+    pub zero_copy: Option<&'a Arc<Mappings>>,
 }
 
 /// A manifest as fetched or cached.
@@ -72,21 +82,14 @@ fn internal(e: impl std::fmt::Display) -> ServeError {
 }
 
 impl Mirror {
-    /// How long a tag's digest is trusted before a HEAD revalidates it.
-    fn tag_ttl(&self) -> Duration {
-        self.settings.get().cache.tag_ttl
-    }
-
     pub async fn manifest(
         &self,
-        method: &Method,
-        ns: Namespace,
+        pull: &Pull<'_>,
         repository: Repository,
         reference: Reference,
-        headers: &HeaderMap,
     ) -> Result<Response<ResponseBody>, ServeError> {
-        let head = method == Method::HEAD;
-        let accept = headers.get(ACCEPT);
+        let (snap, ns, head) = (&*pull.snap, &pull.ns, pull.head);
+        let accept = pull.headers.get(ACCEPT);
         let m = match &reference {
             Reference::Digest(d) => match self.cached_manifest(d) {
                 Some(m) => {
@@ -100,14 +103,14 @@ impl Mirror {
                         .cache
                         .inc(&[("kind", "manifest"), ("result", "miss")]);
                     let m = self
-                        .fetch_manifest(Method::GET, &ns, &repository, &reference, accept)
+                        .fetch_manifest(snap, Method::GET, ns, &repository, &reference, accept)
                         .await?;
                     self.keep(&m);
                     m
                 }
             },
             Reference::Tag(tag) => {
-                self.manifest_by_tag(head, &ns, &repository, tag, accept)
+                self.manifest_by_tag(snap, head, ns, &repository, tag, accept)
                     .await?
             }
         };
@@ -116,6 +119,7 @@ impl Mirror {
 
     async fn manifest_by_tag(
         &self,
+        snap: &Snapshot,
         head: bool,
         ns: &Namespace,
         repository: &Repository,
@@ -134,7 +138,7 @@ impl Mirror {
             let age = SystemTime::now()
                 .duration_since(*confirmed)
                 .unwrap_or_default();
-            if age < self.tag_ttl() {
+            if age < snap.settings.cache.tag_ttl {
                 METRICS.cache.inc(&[("kind", "tag"), ("result", "hit")]);
                 return Ok(m.clone());
             }
@@ -148,7 +152,7 @@ impl Mirror {
         };
         let reference = Reference::Tag(tag.to_string());
         let fetched = match self
-            .fetch_manifest(method, ns, repository, &reference, accept)
+            .fetch_manifest(snap, method, ns, repository, &reference, accept)
             .await
         {
             Ok(m) => m,
@@ -189,7 +193,7 @@ impl Mirror {
         }
         let by_digest = Reference::Digest(fetched.digest.clone());
         let m = self
-            .fetch_manifest(Method::GET, ns, repository, &by_digest, accept)
+            .fetch_manifest(snap, Method::GET, ns, repository, &by_digest, accept)
             .await?;
         self.keep(&m);
         Ok(m)
@@ -221,6 +225,7 @@ impl Mirror {
 
     async fn fetch_manifest(
         &self,
+        snap: &Snapshot,
         method: Method,
         ns: &Namespace,
         repository: &Repository,
@@ -238,7 +243,9 @@ impl Mirror {
         };
         let want = reference.digest();
         self.upstream
-            .first_success(&req, |ep, resp| self.take_manifest(ep, resp, &req, want))
+            .first_success(&snap.upstream, &req, |ep, resp| {
+                self.take_manifest(snap, ep, resp, &req, want)
+            })
             .await
             .map(|(m, _)| m)
             .map_err(|exhausted| exhausted.into_error(Content::Manifest))
@@ -249,6 +256,7 @@ impl Mirror {
     /// fetched with GET from the same endpoint and measured.
     async fn take_manifest(
         &self,
+        snap: &Snapshot,
         ep: Arc<Endpoint>,
         resp: Response<Incoming>,
         req: &UpstreamRequest,
@@ -261,8 +269,9 @@ impl Mirror {
             ))),
             _ => Ok(m),
         };
+        let idle = snap.upstream.settings.idle_timeout;
         if req.method != Method::HEAD {
-            return check(self.read_manifest(resp).await?);
+            return check(read_manifest(resp, idle).await?);
         }
         let h = resp.headers();
         let text = |name| h.get(name).and_then(|v: &HeaderValue| v.to_str().ok());
@@ -281,55 +290,24 @@ impl Mirror {
             method: Method::GET,
             ..req.clone()
         };
-        let resp = self.upstream.attempt(&ep, &get).await?;
-        check(self.read_manifest(resp).await?)
-    }
-
-    async fn read_manifest(&self, resp: Response<Incoming>) -> Result<Manifest, AttemptError> {
-        let header_type = resp
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let idle = self.upstream.settings().idle_timeout;
-        let read = Limited::new(resp.into_body(), MAX_MANIFEST_BYTES).collect();
-        let body = tokio::time::timeout(idle, read)
-            .await
-            .map_err(|_| {
-                AttemptError::Invalid(format!("manifest body not received within {idle:?}"))
-            })?
-            .map_err(|e| AttemptError::Invalid(format!("manifest body: {e}")))?
-            .to_bytes();
-        let media_type = match header_type {
-            Some(t) if !t.is_empty() => t,
-            _ => media_type_of(&body).ok_or_else(|| {
-                AttemptError::Invalid("manifest has neither Content-Type nor mediaType".into())
-            })?,
-        };
-        Ok(Manifest {
-            digest: Digest::of(&body),
-            media_type,
-            length: body.len() as u64,
-            body: Some(body),
-        })
+        let resp = self.upstream.attempt(&snap.upstream, &ep, &get).await?;
+        check(read_manifest(resp, idle).await?)
     }
 
     pub async fn blob(
         &self,
-        method: &Method,
-        ns: Namespace,
+        pull: &Pull<'_>,
         repository: Repository,
         digest: Digest,
-        headers: &HeaderMap,
-        zero_copy: Option<&Arc<Mappings>>,
     ) -> Result<Response<ResponseBody>, ServeError> {
-        if method == Method::HEAD {
-            return self.blob_head(ns, repository, digest).await;
+        let (snap, ns, headers, zero_copy) = (&pull.snap, &pull.ns, pull.headers, pull.zero_copy);
+        if pull.head {
+            return self.blob_head(snap, ns, repository, digest).await;
         }
         let held = self.store.hold(&digest);
         let (file, progress, leader, cached) = match self
             .flights
-            .get_or_start(&ns, &repository, &digest)
+            .get_or_start(snap, ns, &repository, &digest)
             .map_err(internal)?
         {
             Source::Cached(file, len) => {
@@ -408,7 +386,8 @@ impl Mirror {
     /// else from the upstream (without fetching the content).
     async fn blob_head(
         &self,
-        ns: Namespace,
+        snap: &Snapshot,
+        ns: &Namespace,
         repository: Repository,
         digest: Digest,
     ) -> Result<Response<ResponseBody>, ServeError> {
@@ -424,7 +403,7 @@ impl Mirror {
             None => {
                 let req = UpstreamRequest {
                     method: Method::HEAD,
-                    namespace: ns,
+                    namespace: ns.clone(),
                     tail: format!("blobs/{digest}"),
                     repository,
                     needs_resolve: false,
@@ -433,7 +412,7 @@ impl Mirror {
                 };
                 let (len, _) = self
                     .upstream
-                    .first_success(&req, |_, resp| async move {
+                    .first_success(&snap.upstream, &req, |_, resp| async move {
                         content_length(resp.headers()).ok_or_else(|| {
                             AttemptError::Invalid("blob HEAD without Content-Length".into())
                         })
@@ -505,6 +484,33 @@ fn respond_manifest(m: Manifest, head: bool) -> Result<Response<ResponseBody>, S
         .header(DOCKER_CONTENT_DIGEST, m.digest.to_string())
         .body(full(body))
         .map_err(internal)
+}
+
+/// Reads a manifest response whole (bounded in size and time) and measures it.
+async fn read_manifest(resp: Response<Incoming>, idle: Duration) -> Result<Manifest, AttemptError> {
+    let header_type = resp
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let read = Limited::new(resp.into_body(), MAX_MANIFEST_BYTES).collect();
+    let body = tokio::time::timeout(idle, read)
+        .await
+        .map_err(|_| AttemptError::Invalid(format!("manifest body not received within {idle:?}")))?
+        .map_err(|e| AttemptError::Invalid(format!("manifest body: {e}")))?
+        .to_bytes();
+    let media_type = match header_type {
+        Some(t) if !t.is_empty() => t,
+        _ => media_type_of(&body).ok_or_else(|| {
+            AttemptError::Invalid("manifest has neither Content-Type nor mediaType".into())
+        })?,
+    };
+    Ok(Manifest {
+        digest: Digest::of(&body),
+        media_type,
+        length: body.len() as u64,
+        body: Some(body),
+    })
 }
 
 /// The `mediaType` field of a manifest, for upstreams that omit the header.

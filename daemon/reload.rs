@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::server::App;
+use crate::snapshot::Snapshot;
 use crate::systemd;
 
 /// Changes settle for this long before a reload, so an editor's write,
@@ -21,15 +22,15 @@ const SETTLE: Duration = Duration::from_millis(300);
 
 /// Reloads everything; returns a status line for systemd.
 pub fn apply(app: &App) -> String {
-    let current = app.settings();
-    let new = match current.reload() {
+    let current = &app.live.load().settings;
+    let next = current
+        .reload()
+        .and_then(|new| Snapshot::build(&app.mirror.upstream, new, app.live.next_generation()));
+    let next = match next {
         Ok(s) => s,
         Err(errors) => return failed(&errors.0),
     };
-    let upstream = &app.mirror.upstream;
-    if let Err(errors) = upstream.reload(&new.hosts_dir, new.auth_file.as_deref(), &new.upstream) {
-        return failed(&errors);
-    }
+    let new = &next.settings;
     if new.listen != current.listen {
         tracing::warn!(old = %current.listen, new = %new.listen, "listen changed: restart to apply");
     }
@@ -40,7 +41,7 @@ pub fn apply(app: &App) -> String {
         tracing::info!(dir = %new.hosts_dir.display(), "hosts_dir changed: read now; restart to watch it for changes");
     }
     let status = format!("reloaded {}", new.hosts_dir.display());
-    app.settings.set(new);
+    app.live.publish(next);
     tracing::info!("configuration reloaded");
     status
 }
@@ -88,7 +89,7 @@ pub fn spawn(app: Arc<App>) -> Reloader {
             reload_now(&hup_app);
         }
     }));
-    let settings = app.settings();
+    let settings = app.live.load().settings.clone();
     let mut targets = vec![Target {
         dir: settings.hosts_dir.clone(),
         only: None,

@@ -22,10 +22,11 @@ use std::io::{self, IoSlice};
 use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
+use parking_lot::{Mutex, MutexGuard};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -53,8 +54,8 @@ struct Region {
 }
 
 impl Mappings {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Region>> {
-        self.regions.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Vec<Region>> {
+        self.regions.lock()
     }
 
     /// The file and offset that `slice` shows, if it lies inside a mapping.

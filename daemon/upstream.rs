@@ -10,7 +10,7 @@ pub mod routes;
 
 use std::future::Future;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,13 +20,14 @@ use http::header::{
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Empty;
 use hyper::body::Incoming;
+use parking_lot::Mutex;
 use url::Url;
 
 use crate::config::hosts;
 use crate::config::{ConfigError, UpstreamSettings};
 use crate::oci::{Content, ServeError, Verdict};
 use crate::reference::{Namespace, Repository};
-use auth::{Auth, Credentials};
+use auth::{Auth, Credentials, TokenKey};
 use client::ClientPool;
 use health::Health;
 pub use routes::{Endpoint, Routes};
@@ -170,14 +171,25 @@ impl std::fmt::Display for Exhausted {
 
 impl std::error::Error for Exhausted {}
 
-/// The upstream client of the daemon: routes, health and auth state.
+/// The upstream client of the daemon: what outlives a reload (endpoint
+/// health, cached tokens, shared TLS clients). What a reload replaces is
+/// in [`Config`], which every call takes.
 pub struct Upstream {
-    routes: RwLock<Arc<Routes>>,
-    pool: std::sync::Mutex<ClientPool>,
+    /// Clients are shared across reloads, so connections stay pooled.
+    pool: Mutex<ClientPool>,
     health: Health,
     auth: Auth,
-    auth_file: RwLock<Option<std::path::PathBuf>>,
-    settings: RwLock<UpstreamSettings>,
+}
+
+/// The upstream configuration of one snapshot: routes, credentials and
+/// timeouts, read together by a request from its start to its end.
+pub struct Config {
+    routes: Routes,
+    credentials: Credentials,
+    pub settings: UpstreamSettings,
+    /// Distinguishes snapshots: tokens obtained under one are not used
+    /// under the next (the credentials may have changed).
+    generation: u64,
 }
 
 /// Renders an error with its sources, as hyper's errors hide the cause.
@@ -208,71 +220,46 @@ fn load_credentials(auth_file: Option<&Path>) -> Result<Credentials, Vec<ConfigE
     }
 }
 
+impl Default for Upstream {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Upstream {
-    /// Loads hosts.d and the credentials file; errors name file and line.
-    pub fn new(
-        hosts_dir: &Path,
-        auth_file: Option<&Path>,
-        settings: UpstreamSettings,
-    ) -> Result<Upstream, Vec<ConfigError>> {
-        let credentials = load_credentials(auth_file)?;
-        let mut pool = ClientPool::load();
-        let routes = Routes::build(
-            &hosts::load_dir(hosts_dir)?,
-            &mut pool,
-            settings.connect_timeout,
-        )?;
-        Ok(Upstream {
-            routes: RwLock::new(Arc::new(routes)),
-            pool: std::sync::Mutex::new(pool),
-            health: Health::new(settings.backoff, settings.backoff_max),
-            auth: Auth::new(credentials),
-            auth_file: RwLock::new(auth_file.map(Path::to_path_buf)),
-            settings: RwLock::new(settings),
-        })
+    pub fn new() -> Upstream {
+        Upstream {
+            pool: Mutex::new(ClientPool::load()),
+            health: Health::default(),
+            auth: Auth::default(),
+        }
     }
 
-    /// Re-reads hosts.d and the credentials file and takes new timeouts;
-    /// on any error nothing changes and the configuration in force stays.
-    pub fn reload(
+    /// Reads hosts.d and the credentials file into a configuration;
+    /// errors name file and line.
+    pub fn configure(
         &self,
         hosts_dir: &Path,
         auth_file: Option<&Path>,
         settings: &UpstreamSettings,
-    ) -> Result<(), Vec<ConfigError>> {
+        generation: u64,
+    ) -> Result<Config, Vec<ConfigError>> {
         let dir = hosts::load_dir(hosts_dir)?;
         let credentials = load_credentials(auth_file)?;
-        let routes = {
-            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-            Routes::build(&dir, &mut pool, settings.connect_timeout)?
-        };
-        *self.routes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(routes);
-        self.auth.replace_credentials(credentials);
-        *self.auth_file.write().unwrap_or_else(|p| p.into_inner()) =
-            auth_file.map(Path::to_path_buf);
-        self.health
-            .set_limits(settings.backoff, settings.backoff_max);
-        *self.settings.write().unwrap_or_else(|p| p.into_inner()) = settings.clone();
-        Ok(())
-    }
-
-    /// The timeouts in force.
-    pub fn settings(&self) -> UpstreamSettings {
-        self.settings
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        let routes = Routes::build(&dir, &mut self.pool.lock(), settings.connect_timeout)?;
+        Ok(Config {
+            routes,
+            credentials,
+            settings: settings.clone(),
+            generation,
+        })
     }
 
     /// The endpoints to try for `req`, capable ones only: healthy first in
     /// configured order, then those backing off as a last resort.
-    pub fn plan(&self, req: &UpstreamRequest) -> Vec<Arc<Endpoint>> {
-        let routes = self
+    pub fn plan(&self, cfg: &Config, req: &UpstreamRequest) -> Vec<Arc<Endpoint>> {
+        let (mut ready, backing_off): (Vec<_>, Vec<_>) = cfg
             .routes
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let (mut ready, backing_off): (Vec<_>, Vec<_>) = routes
             .chain(&req.namespace)
             .into_iter()
             .filter(|ep| {
@@ -292,6 +279,7 @@ impl Upstream {
     /// mismatch, say), which counts as that endpoint failing.
     pub async fn first_success<T, F, Fut>(
         &self,
+        cfg: &Config,
         req: &UpstreamRequest,
         mut accept: F,
     ) -> Result<(T, Arc<Endpoint>), Exhausted>
@@ -300,10 +288,10 @@ impl Upstream {
         Fut: Future<Output = Result<T, AttemptError>>,
     {
         let mut attempts = Vec::new();
-        let plan = self.plan(req);
+        let plan = self.plan(cfg, req);
         let last = plan.len().saturating_sub(1);
         for (i, ep) in plan.into_iter().enumerate() {
-            let result = match self.attempt(&ep, req).await {
+            let result = match self.attempt(cfg, &ep, req).await {
                 Ok(resp) => accept(ep.clone(), resp).await,
                 Err(e) => Err(e),
             };
@@ -320,7 +308,7 @@ impl Upstream {
                         m.fallbacks.inc(&[("endpoint", ep.key())]);
                     }
                     if e.marks_unhealthy() {
-                        let wait = self.health.failure(ep.key());
+                        let wait = self.health.failure(ep.key(), &cfg.settings);
                         tracing::warn!(endpoint = ep.key(), origin = %ep.origin, error = %e,
                             backoff = ?wait, "endpoint failed; trying the next");
                     } else {
@@ -335,11 +323,11 @@ impl Upstream {
 
     /// Marks an endpoint failed after its response was accepted, e.g. when
     /// its body turned out not to match the digest.
-    pub fn report_failure(&self, ep: &Endpoint, why: &str) {
+    pub fn report_failure(&self, cfg: &Config, ep: &Endpoint, why: &str) {
         crate::metrics::METRICS
             .upstream_errors
             .inc(&[("endpoint", ep.key()), ("reason", "transfer")]);
-        let wait = self.health.failure(ep.key());
+        let wait = self.health.failure(ep.key(), &cfg.settings);
         tracing::warn!(endpoint = ep.key(), error = why, backoff = ?wait, "endpoint failed mid-transfer");
     }
 
@@ -347,16 +335,21 @@ impl Upstream {
     /// follows redirects. Only a 2xx response is returned as success.
     pub async fn attempt(
         &self,
+        cfg: &Config,
         ep: &Endpoint,
         req: &UpstreamRequest,
     ) -> Result<Response<Incoming>, AttemptError> {
         let url = ep.url_for(req);
-        let auth_key = format!("{} {}", ep.key(), req.repository);
+        let auth_key = TokenKey {
+            generation: cfg.generation,
+            endpoint: ep.key().to_string(),
+            repository: req.repository.clone(),
+        };
         let mut authorization = self.auth.cached(&auth_key);
         let mut answered_challenge = false;
         loop {
             let resp = self
-                .send(ep, &req.method, &url, req, authorization.as_ref())
+                .send(cfg, ep, &url, req, authorization.as_ref())
                 .await?;
             let status = resp.status();
             if status == StatusCode::UNAUTHORIZED && !answered_challenge {
@@ -371,12 +364,12 @@ impl Upstream {
                 let header = self
                     .auth
                     .answer(
-                        &auth_key,
+                        auth_key.clone(),
+                        &cfg.credentials,
                         &ep.client,
                         &ep.base,
-                        req.repository.as_str(),
                         challenge,
-                        self.settings().first_byte_timeout,
+                        cfg.settings.first_byte_timeout,
                     )
                     .await?;
                 authorization = Some(header);
@@ -384,7 +377,7 @@ impl Upstream {
                 continue;
             }
             if is_redirect(status) {
-                return self.follow_redirects(ep, req, &url, resp).await;
+                return self.follow_redirects(cfg, ep, req, &url, resp).await;
             }
             return classify(resp);
         }
@@ -394,6 +387,7 @@ impl Upstream {
     /// registry's Authorization header, which must not leak elsewhere.
     async fn follow_redirects(
         &self,
+        cfg: &Config,
         ep: &Endpoint,
         req: &UpstreamRequest,
         from: &Url,
@@ -417,7 +411,7 @@ impl Upstream {
                 )));
             }
             tracing::debug!(from = %current, to = %next, "following redirect");
-            resp = self.send(ep, &req.method, &next, req, None).await?;
+            resp = self.send(cfg, ep, &next, req, None).await?;
             current = next;
             let status = resp.status();
             if !is_redirect(status) {
@@ -431,14 +425,14 @@ impl Upstream {
 
     async fn send(
         &self,
+        cfg: &Config,
         ep: &Endpoint,
-        method: &Method,
         url: &Url,
         req: &UpstreamRequest,
         authorization: Option<&HeaderValue>,
     ) -> Result<Response<Incoming>, AttemptError> {
         let mut builder = Request::builder()
-            .method(method.clone())
+            .method(req.method.clone())
             .uri(url.as_str())
             .header(USER_AGENT_HEADER, USER_AGENT)
             .header(http::header::VIA, via());
@@ -460,7 +454,7 @@ impl Upstream {
         let request = builder
             .body(Empty::<Bytes>::new())
             .map_err(|e| AttemptError::Invalid(format!("building request: {e}")))?;
-        let timeout = self.settings().first_byte_timeout;
+        let timeout = cfg.settings.first_byte_timeout;
         match tokio::time::timeout(timeout, ep.client.request(request)).await {
             Err(_) => Err(AttemptError::Timeout(timeout)),
             Ok(Err(e)) => Err(AttemptError::Connect(error_chain(&e))),

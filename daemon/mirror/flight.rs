@@ -21,7 +21,8 @@ use crate::cache::ingest::{Ingest, IngestError, Phase, Progress, Pump};
 use crate::cache::Store;
 use crate::oci::{content_length, Content};
 use crate::reference::{Digest, Namespace, Repository};
-use crate::upstream::{AttemptError, Endpoint, Upstream, UpstreamRequest};
+use crate::snapshot::Snapshot;
+use crate::upstream::{self, AttemptError, Endpoint, Upstream, UpstreamRequest};
 
 /// One blob being fetched.
 pub struct Flight {
@@ -75,6 +76,7 @@ impl Flights {
     /// The cached blob, the fetch under way, or a new fetch.
     pub fn get_or_start(
         self: &Arc<Self>,
+        snap: &Arc<Snapshot>,
         ns: &Namespace,
         repository: &Repository,
         digest: &Digest,
@@ -107,10 +109,11 @@ impl Flights {
         };
         let this = self.clone();
         let digest = digest.clone();
+        let snap = snap.clone();
         tokio::spawn(async move {
             let _held = this.store.hold(&digest);
             let mut ingest = ingest;
-            let outcome = this.fetch(&req, &digest, &mut ingest, leader).await;
+            let outcome = this.fetch(&snap, &req, &digest, &mut ingest, leader).await;
             if let Phase::Failed(why) = &outcome {
                 tracing::warn!(%digest, error = %why, "blob fetch failed");
             }
@@ -123,12 +126,14 @@ impl Flights {
     /// Find an endpoint, reserve the space, pump the body, verify, commit.
     async fn fetch(
         &self,
+        snap: &Snapshot,
         req: &UpstreamRequest,
         digest: &Digest,
         ingest: &mut Ingest,
         leader: mpsc::Sender<Bytes>,
     ) -> Phase {
-        let (ep, resp) = match self.find(req).await {
+        let cfg = &snap.upstream;
+        let (ep, resp) = match self.find(cfg, req).await {
             Ok(found) => found,
             Err(unavailable) => return unavailable,
         };
@@ -140,10 +145,10 @@ impl Flights {
             Ok(p) => p,
             Err(e) => return Phase::Failed(e.to_string().into()),
         };
-        let idle = self.upstream.settings().idle_timeout;
+        let idle = cfg.settings.idle_timeout;
         if let Err(why) = pump_body(resp.into_body(), &pump, leader, idle).await {
             pump.stop().await;
-            self.upstream.report_failure(&ep, &why);
+            self.upstream.report_failure(cfg, &ep, &why);
             return Phase::Failed(why.into());
         }
         let len = match ingest.verify(pump, total).await {
@@ -151,7 +156,7 @@ impl Flights {
             Err(e @ IngestError::Write { .. }) => return Phase::Failed(e.to_string().into()),
             Err(e @ IngestError::Mismatch { .. }) => {
                 let why = e.to_string();
-                self.upstream.report_failure(&ep, &why);
+                self.upstream.report_failure(cfg, &ep, &why);
                 return Phase::Failed(why.into());
             }
         };
@@ -168,10 +173,11 @@ impl Flights {
     /// The first endpoint that answers 200 for the blob.
     async fn find(
         &self,
+        cfg: &upstream::Config,
         req: &UpstreamRequest,
     ) -> Result<(Arc<Endpoint>, Response<Incoming>), Phase> {
         self.upstream
-            .first_success(req, |ep, resp| async move {
+            .first_success(cfg, req, |ep, resp| async move {
                 if resp.status() != StatusCode::OK {
                     return Err(AttemptError::Status(resp.status()));
                 }

@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -12,9 +11,11 @@ use bytes::Bytes;
 use http::header::{AUTHORIZATION, USER_AGENT};
 use http::{HeaderValue, Request, StatusCode};
 use http_body_util::{BodyExt, Empty, Limited};
+use parking_lot::Mutex;
 use url::Url;
 
 use super::client::HttpClient;
+use crate::reference::Repository;
 
 /// A username and password for one registry host.
 #[derive(Clone, PartialEq, Eq)]
@@ -213,11 +214,20 @@ struct Cached {
     expires: Option<Instant>,
 }
 
-/// Authorization headers that worked, per endpoint and repository.
+/// What a cached Authorization header is good for: one endpoint and
+/// repository, under the configuration it was obtained with.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TokenKey {
+    /// The configuration snapshot: credentials may differ in the next.
+    pub generation: u64,
+    pub endpoint: String,
+    pub repository: Repository,
+}
+
+/// Authorization headers that worked.
 #[derive(Default)]
 pub struct Auth {
-    credentials: std::sync::RwLock<std::sync::Arc<Credentials>>,
-    cache: Mutex<HashMap<String, Cached>>,
+    cache: Mutex<HashMap<TokenKey, Cached>>,
 }
 
 /// Tokens live this long when the service does not say (the distribution
@@ -225,23 +235,11 @@ pub struct Auth {
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 
 impl Auth {
-    pub fn new(credentials: Credentials) -> Self {
-        Auth {
-            credentials: std::sync::RwLock::new(std::sync::Arc::new(credentials)),
-            cache: Mutex::default(),
-        }
-    }
-
-    /// Swaps in re-read credentials; tokens obtained with the old ones go.
-    pub fn replace_credentials(&self, credentials: Credentials) {
-        *self.credentials.write().unwrap_or_else(|p| p.into_inner()) =
-            std::sync::Arc::new(credentials);
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
-    }
-
     /// A still-valid header for `key`, if one was obtained earlier.
-    pub fn cached(&self, key: &str) -> Option<HeaderValue> {
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+    pub fn cached(&self, key: &TokenKey) -> Option<HeaderValue> {
+        let mut cache = self.cache.lock();
+        // Tokens of earlier configurations are never used again.
+        cache.retain(|k, _| k.generation >= key.generation);
         match cache.get(key) {
             Some(c) if c.expires.is_none_or(|t| t > Instant::now()) => Some(c.header.clone()),
             Some(_) => {
@@ -252,32 +250,25 @@ impl Auth {
         }
     }
 
-    pub fn forget(&self, key: &str) {
-        self.cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(key);
+    pub fn forget(&self, key: &TokenKey) {
+        self.cache.lock().remove(key);
     }
 
-    /// Answers `challenge` for a request to `endpoint` about `repository`,
-    /// caches the resulting header under `key` and returns it.
+    /// Answers `challenge` for a request to `endpoint` about the key's
+    /// repository, caches the resulting header under `key` and returns it.
     pub async fn answer(
         &self,
-        key: &str,
+        key: TokenKey,
+        credentials: &Credentials,
         client: &HttpClient,
         endpoint: &Url,
-        repository: &str,
         challenge: &str,
         timeout: Duration,
     ) -> Result<HeaderValue, AuthError> {
         let parsed =
             parse_challenge(challenge).ok_or_else(|| AuthError::Unsupported(challenge.into()))?;
-        let credentials = self
-            .credentials
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
         let credential = credentials.for_url(endpoint);
+        let repository = key.repository.as_str();
         let (header, lifetime) = match parsed.scheme.as_str() {
             "basic" => {
                 let c = credential.ok_or(AuthError::NoCredentials)?;
@@ -299,8 +290,8 @@ impl Auth {
         };
         // Renew a little before the service would refuse the token.
         let expires = lifetime.map(|l| Instant::now() + l.mul_f32(0.9));
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(
-            key.to_string(),
+        self.cache.lock().insert(
+            key,
             Cached {
                 header: header.clone(),
                 expires,

@@ -4,12 +4,16 @@
 //! a recovered upstream is noticed without waiting out the period.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
+
+use crate::config::UpstreamSettings;
+
+/// Failure state by endpoint; the back-off periods come from the
+/// configuration in force when a failure is recorded.
+#[derive(Default)]
 pub struct Health {
-    /// Base and maximum back-off; changed by a reload.
-    limits: Mutex<(Duration, Duration)>,
     state: Mutex<HashMap<String, State>>,
 }
 
@@ -19,42 +23,33 @@ struct State {
 }
 
 impl Health {
-    pub fn new(base: Duration, max: Duration) -> Self {
-        Health {
-            limits: Mutex::new((base, max)),
-            state: Mutex::default(),
-        }
-    }
-
-    pub fn set_limits(&self, base: Duration, max: Duration) {
-        *self.limits.lock().unwrap_or_else(|p| p.into_inner()) = (base, max);
-    }
-
     /// True while `endpoint` should be skipped.
     pub fn backing_off(&self, endpoint: &str) -> bool {
-        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state
+        self.state
+            .lock()
             .get(endpoint)
             .is_some_and(|s| s.until > Instant::now())
     }
 
-    pub fn failure(&self, endpoint: &str) -> Duration {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+    /// Records a failure; returns how long the endpoint is now skipped.
+    pub fn failure(&self, endpoint: &str, settings: &UpstreamSettings) -> Duration {
+        let mut state = self.state.lock();
         let s = state.entry(endpoint.to_string()).or_insert(State {
             failures: 0,
             until: Instant::now(),
         });
         s.failures = s.failures.saturating_add(1);
         let factor = 1u32 << (s.failures - 1).min(16);
-        let (base, max) = *self.limits.lock().unwrap_or_else(|p| p.into_inner());
-        let wait = base.saturating_mul(factor).min(max);
+        let wait = settings
+            .backoff
+            .saturating_mul(factor)
+            .min(settings.backoff_max);
         s.until = Instant::now() + wait;
         wait
     }
 
     pub fn success(&self, endpoint: &str) {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.remove(endpoint);
+        self.state.lock().remove(endpoint);
     }
 }
 
@@ -62,13 +57,22 @@ impl Health {
 mod tests {
     use super::*;
 
+    fn limits(base: u64, max: u64) -> UpstreamSettings {
+        UpstreamSettings {
+            backoff: Duration::from_secs(base),
+            backoff_max: Duration::from_secs(max),
+            ..UpstreamSettings::default()
+        }
+    }
+
     #[test]
     fn backoff_doubles_up_to_max_and_success_clears() {
-        let h = Health::new(Duration::from_secs(1), Duration::from_secs(3));
+        let h = Health::default();
+        let s = limits(1, 3);
         assert!(!h.backing_off("a"));
-        assert_eq!(h.failure("a"), Duration::from_secs(1));
-        assert_eq!(h.failure("a"), Duration::from_secs(2));
-        assert_eq!(h.failure("a"), Duration::from_secs(3));
+        assert_eq!(h.failure("a", &s), Duration::from_secs(1));
+        assert_eq!(h.failure("a", &s), Duration::from_secs(2));
+        assert_eq!(h.failure("a", &s), Duration::from_secs(3));
         assert!(h.backing_off("a"));
         assert!(!h.backing_off("b"));
         h.success("a");
@@ -77,8 +81,8 @@ mod tests {
 
     #[test]
     fn zero_backoff_never_skips() {
-        let h = Health::new(Duration::ZERO, Duration::ZERO);
-        h.failure("a");
+        let h = Health::default();
+        h.failure("a", &limits(0, 0));
         assert!(!h.backing_off("a"));
     }
 }

@@ -7,7 +7,9 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::task::{Context, Poll};
 
 use base64::Engine as _;
@@ -118,7 +120,7 @@ impl Fake {
     ) -> Fake {
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Shared::default());
-        *shared.behaviour.lock().unwrap() = behaviour;
+        *shared.behaviour.lock() = behaviour;
         let s = shared.clone();
         let task = tokio::spawn(async move {
             loop {
@@ -158,7 +160,7 @@ impl Fake {
     }
 
     pub fn set(&self, f: impl FnOnce(&mut Behaviour)) {
-        f(&mut self.shared.behaviour.lock().unwrap());
+        f(&mut self.shared.behaviour.lock());
     }
 
     pub fn put_blob(&self, repo: &str, body: &[u8]) -> String {
@@ -208,11 +210,11 @@ impl Fake {
     }
 
     fn put(&self, key: String, content: Content) {
-        self.shared.content.lock().unwrap().insert(key, content);
+        self.shared.content.lock().insert(key, content);
     }
 
     pub fn seen(&self) -> Vec<Seen> {
-        self.shared.seen.lock().unwrap().clone()
+        self.shared.seen.lock().clone()
     }
 
     /// Requests whose path (without query) contains `needle`.
@@ -234,12 +236,12 @@ fn status(code: StatusCode, headers: &[(&str, String)]) -> Response<FakeBody> {
 }
 
 async fn handle(s: &Shared, addr: SocketAddr, req: Request<Incoming>) -> Response<FakeBody> {
-    s.seen.lock().unwrap().push(Seen {
+    s.seen.lock().push(Seen {
         method: req.method().clone(),
         uri: req.uri().to_string(),
         headers: req.headers().clone(),
     });
-    let b = s.behaviour.lock().unwrap().clone();
+    let b = s.behaviour.lock().clone();
     let path = req.uri().path().to_string();
     let auth = req
         .headers()
@@ -273,7 +275,6 @@ async fn handle(s: &Shared, addr: SocketAddr, req: Request<Incoming>) -> Respons
         let found = s
             .content
             .lock()
-            .unwrap()
             .keys()
             .find(|k| k.ends_with(&format!("/blobs/{digest}")))
             .cloned();
@@ -308,7 +309,7 @@ async fn handle(s: &Shared, addr: SocketAddr, req: Request<Incoming>) -> Respons
         }
         rest.to_string()
     };
-    let Some(content) = s.content.lock().unwrap().get(&key).cloned() else {
+    let Some(content) = s.content.lock().get(&key).cloned() else {
         return status(StatusCode::NOT_FOUND, &[]);
     };
     let digest = key.rsplit('/').next().unwrap_or("").to_string();
