@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use nodemirror::config::{Overrides, Settings};
+use nodemirror::config::{ConfigErrors, Overrides, Settings};
 use nodemirror::reference::Namespace;
+use nodemirror::StartError;
 
 #[derive(Parser)]
 #[command(
@@ -150,7 +151,7 @@ struct ServeArgs {
 }
 
 impl ServeArgs {
-    fn settings(&self) -> Result<Settings, nodemirror::config::ConfigErrors> {
+    fn settings(&self) -> Result<Settings, ConfigErrors> {
         Settings::load(
             self.config.as_deref(),
             Overrides {
@@ -161,6 +162,87 @@ impl ServeArgs {
                 auth_file: self.auth_file.clone(),
             },
         )
+    }
+}
+
+/// Why a command failed; each kind has its exit code (sysexits.h where
+/// one fits), decided in [`CliError::exit_code`] alone.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error("invalid configuration:\n{0}")]
+    Config(#[from] ConfigErrors),
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Start(#[from] StartError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("cache {dir}: {source}")]
+    CacheOpen {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cache {dir}: {source}")]
+    Cache {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0} corrupt cache files quarantined")]
+    Corrupt(usize),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl CliError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Config(_) | CliError::Usage(_) => 64, // EX_USAGE
+            CliError::Start(e) => e.exit_code() as u8,
+            CliError::Listen { .. } | CliError::Runtime(_) => 71, // EX_OSERR
+            CliError::CacheOpen { .. } => 73,                     // EX_CANTCREAT
+            CliError::Cache { .. } => 74,                         // EX_IOERR
+            CliError::Corrupt(_) | CliError::Failed(_) => 1,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    nodemirror::memory::tune_for_streaming();
+    let cli = Cli::parse();
+    init_logging();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nodemirror: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        None => serve(&cli.serve),
+        Some(Command::Serve(a)) => serve(&a),
+        Some(Command::CheckConfig(a)) => check_config(&a),
+        Some(Command::Cache { action }) => cache_command(action),
+        Some(Command::Containerd { action }) => containerd_command(action),
+        Some(Command::RegistriesYaml {
+            merge,
+            mirror,
+            args,
+        }) => registries_command(merge, mirror, &args),
+        Some(Command::Prefetch {
+            image,
+            server,
+            platform,
+            all_platforms,
+            args,
+        }) => prefetch_command(&image, server, platform, all_platforms, &args),
     }
 }
 
@@ -181,65 +263,26 @@ fn init_logging() {
     }
 }
 
-fn main() -> ExitCode {
-    nodemirror::memory::tune_for_streaming();
-    let cli = Cli::parse();
-    init_logging();
-    let (check_only, args) = match cli.command {
-        Some(Command::Serve(a)) => (false, a),
-        Some(Command::CheckConfig(a)) => (true, a),
-        Some(Command::Cache { action }) => return cache_command(action),
-        Some(Command::Containerd { action }) => return containerd_command(action),
-        Some(Command::RegistriesYaml {
-            merge,
-            mirror,
-            args,
-        }) => return registries_command(merge, mirror, &args),
-        Some(Command::Prefetch {
-            image,
-            server,
-            platform,
-            all_platforms,
-            args,
-        }) => return prefetch_command(&image, server, platform, all_platforms, &args),
-        None => (false, cli.serve),
-    };
-    let settings = match load_or_exit(&args) {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
-    let runtime = match runtime() {
-        Ok(r) => r,
-        Err(code) => return code,
-    };
-    runtime.block_on(async move {
-        if check_only {
-            return match nodemirror::build(&settings) {
-                Ok(_) => {
-                    println!("configuration OK: {settings:#?}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("nodemirror: {e}");
-                    ExitCode::from(e.exit_code() as u8)
-                }
-            };
-        }
-        let listener = match listen(&settings).await {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("nodemirror: cannot listen on {}: {e}", settings.listen);
-                return ExitCode::from(71);
-            }
-        };
-        match nodemirror::run(settings, listener, shutdown_signal()).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("nodemirror: {e}");
-                ExitCode::from(e.exit_code() as u8)
-            }
-        }
+fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Runtime::new().map_err(CliError::Runtime)
+}
+
+fn serve(args: &ServeArgs) -> Result<(), CliError> {
+    let settings = args.settings()?;
+    runtime()?.block_on(async move {
+        let listener = listen(&settings).await.map_err(|source| CliError::Listen {
+            addr: settings.listen,
+            source,
+        })?;
+        Ok(nodemirror::run(settings, listener, shutdown_signal()).await?)
     })
+}
+
+fn check_config(args: &ServeArgs) -> Result<(), CliError> {
+    let settings = args.settings()?;
+    runtime()?.block_on(async { nodemirror::build(&settings) })?;
+    println!("configuration OK: {settings:#?}");
+    Ok(())
 }
 
 /// The socket systemd passed (socket activation), else a new one.
@@ -253,87 +296,66 @@ async fn listen(settings: &Settings) -> std::io::Result<tokio::net::TcpListener>
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
-    tokio::runtime::Runtime::new().map_err(|e| {
-        eprintln!("nodemirror: cannot start the async runtime: {e}");
-        ExitCode::from(71)
-    })
-}
-
-fn load_or_exit(args: &ServeArgs) -> Result<Settings, ExitCode> {
-    args.settings().map_err(|e| {
-        eprintln!("nodemirror: invalid configuration:\n{e}");
-        ExitCode::from(64)
-    })
-}
-
-fn cache_command(action: CacheAction) -> ExitCode {
+fn cache_command(action: CacheAction) -> Result<(), CliError> {
     use nodemirror::cache::gc::Limits;
     use nodemirror::cache::Store;
-    let settings = match load_or_exit(action.args()) {
-        Ok(s) => s,
-        Err(code) => return code,
+    let settings = action.args().settings()?;
+    let dir = settings.cache_dir.clone();
+    let store = Store::open(&dir).map_err(|source| CliError::CacheOpen {
+        dir: dir.clone(),
+        source,
+    })?;
+    let failed = |source| CliError::Cache {
+        dir: dir.clone(),
+        source,
     };
-    let store = match Store::open(&settings.cache_dir) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("nodemirror: cache {}: {e}", settings.cache_dir.display());
-            return ExitCode::from(73);
-        }
-    };
-    let result = match action {
-        CacheAction::Stats(_) => store.stats().map(|s| {
-            println!("cache directory: {}", settings.cache_dir.display());
+    match action {
+        CacheAction::Stats(_) => {
+            let s = store.stats().map_err(failed)?;
+            println!("cache directory: {}", dir.display());
             println!("blobs:           {} ({} bytes)", s.blobs, s.blob_bytes);
             println!("manifests:       {}", s.manifests);
             println!("tags:            {}", s.tags);
             println!("temp files:      {}", s.temp_files);
             println!("free disk:       {} bytes", s.free_bytes);
-            ExitCode::SUCCESS
-        }),
+        }
         CacheAction::Gc {
             max_size, min_free, ..
-        } => Limits::from_settings(&settings.cache, store.root())
-            .and_then(|mut limits| {
-                limits.max_size = max_size.or(limits.max_size);
-                limits.min_free = min_free.unwrap_or(limits.min_free);
-                store.collect(limits)
-            })
-            .map(|r| {
-                println!(
-                    "evicted {} of {} blobs ({} bytes); {} bytes remain; {} in use kept",
-                    r.evicted, r.blobs_before, r.evicted_bytes, r.bytes_after, r.skipped_in_use
-                );
-                ExitCode::SUCCESS
-            }),
-        CacheAction::Verify(_) => store.verify().map(|(checked, bad)| {
+        } => {
+            let mut limits =
+                Limits::from_settings(&settings.cache, store.root()).map_err(failed)?;
+            limits.max_size = max_size.or(limits.max_size);
+            limits.min_free = min_free.unwrap_or(limits.min_free);
+            let r = store.collect(limits).map_err(failed)?;
+            println!(
+                "evicted {} of {} blobs ({} bytes); {} bytes remain; {} in use kept",
+                r.evicted, r.blobs_before, r.evicted_bytes, r.bytes_after, r.skipped_in_use
+            );
+        }
+        CacheAction::Verify(_) => {
+            let (checked, bad) = store.verify().map_err(failed)?;
             println!("checked {checked} files, {} corrupt", bad.len());
             for b in &bad {
                 println!("quarantined {}", b.display());
             }
-            if bad.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
+            if !bad.is_empty() {
+                return Err(CliError::Corrupt(bad.len()));
             }
-        }),
-    };
-    result.unwrap_or_else(|e| {
-        eprintln!("nodemirror: cache {}: {e}", settings.cache_dir.display());
-        ExitCode::from(74)
-    })
+        }
+    }
+    Ok(())
 }
 
 /// The mirror's URL (or a daemon's, for prefetch): given, or from the
 /// configured listen address.
-fn mirror_url(mirror: Option<String>, args: &ServeArgs) -> Result<String, ExitCode> {
+fn mirror_url(mirror: Option<String>, args: &ServeArgs) -> Result<String, CliError> {
     match mirror {
         Some(m) => Ok(m),
-        None => load_or_exit(args).map(|s| format!("http://{}", s.listen)),
+        None => Ok(format!("http://{}", args.settings()?.listen)),
     }
 }
 
-fn containerd_command(action: ContainerdAction) -> ExitCode {
+fn containerd_command(action: ContainerdAction) -> Result<(), CliError> {
     use nodemirror::node::containerd::{install, uninstall, Install};
     match action {
         ContainerdAction::Install {
@@ -347,10 +369,6 @@ fn containerd_command(action: ContainerdAction) -> ExitCode {
                 config: std::env::var_os("NODEMIRROR_CONFIG").map(PathBuf::from),
                 ..ServeArgs::default()
             };
-            let mirror = match mirror_url(mirror, &own) {
-                Ok(m) => m,
-                Err(code) => return code,
-            };
             let opts = Install {
                 certs_dir_explicit: certs_dir.is_some(),
                 // containerd resolves config_path from its own working directory.
@@ -358,118 +376,62 @@ fn containerd_command(action: ContainerdAction) -> ExitCode {
                     .map(|d| std::path::absolute(&d).unwrap_or(d))
                     .unwrap_or_else(|| PathBuf::from("/etc/containerd/certs.d")),
                 config: containerd_config,
-                mirror,
+                mirror: mirror_url(mirror, &own)?,
                 registries,
                 state_dir,
             };
-            match install(&opts) {
-                Ok(r) => {
-                    for p in &r.changed {
-                        println!("updated   {}", p.display());
-                    }
-                    for p in &r.unchanged {
-                        println!("unchanged {}", p.display());
-                    }
-                    if r.restart_containerd {
-                        println!(
-                            "restart containerd to apply config_path: systemctl restart containerd"
-                        );
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("nodemirror: containerd install: {e}");
-                    ExitCode::from(1)
-                }
+            let r =
+                install(&opts).map_err(|e| CliError::Failed(format!("containerd install: {e}")))?;
+            for p in &r.changed {
+                println!("updated   {}", p.display());
+            }
+            for p in &r.unchanged {
+                println!("unchanged {}", p.display());
+            }
+            if r.restart_containerd {
+                println!("restart containerd to apply config_path: systemctl restart containerd");
             }
         }
-        ContainerdAction::Uninstall { state_dir } => match uninstall(&state_dir) {
-            Ok((exact, surgical)) => {
-                for p in &exact {
-                    println!("restored  {}", p.display());
-                }
-                for p in &surgical {
-                    println!(
-                        "edited since install; removed only the mirror from {}",
-                        p.display()
-                    );
-                }
-                if exact.is_empty() && surgical.is_empty() {
-                    println!("nothing to undo");
-                }
-                ExitCode::SUCCESS
+        ContainerdAction::Uninstall { state_dir } => {
+            let (exact, surgical) = uninstall(&state_dir)
+                .map_err(|e| CliError::Failed(format!("containerd uninstall: {e}")))?;
+            for p in &exact {
+                println!("restored  {}", p.display());
             }
-            Err(e) => {
-                eprintln!("nodemirror: containerd uninstall: {e}");
-                ExitCode::from(1)
+            for p in &surgical {
+                println!(
+                    "edited since install; removed only the mirror from {}",
+                    p.display()
+                );
             }
-        },
+            if exact.is_empty() && surgical.is_empty() {
+                println!("nothing to undo");
+            }
+        }
     }
+    Ok(())
 }
 
 fn registries_command(
     merge: Option<PathBuf>,
     mirror: Option<String>,
     args: &ServeArgs,
-) -> ExitCode {
-    use nodemirror::node::registries;
-    let mirror = match mirror_url(mirror, args) {
-        Ok(m) => m,
-        Err(code) => return code,
-    };
+) -> Result<(), CliError> {
+    use nodemirror::node::registries::{self, Merged};
+    let mirror = mirror_url(mirror, args)?;
     let Some(path) = merge else {
         print!("{}", registries::render(&mirror));
-        return ExitCode::SUCCESS;
+        return Ok(());
     };
-    let existing = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => {
-            eprintln!("nodemirror: {}: {e}", path.display());
-            return ExitCode::from(1);
-        }
-    };
-    let merged = if existing.is_empty() {
-        Ok(Some(registries::render(&mirror)))
-    } else {
-        registries::merge(&existing, &mirror)
-    };
-    let text = match merged {
-        Ok(Some(t)) => t,
-        Ok(None) => {
-            println!("unchanged {}", path.display());
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("nodemirror: {}: {e}", path.display());
-            return ExitCode::from(1);
-        }
-    };
-    let backup = path.with_extension("yaml.nodemirror-orig");
-    let written = (|| {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        if !existing.is_empty() && !backup.exists() {
-            std::fs::write(&backup, &existing)?;
-        }
-        let tmp = path.with_extension("yaml.nodemirror-tmp");
-        std::fs::write(&tmp, &text)?;
-        std::fs::rename(&tmp, &path)
-    })();
-    match written {
-        Ok(()) => {
-            println!(
-                "updated   {} (restart rke2-server/rke2-agent or k3s to apply)",
-                path.display()
-            );
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("nodemirror: {}: {e}", path.display());
-            ExitCode::from(1)
-        }
+    match registries::merge_file(&path, &mirror) {
+        Ok(Merged::Unchanged) => println!("unchanged {}", path.display()),
+        Ok(Merged::Updated { .. }) => println!(
+            "updated   {} (restart rke2-server/rke2-agent or k3s to apply)",
+            path.display()
+        ),
+        Err(e) => return Err(CliError::Failed(e.to_string())),
     }
+    Ok(())
 }
 
 fn prefetch_command(
@@ -478,41 +440,25 @@ fn prefetch_command(
     platform: Option<String>,
     all_platforms: bool,
     args: &ServeArgs,
-) -> ExitCode {
+) -> Result<(), CliError> {
     use nodemirror::prefetch::{prefetch, Platforms};
-    let image: nodemirror::reference::ImageRef = match image.parse() {
-        Ok(i) => i,
-        Err(e) => {
-            eprintln!("nodemirror: {e}");
-            return ExitCode::from(64);
-        }
-    };
-    let server = match mirror_url(server, args) {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
+    let image: nodemirror::reference::ImageRef = image
+        .parse()
+        .map_err(|e: nodemirror::reference::ParseError| CliError::Usage(e.to_string()))?;
+    let server = mirror_url(server, args)?;
     let platforms = match (all_platforms, platform) {
         (true, _) => Platforms::All,
         (false, Some(p)) => Platforms::One(p),
         (false, None) => Platforms::host(),
     };
-    let runtime = match runtime() {
-        Ok(r) => r,
-        Err(code) => return code,
-    };
-    match runtime.block_on(prefetch(&server, &image, &platforms)) {
-        Ok(s) => {
-            println!(
-                "prefetched {}/{}:{}: {} manifests, {} blobs, {} bytes",
-                image.namespace, image.repository, image.reference, s.manifests, s.blobs, s.bytes
-            );
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("nodemirror: prefetch failed: {e}");
-            ExitCode::from(1)
-        }
-    }
+    let s = runtime()?
+        .block_on(prefetch(&server, &image, &platforms))
+        .map_err(|e| CliError::Failed(format!("prefetch failed: {e}")))?;
+    println!(
+        "prefetched {}/{}:{}: {} manifests, {} blobs, {} bytes",
+        image.namespace, image.repository, image.reference, s.manifests, s.blobs, s.bytes
+    );
+    Ok(())
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -233,17 +233,7 @@ pub fn ensure_config_path(
 }
 
 fn write_atomic(path: &Path, text: &str) -> Result<(), InstallError> {
-    let dir = path.parent().unwrap_or(Path::new("/"));
-    fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let tmp = dir.join(format!(
-        ".{}.nodemirror-tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
-    ));
-    fs::write(&tmp, text).map_err(io_err(&tmp))?;
-    if let Ok(meta) = fs::metadata(path) {
-        let _ = fs::set_permissions(&tmp, meta.permissions());
-    }
-    fs::rename(&tmp, path).map_err(io_err(path))
+    crate::atomic::write(path, text.as_bytes()).map_err(io_err(path))
 }
 
 /// Records a write; the first original of a file is the one kept.

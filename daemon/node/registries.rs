@@ -1,7 +1,65 @@
 //! rke2/k3s `registries.yaml`: a `"*"` mirror sends every registry to
 //! nodemirror (rke2/k3s write containerd's hosts.toml from it).
 
+use std::io;
+use std::path::{Path, PathBuf};
+
 use serde_yaml_ng::{Mapping, Value};
+
+/// Why a registries.yaml could not be merged.
+#[derive(Debug, thiserror::Error)]
+pub enum MergeError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// What [`merge_file`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Merged {
+    /// The mirror was already the first `"*"` endpoint.
+    Unchanged,
+    /// The file was written; the original, if any, is kept at `backup`
+    /// (the first original: a later merge does not overwrite it).
+    Updated { backup: Option<PathBuf> },
+}
+
+/// Adds `mirror` to the registries.yaml at `path` (creating it), keeping
+/// the first original beside it as `registries.yaml.nodemirror-orig`.
+pub fn merge_file(path: &Path, mirror: &str) -> Result<Merged, MergeError> {
+    let io_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| MergeError::Io { path, source }
+    };
+    let existing = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    let merged = if existing.is_empty() {
+        Some(render(mirror))
+    } else {
+        merge(&existing, mirror).map_err(|message| MergeError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        })?
+    };
+    let Some(text) = merged else {
+        return Ok(Merged::Unchanged);
+    };
+    let backup = path.with_extension("yaml.nodemirror-orig");
+    let kept = if existing.is_empty() {
+        None
+    } else {
+        if !backup.exists() {
+            crate::atomic::write(&backup, existing.as_bytes()).map_err(io_err(&backup))?;
+        }
+        Some(backup)
+    };
+    crate::atomic::write(path, text.as_bytes()).map_err(io_err(path))?;
+    Ok(Merged::Updated { backup: kept })
+}
 
 /// The registries.yaml that points every registry at `mirror`.
 pub fn render(mirror: &str) -> String {
@@ -72,6 +130,32 @@ mod tests {
             None,
             "idempotent"
         );
+    }
+
+    #[test]
+    fn merging_a_file_keeps_the_first_original() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("registries.yaml");
+        assert_eq!(
+            merge_file(&p, "http://m:1").unwrap(),
+            Merged::Updated { backup: None }
+        );
+        assert_eq!(merge_file(&p, "http://m:1").unwrap(), Merged::Unchanged);
+        let first = std::fs::read_to_string(&p).unwrap();
+        let backup = dir.path().join("registries.yaml.nodemirror-orig");
+        assert_eq!(
+            merge_file(&p, "http://m:2").unwrap(),
+            Merged::Updated {
+                backup: Some(backup.clone())
+            }
+        );
+        merge_file(&p, "http://m:3").unwrap();
+        assert_eq!(std::fs::read_to_string(&backup).unwrap(), first);
+        std::fs::write(&p, "- not a mapping\n").unwrap();
+        assert!(matches!(
+            merge_file(&p, "http://m:4"),
+            Err(MergeError::Invalid { .. })
+        ));
     }
 
     #[test]
