@@ -181,16 +181,7 @@ impl Settings {
         let mut errors = Vec::new();
         let base = src.path.parent().unwrap_or(Path::new("/")).to_path_buf();
         let root = src.doc.as_table();
-        let known = [
-            "listen",
-            "cache_dir",
-            "hosts_dir",
-            "default_namespace",
-            "auth_file",
-            "upstream",
-            "cache",
-        ];
-        visit_table(src, root, &known, &mut errors, |f| {
+        visit_table(src, root, &mut errors, |f| {
             match f.key {
                 "listen" => {
                     self.listen = f.str()?.parse().map_err(|e| {
@@ -211,39 +202,33 @@ impl Settings {
                 }
                 "upstream" => {
                     let u = &mut self.upstream;
-                    let keys = [
-                        "connect_timeout",
-                        "first_byte_timeout",
-                        "idle_timeout",
-                        "backoff",
-                        "backoff_max",
-                    ];
-                    f.section(&keys, |f| {
-                        let d = f.duration()?;
-                        match f.key {
-                            "connect_timeout" => u.connect_timeout = d,
-                            "first_byte_timeout" => u.first_byte_timeout = d,
-                            "idle_timeout" => u.idle_timeout = d,
-                            "backoff" => u.backoff = d,
-                            _ => u.backoff_max = d,
-                        }
+                    f.section(|f| {
+                        let field = match f.key {
+                            "connect_timeout" => &mut u.connect_timeout,
+                            "first_byte_timeout" => &mut u.first_byte_timeout,
+                            "idle_timeout" => &mut u.idle_timeout,
+                            "backoff" => &mut u.backoff,
+                            "backoff_max" => &mut u.backoff_max,
+                            _ => return Err(f.unknown()),
+                        };
+                        *field = f.duration()?;
                         Ok(())
                     })?;
                 }
                 "cache" => {
                     let c = &mut self.cache;
-                    let keys = ["max_size", "min_free", "tag_ttl", "gc_interval"];
-                    f.section(&keys, |f| {
+                    f.section(|f| {
                         match f.key {
                             "max_size" => c.max_size = Some(f.size()?),
                             "min_free" => c.min_free = min_free(&f)?,
                             "tag_ttl" => c.tag_ttl = f.duration()?,
-                            _ => c.gc_interval = f.duration()?,
+                            "gc_interval" => c.gc_interval = f.duration()?,
+                            _ => return Err(f.unknown()),
                         }
                         Ok(())
                     })?;
                 }
-                _ => unreachable!("visit_table passes known keys only"),
+                _ => return Err(f.unknown()),
             }
             Ok(())
         });

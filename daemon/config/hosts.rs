@@ -61,8 +61,6 @@ pub struct HostSettings {
     pub override_path: bool,
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub dial_timeout: Option<Duration>,
-    /// A key equal for settings that can share one TLS client.
-    pub tls_key: String,
 }
 
 /// One endpoint as configured: its API base URL (ending in `/v2` unless
@@ -92,16 +90,6 @@ pub struct HostsDir {
     /// `_default/hosts.toml`: for namespaces without a folder of their own.
     pub default: Option<HostsFile>,
 }
-
-const HOST_KEYS: &[&str] = &[
-    "capabilities",
-    "ca",
-    "client",
-    "skip_verify",
-    "override_path",
-    "header",
-    "dial_timeout",
-];
 
 /// Loads every `<dir>/<namespace>/hosts.toml`. A missing folder is an empty
 /// configuration: every namespace then goes to `https://<namespace>`.
@@ -175,29 +163,27 @@ pub fn parse_source(src: &Source) -> Result<HostsFile, Vec<ConfigError>> {
     };
 
     // Top level: the server and its settings.
-    let mut server_keys: Vec<&str> = HOST_KEYS.to_vec();
-    server_keys.extend(["server", "host"]);
-    let mut top = Settings::default();
+    let mut top = HostSettings::default();
     let mut server_field = None;
-    visit_table(src, root, &server_keys, &mut errors, |f| match f.key {
+    visit_table(src, root, &mut errors, |f| match f.key {
         "server" => {
             f.str()?;
             server_field = Some(f);
             Ok(())
         }
         "host" => Ok(()),
-        _ => top.visit(&f, dir),
+        _ => visit_host_key(&mut top, &f, dir),
     });
     // The server's path rule follows the top-level override_path, which may
     // come after `server` in the file.
     if let Some(f) = server_field {
         file.server_origin = src.origin(f.span.clone());
-        match endpoint_url(&f, f.str().unwrap_or_default(), top.0.override_path) {
+        match endpoint_url(&f, f.str().unwrap_or_default(), top.override_path) {
             Ok(url) => file.server = Some(url),
             Err(e) => errors.push(e),
         }
     }
-    file.server_settings = top.finish();
+    file.server_settings = top;
 
     // [host."URL"] tables, in file order.
     if let Some(item) = root.get("host") {
@@ -210,18 +196,18 @@ pub fn parse_source(src: &Source) -> Result<HostsFile, Vec<ConfigError>> {
                         errors.push(src.error(span, format!("host {name:?} must be a table")));
                         continue;
                     };
-                    let mut s = Settings::default();
-                    visit_table(src, table, HOST_KEYS, &mut errors, |f| s.visit(&f, dir));
+                    let mut s = HostSettings::default();
+                    visit_table(src, table, &mut errors, |f| visit_host_key(&mut s, &f, dir));
                     let field = Field {
                         src,
                         key: "host",
                         item,
                         span: span.clone(),
                     };
-                    match endpoint_url(&field, name, s.0.override_path) {
+                    match endpoint_url(&field, name, s.override_path) {
                         Ok(base) => file.mirrors.push(HostSpec {
                             base,
-                            settings: s.finish(),
+                            settings: s,
                             origin: src.origin(span),
                         }),
                         Err(e) => errors.push(e),
@@ -268,84 +254,68 @@ fn endpoint_url(f: &Field<'_>, raw: &str, override_path: bool) -> Result<Url, Co
     Ok(url)
 }
 
-#[derive(Default)]
-struct Settings(HostSettings, Vec<String>);
-
-impl Settings {
-    fn visit(&mut self, f: &Field<'_>, dir: &Path) -> Result<(), ConfigErrors> {
-        let s = &mut self.0;
-        match f.key {
-            "capabilities" => {
-                let mut caps = Capabilities {
-                    pull: false,
-                    resolve: false,
-                };
-                for c in f.strings()? {
-                    match c {
-                        "pull" => caps.pull = true,
-                        "resolve" => caps.resolve = true,
-                        "push" => {}
-                        other => {
-                            return Err(f
-                                .src
-                                .error(
-                                    f.span.clone(),
-                                    format!("unknown capability {other:?} (pull, resolve, push)"),
-                                )
-                                .into())
-                        }
+/// Reads one key of a `[host."..."]` table (or of the top level, for
+/// `server`) into `s`.
+fn visit_host_key(s: &mut HostSettings, f: &Field<'_>, dir: &Path) -> Result<(), ConfigErrors> {
+    match f.key {
+        "capabilities" => {
+            let mut caps = Capabilities {
+                pull: false,
+                resolve: false,
+            };
+            for c in f.strings()? {
+                match c {
+                    "pull" => caps.pull = true,
+                    "resolve" => caps.resolve = true,
+                    "push" => {}
+                    other => {
+                        return Err(f
+                            .src
+                            .error(
+                                f.span.clone(),
+                                format!("unknown capability {other:?} (pull, resolve, push)"),
+                            )
+                            .into())
                     }
                 }
-                s.capabilities = Some(caps);
             }
-            "ca" => {
-                for p in f.strings()? {
-                    let path = dir.join(p);
-                    let certs = read_certs(f, &path)?;
-                    self.1.push(format!("ca={}", path.display()));
-                    s.ca.extend(certs);
-                }
-            }
-            "client" => {
-                let (cert, key) = client_paths(f, dir)?;
-                let chain = read_certs(f, &cert)?;
-                let key_file = key.clone().unwrap_or_else(|| cert.clone());
-                let key = PrivateKeyDer::from_pem_file(&key_file).map_err(|e| {
-                    f.src.error(
-                        f.span.clone(),
-                        format!("cannot read private key {}: {e}", key_file.display()),
-                    )
-                })?;
-                self.1
-                    .push(format!("client={},{}", cert.display(), key_file.display()));
-                s.client = Some(ClientIdentity { chain, key });
-            }
-            "skip_verify" => {
-                s.skip_verify = f.bool()?;
-                self.1.push(format!("skip_verify={}", s.skip_verify));
-            }
-            "override_path" => s.override_path = f.bool()?,
-            "dial_timeout" => s.dial_timeout = Some(f.duration()?),
-            "header" => {
-                let table = f.item.as_table_like().ok_or_else(|| {
-                    f.src
-                        .error(f.span.clone(), "`header` must be a table of name = value")
-                })?;
-                let mut errs = Vec::new();
-                visit_headers(f.src, table, &mut s.headers, &mut errs);
-                if !errs.is_empty() {
-                    return Err(ConfigErrors(errs));
-                }
-            }
-            _ => unreachable!("visit_table passes known keys only"),
+            s.capabilities = Some(caps);
         }
-        Ok(())
+        "ca" => {
+            for p in f.strings()? {
+                let path = dir.join(p);
+                s.ca.extend(read_certs(f, &path)?);
+            }
+        }
+        "client" => {
+            let (cert, key) = client_paths(f, dir)?;
+            let chain = read_certs(f, &cert)?;
+            let key_file = key.clone().unwrap_or_else(|| cert.clone());
+            let key = PrivateKeyDer::from_pem_file(&key_file).map_err(|e| {
+                f.src.error(
+                    f.span.clone(),
+                    format!("cannot read private key {}: {e}", key_file.display()),
+                )
+            })?;
+            s.client = Some(ClientIdentity { chain, key });
+        }
+        "skip_verify" => s.skip_verify = f.bool()?,
+        "override_path" => s.override_path = f.bool()?,
+        "dial_timeout" => s.dial_timeout = Some(f.duration()?),
+        "header" => {
+            let table = f.item.as_table_like().ok_or_else(|| {
+                f.src
+                    .error(f.span.clone(), "`header` must be a table of name = value")
+            })?;
+            let mut errs = Vec::new();
+            visit_headers(f.src, table, &mut s.headers, &mut errs);
+            if !errs.is_empty() {
+                return Err(ConfigErrors(errs));
+            }
+        }
+        _ => return Err(f.unknown()),
     }
-
-    fn finish(mut self) -> HostSettings {
-        self.0.tls_key = self.1.join(";");
-        self.0
-    }
+    Ok(())
 }
 
 fn visit_headers(

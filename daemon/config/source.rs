@@ -120,6 +120,14 @@ pub struct Field<'a> {
 }
 
 impl<'a> Field<'a> {
+    /// The error for a key the visitor does not know: the `match` on the
+    /// key is the only list of keys, and this is its last arm.
+    pub fn unknown(&self) -> ConfigErrors {
+        self.src
+            .error(self.span.clone(), format!("unknown key `{}`", self.key))
+            .into()
+    }
+
     fn wrong(&self, want: &str) -> ConfigError {
         self.src
             .error(self.span.clone(), format!("`{}` must be {want}", self.key))
@@ -160,11 +168,10 @@ impl<'a> Field<'a> {
         parse_size(s).ok_or_else(|| self.wrong(want))
     }
 
-    /// Visits this value as a table of `known` keys (`[upstream]`, say),
-    /// returning every problem found in it.
+    /// Visits this value as a table (`[upstream]`, say), returning every
+    /// problem found in it.
     pub fn section(
         &self,
-        known: &[&str],
         visit: impl FnMut(Field<'a>) -> Result<(), ConfigErrors>,
     ) -> Result<(), ConfigErrors> {
         let table = self.item.as_table_like().ok_or_else(|| {
@@ -172,7 +179,7 @@ impl<'a> Field<'a> {
                 .error(self.span.clone(), format!("`{}` must be a table", self.key))
         })?;
         let mut errors = Vec::new();
-        visit_table(self.src, table, known, &mut errors, visit);
+        visit_table(self.src, table, &mut errors, visit);
         if errors.is_empty() {
             Ok(())
         } else {
@@ -234,28 +241,18 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     }
 }
 
-/// Walks the keys of a table, handing each known key to `visit` and
-/// reporting unknown keys, so a typo never silently changes behaviour.
-/// Every problem `visit` returns is kept (a nested table may have several).
+/// Walks the keys of a table, handing each to `visit`, which answers
+/// [`Field::unknown`] for a key it does not know, so a typo never silently
+/// changes behaviour. Every problem `visit` returns is kept (a nested table
+/// may have several).
 pub fn visit_table<'a>(
     src: &'a Source,
     table: &'a dyn TableLike,
-    known: &[&str],
     errors: &mut Vec<ConfigError>,
     mut visit: impl FnMut(Field<'a>) -> Result<(), ConfigErrors>,
 ) {
     for (key, item) in table.iter() {
         let span = span_of(table, key);
-        if !known.contains(&key) {
-            errors.push(src.error(
-                span,
-                format!(
-                    "unknown key `{key}` (expected one of: {})",
-                    known.join(", ")
-                ),
-            ));
-            continue;
-        }
         if let Err(e) = visit(Field {
             src,
             key,

@@ -17,6 +17,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::CryptoProvider;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use sha2::{Digest as _, Sha256};
 
 use crate::config::hosts::HostSettings;
 
@@ -27,7 +28,44 @@ pub type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
 pub struct ClientPool {
     provider: Arc<CryptoProvider>,
     system_roots: RootCertStore,
-    clients: HashMap<String, HttpClient>,
+    clients: HashMap<ClientKey, HttpClient>,
+}
+
+/// Endpoints whose TLS material and dial timeout are equal share a client.
+/// The TLS part is a hash of the certificates and keys themselves, not of
+/// their paths, so a certificate rotated in place gets a new client on
+/// reload.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct ClientKey {
+    tls: [u8; 32],
+    dial: Duration,
+}
+
+impl ClientKey {
+    fn new(settings: &HostSettings, dial: Duration) -> ClientKey {
+        let mut h = Sha256::new();
+        let mut add = |part: &[u8]| {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part);
+        };
+        add(&[u8::from(settings.skip_verify)]);
+        for ca in &settings.ca {
+            add(b"ca");
+            add(ca);
+        }
+        if let Some(id) = &settings.client {
+            for c in &id.chain {
+                add(b"chain");
+                add(c);
+            }
+            add(b"key");
+            add(id.key.secret_der());
+        }
+        ClientKey {
+            tls: h.finalize().into(),
+            dial,
+        }
+    }
 }
 
 impl ClientPool {
@@ -55,7 +93,7 @@ impl ClientPool {
         connect_timeout: Duration,
     ) -> Result<HttpClient, String> {
         let dial = settings.dial_timeout.unwrap_or(connect_timeout);
-        let key = format!("{};dial={}", settings.tls_key, dial.as_millis());
+        let key = ClientKey::new(settings, dial);
         if let Some(c) = self.clients.get(&key) {
             return Ok(c.clone());
         }
