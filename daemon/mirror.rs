@@ -5,35 +5,33 @@
 //! transparently. A tag's digest is trusted for the tag TTL, then
 //! revalidated with a HEAD; when every endpoint fails, the last known
 //! digest and content are served, so a warm node pulls with upstreams down.
-//! Blobs go through the single-flight cache ([`crate::cache::flight`]).
+//! Blobs go through the single-flight fetch ([`flight`]) and the cache
+//! ([`blob`]).
 
+mod blob;
 pub mod flight;
 pub mod range;
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::header::{ACCEPT, ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE};
+use http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use tokio::sync::watch;
 
-use crate::cache::ingest::{Phase, Progress};
-use crate::cache::{read, InUse, Store};
+use crate::cache::Store;
 use crate::metrics::METRICS;
 use crate::oci::{
-    boxed, content_length, full, media, Content, ResponseBody, ServeError, Verdict, API_VERSION,
+    content_length, full, media, Content, ResponseBody, ServeError, Verdict, API_VERSION,
     DOCKER_CONTENT_DIGEST,
 };
 use crate::reference::{Digest, Namespace, Reference, Repository};
-use crate::sendfile::{self, Mappings};
+use crate::sendfile::Mappings;
 use crate::snapshot::Snapshot;
 use crate::upstream::{AttemptError, Endpoint, Upstream, UpstreamRequest};
-use flight::{Flights, Source};
-use range::RangeSpec;
+use flight::Flights;
 
 /// Largest manifest accepted; OCI registries commonly refuse over 4 MiB.
 pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
@@ -239,7 +237,6 @@ impl Mirror {
             repository: repository.clone(),
             needs_resolve: matches!(reference, Reference::Tag(_)),
             accept: Some(accept.cloned().unwrap_or_else(media::accept_all)),
-            range: None,
         };
         let want = reference.digest();
         self.upstream
@@ -293,180 +290,6 @@ impl Mirror {
         let resp = self.upstream.attempt(&snap.upstream, &ep, &get).await?;
         check(read_manifest(resp, idle).await?)
     }
-
-    pub async fn blob(
-        &self,
-        pull: &Pull<'_>,
-        repository: Repository,
-        digest: Digest,
-    ) -> Result<Response<ResponseBody>, ServeError> {
-        let (snap, ns, headers, zero_copy) = (&pull.snap, &pull.ns, pull.headers, pull.zero_copy);
-        if pull.head {
-            return self.blob_head(snap, ns, repository, digest).await;
-        }
-        let held = self.store.hold(&digest);
-        let (file, progress, leader, cached) = match self
-            .flights
-            .get_or_start(snap, ns, &repository, &digest)
-            .map_err(internal)?
-        {
-            Source::Cached(file, len) => {
-                METRICS.cache.inc(&[("kind", "blob"), ("result", "hit")]);
-                let (_, rx) = watch::channel(Progress::complete(len));
-                (file, rx, None, true)
-            }
-            Source::Flight(f, leader) => {
-                let result = if leader.is_some() {
-                    "miss"
-                } else {
-                    "coalesced"
-                };
-                METRICS.cache.inc(&[("kind", "blob"), ("result", result)]);
-                let mut rx = f.progress.clone();
-                let p = rx
-                    .wait_for(|p| !matches!(p.phase, Phase::Connecting))
-                    .await
-                    .map(|p| p.clone())
-                    .map_err(|_| internal("blob fetch vanished"))?;
-                match p.phase {
-                    Phase::Unavailable(e) => return Err(e),
-                    // Nothing sent yet: a quick error lets the client move on.
-                    Phase::Failed(why) => return Err(ServeError::Unavailable(why.to_string())),
-                    _ => {}
-                }
-                (f.file.try_clone().map_err(internal)?, rx, leader, false)
-            }
-        };
-        let total = progress.borrow().total;
-        let spec = match (headers.get(RANGE).and_then(|v| v.to_str().ok()), total) {
-            (Some(r), Some(t)) => range::parse(r, t),
-            _ => RangeSpec::Full,
-        };
-        let mut builder = blob_headers(&digest);
-        let (start, end) = match spec {
-            RangeSpec::Full => {
-                builder = builder.status(StatusCode::OK);
-                (0, total)
-            }
-            RangeSpec::Part(a, b) => {
-                let t = total.unwrap_or_default();
-                builder = builder
-                    .status(StatusCode::PARTIAL_CONTENT)
-                    .header(CONTENT_RANGE, format!("bytes {a}-{b}/{t}"));
-                (a, Some(b + 1))
-            }
-            RangeSpec::Unsatisfiable => {
-                let t = total.unwrap_or_default();
-                return blob_headers(&digest)
-                    .status(StatusCode::RANGE_NOT_SATISFIABLE)
-                    .header(CONTENT_RANGE, format!("bytes */{t}"))
-                    .header(CONTENT_LENGTH, 0)
-                    .body(full(Bytes::new()))
-                    .map_err(internal);
-            }
-        };
-        if let Some(e) = end {
-            builder = builder.header(CONTENT_LENGTH, e - start);
-        }
-        let body = match (leader, spec, total) {
-            // The request that started the fetch, for the whole blob.
-            (Some(frames), RangeSpec::Full, Some(t)) => {
-                boxed(read::tee(frames, file, progress, t, held))
-            }
-            _ => match sendfile_frame(zero_copy.filter(|_| cached), &file, total, start, end, held)
-            {
-                Ok(frame) => full(frame),
-                Err(held) => boxed(read::stream(file, progress, start, end, held)),
-            },
-        };
-        builder.body(body).map_err(internal)
-    }
-
-    /// HEAD of a blob: from the cache or a fetch under way if possible,
-    /// else from the upstream (without fetching the content).
-    async fn blob_head(
-        &self,
-        snap: &Snapshot,
-        ns: &Namespace,
-        repository: Repository,
-        digest: Digest,
-    ) -> Result<Response<ResponseBody>, ServeError> {
-        let known = match self.store.open_blob(&digest).map_err(internal)? {
-            Some((_, len)) => Some(len),
-            None => self
-                .flights
-                .current(&digest)
-                .and_then(|f| f.progress.borrow().total),
-        };
-        let len = match known {
-            Some(len) => len,
-            None => {
-                let req = UpstreamRequest {
-                    method: Method::HEAD,
-                    namespace: ns.clone(),
-                    tail: format!("blobs/{digest}"),
-                    repository,
-                    needs_resolve: false,
-                    accept: None,
-                    range: None,
-                };
-                let (len, _) = self
-                    .upstream
-                    .first_success(&snap.upstream, &req, |_, resp| async move {
-                        content_length(resp.headers()).ok_or_else(|| {
-                            AttemptError::Invalid("blob HEAD without Content-Length".into())
-                        })
-                    })
-                    .await
-                    .map_err(|exhausted| exhausted.into_error(Content::Blob))?;
-                len
-            }
-        };
-        blob_headers(&digest)
-            .status(StatusCode::OK)
-            .header(CONTENT_LENGTH, len)
-            .body(full(Bytes::new()))
-            .map_err(internal)
-    }
-}
-
-/// Bytes `start..end` of a complete cached blob as one frame that the
-/// connection's writer sends with sendfile, when the connection can and the
-/// range is worth it; otherwise `held` comes back for the ordinary read path.
-fn sendfile_frame(
-    zero_copy: Option<&Arc<Mappings>>,
-    file: &std::fs::File,
-    total: Option<u64>,
-    start: u64,
-    end: Option<u64>,
-    held: InUse,
-) -> Result<Bytes, InUse> {
-    let (Some(mappings), Some(total), Some(end)) = (zero_copy, total, end) else {
-        return Err(held);
-    };
-    if end - start < sendfile::MIN_LEN {
-        return Err(held);
-    }
-    match mappings.blob(file, total, start, end, held) {
-        Ok(frame) => {
-            METRICS
-                .served_from_cache
-                .fetch_add(end - start, Ordering::Relaxed);
-            Ok(frame)
-        }
-        Err((e, held)) => {
-            tracing::warn!(error = %e, "cannot map a cached blob; reading it instead");
-            Err(held)
-        }
-    }
-}
-
-fn blob_headers(digest: &Digest) -> http::response::Builder {
-    Response::builder()
-        .header(API_VERSION.0, API_VERSION.1)
-        .header(CONTENT_TYPE, "application/octet-stream")
-        .header(ACCEPT_RANGES, "bytes")
-        .header(DOCKER_CONTENT_DIGEST, digest.to_string())
 }
 
 fn respond_manifest(m: Manifest, head: bool) -> Result<Response<ResponseBody>, ServeError> {

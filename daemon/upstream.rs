@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{
-    ACCEPT, AUTHORIZATION, LOCATION, RANGE, USER_AGENT as USER_AGENT_HEADER, WWW_AUTHENTICATE,
+    ACCEPT, AUTHORIZATION, LOCATION, USER_AGENT as USER_AGENT_HEADER, WWW_AUTHENTICATE,
 };
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Empty;
@@ -62,7 +62,6 @@ pub struct UpstreamRequest {
     /// What the endpoint must be able to do: resolve for tags, pull else.
     pub needs_resolve: bool,
     pub accept: Option<HeaderValue>,
-    pub range: Option<HeaderValue>,
 }
 
 /// Why one endpoint could not serve a request.
@@ -444,9 +443,6 @@ impl Upstream {
         }
         if let Some(a) = &req.accept {
             builder = builder.header(ACCEPT, a);
-        }
-        if let Some(r) = &req.range {
-            builder = builder.header(RANGE, r);
         }
         if let Some(a) = authorization {
             builder = builder.header(AUTHORIZATION, a);

@@ -105,7 +105,6 @@ impl Flights {
             tail: format!("blobs/{digest}"),
             needs_resolve: false,
             accept: None,
-            range: None,
         };
         let this = self.clone();
         let digest = digest.clone();

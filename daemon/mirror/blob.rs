@@ -1,0 +1,266 @@
+//! Answering blob requests: from the store with sendfile, from a fetch
+//! under way (the growing file, or memory for the request that started
+//! it), with `Range` either way; HEAD without fetching the content.
+
+use std::fs::File;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE};
+use http::{Method, Response, StatusCode};
+use tokio::sync::{mpsc, watch};
+
+use super::flight::Source;
+use super::range::{self, RangeSpec};
+use super::{internal, Mirror, Pull};
+use crate::cache::ingest::{Phase, Progress};
+use crate::cache::{read, InUse};
+use crate::metrics::METRICS;
+use crate::oci::{
+    boxed, content_length, full, Content, ResponseBody, ServeError, API_VERSION,
+    DOCKER_CONTENT_DIGEST,
+};
+use crate::reference::{Digest, Namespace, Repository};
+use crate::sendfile::{self, Mappings};
+use crate::snapshot::Snapshot;
+use crate::upstream::{AttemptError, UpstreamRequest};
+
+/// Where a blob's bytes come from, once a source has answered.
+struct Opened {
+    file: File,
+    progress: watch::Receiver<Progress>,
+    /// The upstream's frames, for the request that started the fetch.
+    leader: Option<mpsc::Receiver<Bytes>>,
+    /// Complete in the store (so sendfile may serve it).
+    cached: bool,
+}
+
+/// The part of the blob a request gets.
+struct Window {
+    spec: RangeSpec,
+    start: u64,
+    /// Exclusive; `None` while the size is unknown.
+    end: Option<u64>,
+}
+
+impl Mirror {
+    pub async fn blob(
+        &self,
+        pull: &Pull<'_>,
+        repository: Repository,
+        digest: Digest,
+    ) -> Result<Response<ResponseBody>, ServeError> {
+        if pull.head {
+            return self
+                .blob_head(&pull.snap, &pull.ns, repository, digest)
+                .await;
+        }
+        let held = self.store.hold(&digest);
+        let opened = self.open_source(pull, &repository, &digest).await?;
+        let total = opened.progress.borrow().total;
+        let header = pull.headers.get(RANGE).and_then(|v| v.to_str().ok());
+        let (builder, window) = window(&digest, header, total);
+        if window.spec == RangeSpec::Unsatisfiable {
+            return builder.body(full(Bytes::new())).map_err(internal);
+        }
+        let body = body(opened, &window, total, held, pull.zero_copy);
+        builder.body(body).map_err(internal)
+    }
+
+    /// The store, a fetch under way, or a new fetch; waits until a fetch
+    /// has found a source, so a failure is still a quick error status.
+    async fn open_source(
+        &self,
+        pull: &Pull<'_>,
+        repository: &Repository,
+        digest: &Digest,
+    ) -> Result<Opened, ServeError> {
+        let source = self
+            .flights
+            .get_or_start(&pull.snap, &pull.ns, repository, digest)
+            .map_err(internal)?;
+        let (f, leader) = match source {
+            Source::Cached(file, len) => {
+                METRICS.cache.inc(&[("kind", "blob"), ("result", "hit")]);
+                let (_, progress) = watch::channel(Progress::complete(len));
+                return Ok(Opened {
+                    file,
+                    progress,
+                    leader: None,
+                    cached: true,
+                });
+            }
+            Source::Flight(f, leader) => (f, leader),
+        };
+        let result = if leader.is_some() {
+            "miss"
+        } else {
+            "coalesced"
+        };
+        METRICS.cache.inc(&[("kind", "blob"), ("result", result)]);
+        let mut progress = f.progress.clone();
+        let phase = progress
+            .wait_for(|p| !matches!(p.phase, Phase::Connecting))
+            .await
+            .map(|p| p.phase.clone())
+            .map_err(|_| internal("blob fetch vanished"))?;
+        match phase {
+            Phase::Unavailable(e) => return Err(e),
+            // Nothing sent yet: a quick error lets the client move on.
+            Phase::Failed(why) => return Err(ServeError::Unavailable(why.to_string())),
+            _ => {}
+        }
+        Ok(Opened {
+            file: f.file.try_clone().map_err(internal)?,
+            progress,
+            leader,
+            cached: false,
+        })
+    }
+
+    /// HEAD of a blob: from the cache or a fetch under way if possible,
+    /// else from the upstream (without fetching the content).
+    async fn blob_head(
+        &self,
+        snap: &Snapshot,
+        ns: &Namespace,
+        repository: Repository,
+        digest: Digest,
+    ) -> Result<Response<ResponseBody>, ServeError> {
+        let known = match self.store.open_blob(&digest).map_err(internal)? {
+            Some((_, len)) => Some(len),
+            None => self
+                .flights
+                .current(&digest)
+                .and_then(|f| f.progress.borrow().total),
+        };
+        let len = match known {
+            Some(len) => len,
+            None => {
+                let req = UpstreamRequest {
+                    method: Method::HEAD,
+                    namespace: ns.clone(),
+                    tail: format!("blobs/{digest}"),
+                    repository,
+                    needs_resolve: false,
+                    accept: None,
+                };
+                let (len, _) = self
+                    .upstream
+                    .first_success(&snap.upstream, &req, |_, resp| async move {
+                        content_length(resp.headers()).ok_or_else(|| {
+                            AttemptError::Invalid("blob HEAD without Content-Length".into())
+                        })
+                    })
+                    .await
+                    .map_err(|exhausted| exhausted.into_error(Content::Blob))?;
+                len
+            }
+        };
+        blob_headers(&digest)
+            .status(StatusCode::OK)
+            .header(CONTENT_LENGTH, len)
+            .body(full(Bytes::new()))
+            .map_err(internal)
+    }
+}
+
+/// The status and headers for `Range` (when the size is known), and the
+/// bytes to send (none for an unsatisfiable range).
+fn window(
+    digest: &Digest,
+    header: Option<&str>,
+    total: Option<u64>,
+) -> (http::response::Builder, Window) {
+    let spec = match (header, total) {
+        (Some(r), Some(t)) => range::parse(r, t),
+        _ => RangeSpec::Full,
+    };
+    let t = total.unwrap_or_default();
+    let (builder, start, end) = match spec {
+        RangeSpec::Full => (blob_headers(digest).status(StatusCode::OK), 0, total),
+        RangeSpec::Part(a, b) => {
+            let builder = blob_headers(digest)
+                .status(StatusCode::PARTIAL_CONTENT)
+                .header(CONTENT_RANGE, format!("bytes {a}-{b}/{t}"));
+            (builder, a, Some(b + 1))
+        }
+        RangeSpec::Unsatisfiable => {
+            let builder = blob_headers(digest)
+                .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                .header(CONTENT_RANGE, format!("bytes */{t}"));
+            (builder, 0, Some(0))
+        }
+    };
+    let builder = match end {
+        Some(e) => builder.header(CONTENT_LENGTH, e - start),
+        None => builder,
+    };
+    (builder, Window { spec, start, end })
+}
+
+/// The body: the upstream's frames for the request that started the fetch
+/// (whole blob only), one sendfile frame for a complete cached blob, else
+/// chunks read from the file as it grows.
+fn body(
+    opened: Opened,
+    w: &Window,
+    total: Option<u64>,
+    held: InUse,
+    zero_copy: Option<&Arc<Mappings>>,
+) -> ResponseBody {
+    let Opened {
+        file,
+        progress,
+        leader,
+        cached,
+    } = opened;
+    if let (Some(frames), RangeSpec::Full, Some(t)) = (leader, &w.spec, total) {
+        return boxed(read::tee(frames, file, progress, t, held));
+    }
+    let zero_copy = zero_copy.filter(|_| cached);
+    match sendfile_frame(zero_copy, &file, total, w.start, w.end, held) {
+        Ok(frame) => full(frame),
+        Err(held) => boxed(read::stream(file, progress, w.start, w.end, held)),
+    }
+}
+
+/// Bytes `start..end` of a complete cached blob as one frame that the
+/// connection's writer sends with sendfile, when the connection can and the
+/// range is worth it; otherwise `held` comes back for the ordinary read path.
+fn sendfile_frame(
+    zero_copy: Option<&Arc<Mappings>>,
+    file: &std::fs::File,
+    total: Option<u64>,
+    start: u64,
+    end: Option<u64>,
+    held: InUse,
+) -> Result<Bytes, InUse> {
+    let (Some(mappings), Some(total), Some(end)) = (zero_copy, total, end) else {
+        return Err(held);
+    };
+    if end - start < sendfile::MIN_LEN {
+        return Err(held);
+    }
+    match mappings.blob(file, total, start, end, held) {
+        Ok(frame) => {
+            METRICS
+                .served_from_cache
+                .fetch_add(end - start, Ordering::Relaxed);
+            Ok(frame)
+        }
+        Err((e, held)) => {
+            tracing::warn!(error = %e, "cannot map a cached blob; reading it instead");
+            Err(held)
+        }
+    }
+}
+
+fn blob_headers(digest: &Digest) -> http::response::Builder {
+    Response::builder()
+        .header(API_VERSION.0, API_VERSION.1)
+        .header(CONTENT_TYPE, "application/octet-stream")
+        .header(ACCEPT_RANGES, "bytes")
+        .header(DOCKER_CONTENT_DIGEST, digest.to_string())
+}
