@@ -15,8 +15,10 @@
 //! A blob's mtime is its last access, for least-recently-used eviction.
 
 pub mod gc;
-pub mod ingest;
-pub mod read;
+pub(crate) mod ingest;
+pub(crate) mod read;
+
+pub use gc::{Limits, Report, Stats};
 
 use std::collections::HashMap;
 use std::fs::{self, File};

@@ -2,15 +2,15 @@
 //! command-line flags (flags win), validated into [`Settings`]; and the
 //! upstream routes under `hosts.d` ([`hosts`]).
 
-pub mod hosts;
-pub mod source;
+pub(crate) mod hosts;
+mod source;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use source::{parse_duration, parse_size, ConfigError, ConfigErrors};
 use source::{visit_table, Source};
-pub use source::{ConfigError, ConfigErrors};
 
 use crate::reference::Namespace;
 

@@ -1,40 +1,49 @@
 //! nodemirror: a node-local pull-through mirror for every container
 //! registry, behind one namespace-aware endpoint.
 //!
-//! A request flows through these components:
-//! - [`server`] accepts HTTP, parses the path and `?ns=` into the domain
-//!   types of [`reference`], and maps every error to OCI error JSON;
-//! - [`mirror`] serves manifests (read whole, verified, stored, then sent;
-//!   tags revalidated after a TTL) and blobs;
-//! - [`cache`] is the content-addressed store shared by every upstream,
-//!   with single-flight ingest, readers of growing files, and eviction;
-//! - [`upstream`] holds each namespace's endpoint chain from hosts.d
-//!   ([`config::hosts`]), tries endpoints in order with timeouts, auth and
-//!   redirects, and falls back before a byte reaches the client.
+//! Layers, each importing only those below it:
+//! - `server` accepts HTTP and parses each request once (`server::route`)
+//!   into the domain types of [`reference`];
+//! - `mirror` serves manifests (read whole, verified, stored, then sent;
+//!   tags revalidated after a TTL) and blobs (`mirror::blob`), with the
+//!   single-flight fetch that feeds the cache (`mirror::flight`);
+//! - [`cache`] is the content-addressed store shared by every upstream:
+//!   ingest of verified blobs, readers of growing files, eviction; it
+//!   knows nothing of upstreams;
+//! - `upstream` holds each namespace's endpoint chain from hosts.d, tries
+//!   endpoints in order with timeouts, auth and redirects, and falls back
+//!   before a byte reaches the client;
+//! - `oci`, at the bottom, is the shared vocabulary: body type, headers,
+//!   media types, and the one mapping of errors to status and OCI JSON.
 //!
-//! [`run`] wires them together; `main` only parses the command line.
+//! What a reload may change is one immutable `snapshot::Snapshot`, swapped
+//! whole; a request loads it once. [`run`] wires everything together;
+//! `main` only parses the command line.
 
 // Three audited exceptions: adopting a socket passed by systemd (systemd.rs),
 // mapping a complete cache file to send it with sendfile (sendfile.rs), and
 // setting glibc's allocator parameters (memory.rs).
 #![deny(unsafe_code)]
 
-pub mod atomic;
+mod atomic;
 pub mod cache;
 pub mod config;
-pub mod memory;
-pub mod metrics;
-pub mod mirror;
+mod memory;
+mod metrics;
+mod mirror;
 pub mod node;
-pub mod oci;
+mod oci;
 pub mod prefetch;
 pub mod reference;
-pub mod reload;
-pub mod sendfile;
-pub mod server;
-pub mod snapshot;
-pub mod systemd;
-pub mod upstream;
+mod reload;
+mod sendfile;
+mod server;
+mod snapshot;
+mod systemd;
+mod upstream;
+
+pub use memory::tune_for_streaming;
+pub use systemd::activated_listener;
 
 use std::future::Future;
 use std::sync::Arc;

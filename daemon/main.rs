@@ -125,7 +125,7 @@ impl CacheAction {
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
-    nodemirror::config::source::parse_size(s).ok_or_else(|| format!("invalid size {s:?}"))
+    nodemirror::config::parse_size(s).ok_or_else(|| format!("invalid size {s:?}"))
 }
 
 #[derive(Args, Clone, Default)]
@@ -212,7 +212,7 @@ impl CliError {
 }
 
 fn main() -> ExitCode {
-    nodemirror::memory::tune_for_streaming();
+    nodemirror::tune_for_streaming();
     let cli = Cli::parse();
     init_logging();
     match run(cli) {
@@ -287,7 +287,7 @@ fn check_config(args: &ServeArgs) -> Result<(), CliError> {
 
 /// The socket systemd passed (socket activation), else a new one.
 async fn listen(settings: &Settings) -> std::io::Result<tokio::net::TcpListener> {
-    match nodemirror::systemd::activated_listener()? {
+    match nodemirror::activated_listener()? {
         Some(l) => {
             tracing::info!("using the socket passed by systemd");
             tokio::net::TcpListener::from_std(l)
@@ -297,7 +297,7 @@ async fn listen(settings: &Settings) -> std::io::Result<tokio::net::TcpListener>
 }
 
 fn cache_command(action: CacheAction) -> Result<(), CliError> {
-    use nodemirror::cache::gc::Limits;
+    use nodemirror::cache::Limits;
     use nodemirror::cache::Store;
     let settings = action.args().settings()?;
     let dir = settings.cache_dir.clone();

@@ -39,6 +39,7 @@ impl Family {
     }
 
     /// The value for exactly these labels (0 if never set).
+    #[cfg(test)]
     pub fn get(&self, labels: &[(&'static str, &str)]) -> u64 {
         let key: Labels = labels.iter().map(|(k, v)| (*k, v.to_string())).collect();
         self.values.lock().get(&key).copied().unwrap_or(0)

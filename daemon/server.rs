@@ -19,7 +19,7 @@ use tracing::Instrument;
 
 mod route;
 
-pub use route::{parse, route, PullRequest, Route};
+pub use route::{parse, PullRequest, Route};
 
 use crate::oci::{content_length, full, ResponseBody, ServeError, API_VERSION};
 

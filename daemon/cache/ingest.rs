@@ -4,7 +4,7 @@
 //! digest is the file synced and renamed into `blobs/`.
 //!
 //! Where the bytes come from is not this module's concern: the mirror's
-//! single-flight fetch ([`crate::mirror`]) pushes them in.
+//! single-flight fetch pushes them in; the store knows nothing of upstreams.
 
 use std::fs::File;
 use std::io::{self, Write};

@@ -77,6 +77,7 @@ impl Credentials {
         Self::parse_at(&text)
     }
 
+    #[cfg(test)]
     pub fn parse(text: &str) -> Result<Self, String> {
         Self::parse_at(text).map_err(|(line, e)| format!("line {line}: {e}"))
     }
