@@ -30,6 +30,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use parking_lot::Mutex;
 
+use crate::oci::accept::Class;
 use crate::reference::{Digest, Namespace, Repository};
 
 /// Access times are refreshed at most this often per blob, to keep reads
@@ -111,15 +112,22 @@ impl Store {
         sharded(&self.root.join("manifests"), d)
     }
 
-    fn tag_path(&self, ns: &Namespace, repo: &Repository, tag: &str) -> PathBuf {
+    fn tag_path(&self, ns: &Namespace, repo: &Repository, tag: &str, class: Class) -> PathBuf {
         // All three are validated: no '/', '..' or '@' can come from them
         // except repository separators, and a repository component never
         // starts with '@', so tag files and repository folders cannot clash.
+        // Clients that take every current manifest type share `@<tag>`;
+        // others have `@<tag>~<class>` (a tag never holds '~').
+        let name = if class == Class::ALL {
+            format!("@{tag}")
+        } else {
+            format!("@{tag}~{:x}", class.bits())
+        };
         self.root
             .join("tags")
             .join(ns.as_str())
             .join(repo.as_str())
-            .join(format!("@{tag}"))
+            .join(name)
     }
 
     /// Marks `d` in use until the guard drops.
@@ -207,14 +215,16 @@ impl Store {
         crate::atomic::write_via(&self.root.join("tmp"), &path, &content)
     }
 
-    /// The digest `tag` pointed to and when that was last confirmed.
+    /// The digest `tag` pointed to for clients of `class`, and when that
+    /// was last confirmed.
     pub fn tag(
         &self,
         ns: &Namespace,
         repo: &Repository,
         tag: &str,
+        class: Class,
     ) -> io::Result<Option<(Digest, SystemTime)>> {
-        let path = self.tag_path(ns, repo, tag);
+        let path = self.tag_path(ns, repo, tag, class);
         let text = match fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -230,15 +240,16 @@ impl Store {
         Ok(Some((digest, confirmed)))
     }
 
-    /// Records that `tag` points to `d`, now.
+    /// Records that `tag` points to `d` for clients of `class`, now.
     pub fn put_tag(
         &self,
         ns: &Namespace,
         repo: &Repository,
         tag: &str,
+        class: Class,
         d: &Digest,
     ) -> io::Result<()> {
-        let path = self.tag_path(ns, repo, tag);
+        let path = self.tag_path(ns, repo, tag, class);
         crate::atomic::write_via(&self.root.join("tmp"), &path, format!("{d}\n").as_bytes())
     }
 }
@@ -276,13 +287,25 @@ mod tests {
 
         let ns: Namespace = "reg.test:5000".parse().unwrap();
         let repo: Repository = "a/b".parse().unwrap();
-        assert!(store.tag(&ns, &repo, "v1").unwrap().is_none());
-        store.put_tag(&ns, &repo, "v1", &d).unwrap();
-        assert_eq!(store.tag(&ns, &repo, "v1").unwrap().unwrap().0, d);
+        let all = Class::ALL;
+        assert!(store.tag(&ns, &repo, "v1", all).unwrap().is_none());
+        store.put_tag(&ns, &repo, "v1", all, &d).unwrap();
+        assert_eq!(store.tag(&ns, &repo, "v1", all).unwrap().unwrap().0, d);
         // A repository nested under another does not clash with its tags.
         let nested: Repository = "a/b/v1".parse().unwrap();
-        store.put_tag(&ns, &nested, "x", &d).unwrap();
-        assert_eq!(store.tag(&ns, &repo, "v1").unwrap().unwrap().0, d);
+        store.put_tag(&ns, &nested, "x", all, &d).unwrap();
+        assert_eq!(store.tag(&ns, &repo, "v1", all).unwrap().unwrap().0, d);
+        // Another class of client has its own record.
+        let narrow = crate::oci::Accept::from_headers(&{
+            let mut h = http::HeaderMap::new();
+            h.insert(
+                http::header::ACCEPT,
+                http::HeaderValue::from_static(crate::oci::media::DOCKER_MANIFEST),
+            );
+            h
+        })
+        .class();
+        assert!(store.tag(&ns, &repo, "v1", narrow).unwrap().is_none());
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -24,7 +24,7 @@ use hyper::body::Incoming;
 use crate::cache::Store;
 use crate::metrics::METRICS;
 use crate::oci::{
-    content_length, full, media, Content, ResponseBody, ServeError, Verdict, API_VERSION,
+    content_length, full, media, Accept, Content, ResponseBody, ServeError, Verdict, API_VERSION,
     DOCKER_CONTENT_DIGEST,
 };
 use crate::reference::{Digest, Namespace, Reference, Repository};
@@ -64,17 +64,6 @@ struct Manifest {
     length: u64,
 }
 
-/// Whether a client's `Accept` admits `media_type`.
-fn acceptable(media_type: &str, accept: Option<&HeaderValue>) -> bool {
-    let Some(accept) = accept.and_then(|a| a.to_str().ok()) else {
-        return true;
-    };
-    accept.split(',').any(|t| {
-        let t = t.split(';').next().unwrap_or("").trim();
-        t == "*/*" || t.eq_ignore_ascii_case(media_type)
-    })
-}
-
 fn internal(e: impl std::fmt::Display) -> ServeError {
     ServeError::Internal(e.to_string())
 }
@@ -87,32 +76,48 @@ impl Mirror {
         reference: Reference,
     ) -> Result<Response<ResponseBody>, ServeError> {
         let (snap, ns, head) = (&*pull.snap, &pull.ns, pull.head);
-        let accept = pull.headers.get(ACCEPT);
+        let accept = Accept::from_headers(pull.headers);
         let m = match &reference {
-            Reference::Digest(d) => match self.cached_manifest(d) {
-                Some(m) => {
-                    METRICS
-                        .cache
-                        .inc(&[("kind", "manifest"), ("result", "hit")]);
-                    m
-                }
-                None => {
-                    METRICS
-                        .cache
-                        .inc(&[("kind", "manifest"), ("result", "miss")]);
-                    let m = self
-                        .fetch_manifest(snap, Method::GET, ns, &repository, &reference, accept)
-                        .await?;
-                    self.keep(&m);
-                    m
-                }
-            },
+            Reference::Digest(d) => {
+                self.manifest_by_digest(snap, ns, &repository, d, &accept)
+                    .await?
+            }
             Reference::Tag(tag) => {
-                self.manifest_by_tag(snap, head, ns, &repository, tag, accept)
+                self.manifest_by_tag(snap, head, ns, &repository, tag, &accept)
                     .await?
             }
         };
         respond_manifest(m, head)
+    }
+
+    /// From the cache when the client accepts the cached manifest's type;
+    /// otherwise the client gets what the upstream answers its `Accept`.
+    async fn manifest_by_digest(
+        &self,
+        snap: &Snapshot,
+        ns: &Namespace,
+        repository: &Repository,
+        d: &Digest,
+        accept: &Accept,
+    ) -> Result<Manifest, ServeError> {
+        if let Some(m) = self
+            .cached_manifest(d)
+            .filter(|m| accept.admits(&m.media_type))
+        {
+            METRICS
+                .cache
+                .inc(&[("kind", "manifest"), ("result", "hit")]);
+            return Ok(m);
+        }
+        METRICS
+            .cache
+            .inc(&[("kind", "manifest"), ("result", "miss")]);
+        let reference = Reference::Digest(d.clone());
+        let m = self
+            .fetch_manifest(snap, Method::GET, ns, repository, &reference, accept)
+            .await?;
+        self.keep(&m);
+        Ok(m)
     }
 
     async fn manifest_by_tag(
@@ -122,15 +127,22 @@ impl Mirror {
         ns: &Namespace,
         repository: &Repository,
         tag: &str,
-        accept: Option<&HeaderValue>,
+        accept: &Accept,
     ) -> Result<Manifest, ServeError> {
-        let known = self.store.tag(ns, repository, tag).unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "unreadable tag record; asking upstream");
-            None
-        });
+        // A registry answers a tag by the client's Accept list: clients of
+        // another class have their own record, so no client's list can
+        // change what another gets.
+        let class = accept.class();
+        let known = self
+            .store
+            .tag(ns, repository, tag, class)
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "unreadable tag record; asking upstream");
+                None
+            });
         let cached = known.and_then(|(d, confirmed)| {
             let m = self.cached_manifest(&d)?;
-            acceptable(&m.media_type, accept).then_some((m, confirmed))
+            accept.admits(&m.media_type).then_some((m, confirmed))
         });
         if let Some((m, confirmed)) = &cached {
             let age = SystemTime::now()
@@ -175,8 +187,13 @@ impl Mirror {
         METRICS
             .cache
             .inc(&[("kind", "tag"), ("result", revalidated)]);
-        if let Err(e) = self.store.put_tag(ns, repository, tag, &fetched.digest) {
-            tracing::warn!(error = %e, "could not record tag");
+        if !media::is_schema1(&fetched.media_type) {
+            if let Err(e) = self
+                .store
+                .put_tag(ns, repository, tag, class, &fetched.digest)
+            {
+                tracing::warn!(error = %e, "could not record tag");
+            }
         }
         self.keep(&fetched);
         if let Some((m, _)) = cached.filter(|(m, _)| m.digest == fetched.digest) {
@@ -213,7 +230,12 @@ impl Mirror {
         }
     }
 
+    /// Stores a fetched manifest; schema 1 never (a registry's conversion
+    /// for one old client, not the image the registry holds).
     fn keep(&self, m: &Manifest) {
+        if media::is_schema1(&m.media_type) {
+            return;
+        }
         if let Some(body) = &m.body {
             if let Err(e) = self.store.put_manifest(&m.digest, &m.media_type, body) {
                 tracing::warn!(digest = %m.digest, error = %e, "could not cache manifest");
@@ -228,7 +250,7 @@ impl Mirror {
         ns: &Namespace,
         repository: &Repository,
         reference: &Reference,
-        accept: Option<&HeaderValue>,
+        accept: &Accept,
     ) -> Result<Manifest, ServeError> {
         let req = UpstreamRequest {
             method,
@@ -236,7 +258,7 @@ impl Mirror {
             tail: format!("manifests/{reference}"),
             repository: repository.clone(),
             needs_resolve: matches!(reference, Reference::Tag(_)),
-            accept: Some(accept.cloned().unwrap_or_else(media::accept_all)),
+            accept: Some(accept.upstream_value()),
         };
         let want = reference.digest();
         self.upstream
@@ -344,27 +366,4 @@ fn media_type_of(body: &[u8]) -> Option<String> {
         media_type: Option<String>,
     }
     serde_json::from_slice::<Probe>(body).ok()?.media_type
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn accept_matching() {
-        let a = |s: &'static str| HeaderValue::from_static(s);
-        let oci = "application/vnd.oci.image.index.v1+json";
-        assert!(acceptable(oci, None));
-        assert!(acceptable(
-            oci,
-            Some(&a(
-                "application/x, application/vnd.oci.image.index.v1+json; q=0.5"
-            ))
-        ));
-        assert!(acceptable(oci, Some(&a("*/*"))));
-        assert!(!acceptable(
-            oci,
-            Some(&a("application/vnd.docker.distribution.manifest.v2+json"))
-        ));
-    }
 }

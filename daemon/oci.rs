@@ -6,6 +6,7 @@
 //! This module sits at the bottom: `server`, `mirror`, `cache` and
 //! `upstream` may use it; it uses none of them.
 
+pub mod accept;
 mod error;
 pub mod media;
 
@@ -13,6 +14,7 @@ use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 
+pub use accept::Accept;
 pub use error::{Content, ServeError, Verdict};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -4,6 +4,7 @@ mod support;
 
 mod cache;
 mod cli;
+mod clients;
 mod e2e;
 mod node;
 mod packaging;

@@ -7,6 +7,17 @@ pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 
+/// Docker's image manifest schema 1 (deprecated): registries convert to it
+/// for clients that do not accept schema 2, under a different digest.
+pub const DOCKER_SCHEMA1: &str = "application/vnd.docker.distribution.manifest.v1+json";
+pub const DOCKER_SCHEMA1_SIGNED: &str = "application/vnd.docker.distribution.manifest.v1+prettyjws";
+
+/// Whether `media_type` is Docker schema 1, which is never cached.
+pub fn is_schema1(media_type: &str) -> bool {
+    let t = media_type.split(';').next().unwrap_or("").trim();
+    t.eq_ignore_ascii_case(DOCKER_SCHEMA1) || t.eq_ignore_ascii_case(DOCKER_SCHEMA1_SIGNED)
+}
+
 /// The manifest and index types of images today, most capable first.
 pub const MANIFESTS: [&str; 4] = [OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST];
 

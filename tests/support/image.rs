@@ -4,6 +4,25 @@
 use std::process::Command;
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const DOCKER_SCHEMA1: &str = "application/vnd.docker.distribution.manifest.v1+json";
+pub const DOCKER_SCHEMA1_SIGNED: &str = "application/vnd.docker.distribution.manifest.v1+prettyjws";
+
+/// What containers/image (podman, skopeo, CRI-O) sends: one `Accept` line
+/// per type.
+pub const CONTAINERS_IMAGE_ACCEPT: [&str; 6] = [
+    OCI_MANIFEST,
+    DOCKER_MANIFEST,
+    DOCKER_SCHEMA1_SIGNED,
+    DOCKER_SCHEMA1,
+    DOCKER_LIST,
+    OCI_INDEX,
+];
+
+/// What containerd 1.6 sends: one line.
+pub const CONTAINERD_ACCEPT: &str = "application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, */*";
 
 pub struct Image {
     pub config: Vec<u8>,
@@ -14,8 +33,29 @@ pub struct Image {
 }
 
 impl Image {
-    /// An image with one layer per entry of `files`, each holding one file.
+    /// An OCI image with one layer per entry of `files`, each holding one file.
     pub fn build(files: &[(&str, &[u8])]) -> Image {
+        Self::build_as(files, Kind::Oci)
+    }
+
+    /// The same as a Docker schema 2 image.
+    pub fn build_docker(files: &[(&str, &[u8])]) -> Image {
+        Self::build_as(files, Kind::Docker)
+    }
+
+    fn build_as(files: &[(&str, &[u8])], kind: Kind) -> Image {
+        let (manifest_type, config_type, layer_type) = match kind {
+            Kind::Oci => (
+                OCI_MANIFEST,
+                "application/vnd.oci.image.config.v1+json",
+                "application/vnd.oci.image.layer.v1.tar+gzip",
+            ),
+            Kind::Docker => (
+                DOCKER_MANIFEST,
+                "application/vnd.docker.container.image.v1+json",
+                "application/vnd.docker.image.rootfs.diff.tar.gzip",
+            ),
+        };
         let mut layers = Vec::new();
         let mut diff_ids = Vec::new();
         for (name, content) in files {
@@ -36,6 +76,9 @@ impl Image {
             "os": "linux",
             "config": {"Cmd": ["/bin/true"]},
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
+            // Docker's images carry one history entry per layer (and
+            // distribution's schema 1 conversion needs them).
+            "history": files.iter().map(|(name, _)| serde_json::json!({"created_by": format!("add {name}")})).collect::<Vec<_>>(),
         })
         .to_string()
         .into_bytes();
@@ -48,11 +91,11 @@ impl Image {
         };
         let manifest = serde_json::json!({
             "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": descriptor("application/vnd.oci.image.config.v1+json", &config),
+            "mediaType": manifest_type,
+            "config": descriptor(config_type, &config),
             "layers": layers
                 .iter()
-                .map(|l| descriptor("application/vnd.oci.image.layer.v1.tar+gzip", l))
+                .map(|l| descriptor(layer_type, l))
                 .collect::<Vec<_>>(),
         })
         .to_string()
@@ -62,11 +105,43 @@ impl Image {
             config,
             layers,
             manifest,
-            media_type: OCI_MANIFEST.into(),
+            media_type: manifest_type.into(),
         }
     }
 
     pub fn blobs(&self) -> impl Iterator<Item = &Vec<u8>> {
         std::iter::once(&self.config).chain(self.layers.iter())
     }
+}
+
+enum Kind {
+    Oci,
+    Docker,
+}
+
+/// An index (OCI) or manifest list (Docker) of `images` for linux/amd64,
+/// linux/arm64, ...: its bytes and digest.
+pub fn index(media_type: &str, images: &[&Image]) -> (Vec<u8>, String) {
+    let arches = ["amd64", "arm64", "s390x", "ppc64le"];
+    let manifests: Vec<_> = images
+        .iter()
+        .zip(arches)
+        .map(|(i, arch)| {
+            serde_json::json!({
+                "mediaType": i.media_type,
+                "digest": i.digest,
+                "size": i.manifest.len(),
+                "platform": {"architecture": arch, "os": "linux"},
+            })
+        })
+        .collect();
+    let body = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": media_type,
+        "manifests": manifests,
+    })
+    .to_string()
+    .into_bytes();
+    let digest = super::sha256(&body);
+    (body, digest)
 }

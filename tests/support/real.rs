@@ -229,6 +229,13 @@ impl Registry {
         assert_eq!(status, StatusCode::CREATED, "manifest push to {url}");
     }
 
+    /// Pushes a manifest (an index, say) as `repo:reference`.
+    pub async fn push_manifest(&self, repo: &str, reference: &str, media_type: &str, body: &[u8]) {
+        let url = format!("{}/v2/{repo}/manifests/{reference}", self.url());
+        let (status, _) = send(Method::PUT, &url, Some(media_type), body.to_vec()).await;
+        assert_eq!(status, StatusCode::CREATED, "manifest push to {url}");
+    }
+
     async fn upload(&self, repo: &str, blob: &[u8]) {
         let start = format!("{}/v2/{repo}/blobs/uploads/", self.url());
         let (status, location) = send(Method::POST, &start, None, Vec::new()).await;
