@@ -10,6 +10,7 @@
 
 mod blob;
 pub mod flight;
+mod list;
 pub mod range;
 
 use std::sync::Arc;
@@ -32,6 +33,7 @@ use crate::sendfile::Mappings;
 use crate::snapshot::Snapshot;
 use crate::upstream::{AttemptError, Endpoint, Upstream, UpstreamRequest};
 use flight::Flights;
+pub use list::List;
 
 /// Largest manifest accepted; OCI registries commonly refuse over 4 MiB.
 pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
@@ -49,6 +51,9 @@ pub struct Mirror {
 pub struct Pull<'a> {
     pub snap: Arc<Snapshot>,
     pub ns: Namespace,
+    /// The path and query as the client sent them.
+    pub path: &'a str,
+    pub query: Option<&'a str>,
     pub head: bool,
     pub headers: &'a HeaderMap,
     pub zero_copy: Option<&'a Arc<Mappings>>,
@@ -256,7 +261,8 @@ impl Mirror {
             method,
             namespace: ns.clone(),
             tail: format!("manifests/{reference}"),
-            repository: repository.clone(),
+            repository: Some(repository.clone()),
+            query: Vec::new(),
             needs_resolve: matches!(reference, Reference::Tag(_)),
             accept: Some(accept.upstream_value()),
         };

@@ -19,12 +19,12 @@ use tracing::Instrument;
 
 mod route;
 
-pub use route::{parse, PullRequest, Route};
+pub use route::{parse, PullRequest, Route, Rules};
 
 use crate::oci::{content_length, full, ResponseBody, ServeError, API_VERSION};
 
 use crate::metrics::METRICS;
-use crate::mirror::{Mirror, Pull};
+use crate::mirror::{List, Mirror, Pull};
 use crate::snapshot::{Live, Snapshot};
 
 /// How long in-flight requests may take to finish after shutdown begins.
@@ -67,14 +67,21 @@ impl App {
             _ => {}
         }
         let snap = self.live.load();
-        let (labels, parsed) = parse(
-            req.method(),
-            req.uri().path(),
-            req.uri().query(),
-            req.headers(),
-            &snap.settings.default_namespace,
-            crate::upstream::via(),
-        );
+        let (labels, parsed) = {
+            let configured = |name: &str| snap.upstream.configures(name);
+            let rules = Rules {
+                default_ns: &snap.settings.default_namespace,
+                configured: &configured,
+                own_via: crate::upstream::via(),
+            };
+            let incoming = route::Incoming {
+                method: req.method(),
+                path: req.uri().path(),
+                query: req.uri().query(),
+                headers: req.headers(),
+            };
+            parse(incoming, &rules)
+        };
         let head = req.method() == Method::HEAD;
         let resp = match parsed {
             Ok(pull) => self.dispatch(snap, pull, &req).await,
@@ -106,6 +113,8 @@ impl App {
         let pull = Pull {
             snap,
             ns: request.ns,
+            path: req.uri().path(),
+            query: req.uri().query(),
             head: request.head,
             headers: req.headers(),
             zero_copy: req.extensions().get::<Arc<crate::sendfile::Mappings>>(),
@@ -123,6 +132,11 @@ impl App {
             }
             Route::Manifest(name, reference) => self.mirror.manifest(&pull, name, reference).await,
             Route::Blob(name, digest) => self.mirror.blob(&pull, name, digest).await,
+            Route::Tags(name) => self.mirror.list(&pull, List::Tags(name)).await,
+            Route::Referrers(name, digest) => {
+                self.mirror.list(&pull, List::Referrers(name, digest)).await
+            }
+            Route::Catalog => self.mirror.list(&pull, List::Catalog).await,
         }
     }
 }

@@ -56,9 +56,12 @@ const MAX_REDIRECTS: usize = 5;
 pub struct UpstreamRequest {
     pub method: Method,
     pub namespace: Namespace,
-    pub repository: Repository,
-    /// `manifests/<ref>` or `blobs/<digest>`.
+    /// `None` for registry-wide requests (`_catalog`).
+    pub repository: Option<Repository>,
+    /// `manifests/<ref>`, `blobs/<digest>`, `tags/list`, `referrers/<digest>`, `_catalog`.
     pub tail: String,
+    /// Query parameters passed on (`n`, `last`, `artifactType`).
+    pub query: Vec<(String, String)>,
     /// What the endpoint must be able to do: resolve for tags, pull else.
     pub needs_resolve: bool,
     pub accept: Option<HeaderValue>,
@@ -216,6 +219,13 @@ fn load_credentials(auth_file: Option<&Path>) -> Result<Credentials, Vec<ConfigE
             }]
         }),
         None => Ok(Credentials::default()),
+    }
+}
+
+impl Config {
+    /// Whether hosts.d has a folder named `name`.
+    pub fn configures(&self, name: &str) -> bool {
+        self.routes.configures(name)
     }
 }
 

@@ -162,3 +162,135 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// Without `?ns=`, a first path component that names a registry (host-like
+/// or configured in hosts.d) routes there; anything else is the default
+/// registry's repository.
+#[tokio::test]
+async fn requests_without_ns_are_routed_by_their_path_prefix() {
+    use crate::support::fake::{Behaviour, Fake};
+    let hub = Fake::start(Behaviour::default()).await;
+    let other = Fake::start(Behaviour::default()).await;
+    let local = Fake::start(Behaviour::default()).await;
+    let (a, b, c) = (
+        Image::build(&[("a", b"hub's team/app")]),
+        Image::build(&[("b", b"registry-b's team/app")]),
+        Image::build(&[("c", b"a configured single-label registry")]),
+    );
+    hub.push_image("team/app", "v1", &a);
+    other.push_image("team/app", "v1", &b);
+    local.push_image("team/app", "v1", &c);
+    let d = Daemon::builder()
+        .hosts("docker.io", hosts_toml(&[], Some(&hub.url())))
+        .hosts("registry-b.test:5000", hosts_toml(&[], Some(&other.url())))
+        .hosts("myreg", hosts_toml(&[], Some(&local.url())))
+        .start()
+        .await;
+    for (path, want) in [
+        ("/v2/team/app/manifests/v1", &a.digest),
+        ("/v2/docker.io/team/app/manifests/v1", &a.digest),
+        ("/v2/registry-b.test:5000/team/app/manifests/v1", &b.digest),
+        ("/v2/myreg/team/app/manifests/v1", &c.digest),
+        // ?ns= (containerd) is unchanged.
+        (
+            "/v2/team/app/manifests/v1?ns=registry-b.test:5000",
+            &b.digest,
+        ),
+    ] {
+        let r = get_manifest(&d, path, &CONTAINERS_IMAGE_ACCEPT).await;
+        assert_eq!(r.status, StatusCode::OK, "{path}");
+        assert_eq!(r.header("docker-content-digest"), want.as_str(), "{path}");
+    }
+    // Blobs too.
+    let blob = crate::support::sha256(&b.layers[0]);
+    let r = request(
+        Method::GET,
+        &d.url(&format!("/v2/registry-b.test:5000/team/app/blobs/{blob}")),
+        &[],
+    )
+    .await;
+    assert_eq!(r.bytes().as_ref(), b.layers[0].as_slice());
+    assert_eq!(hub.hits("/blobs/"), 0);
+    d.stop().await;
+}
+
+/// tags/list (with paging and a Link back to the mirror), _catalog and
+/// referrers pass through, by ?ns= and by path prefix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_and_referrers_apis_pass_through() {
+    if !require(&["docker-registry"]) {
+        return;
+    }
+    use crate::support::fake::{Behaviour, Fake};
+    let reg = Registry::start().await;
+    let img = Image::build(&[("t", b"tagged")]);
+    for tag in ["a", "b", "c"] {
+        reg.push("team/app", tag, &img).await;
+    }
+    reg.push("team/other", "v1", &img).await;
+    let referrers = Fake::start(Behaviour::default()).await;
+    let index_body = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{}","size":1,"artifactType":"application/x.sig"}}]}}"#,
+        img.digest
+    );
+    referrers.put_at(
+        &format!("team/app/referrers/{}", img.digest),
+        OCI_INDEX,
+        index_body.as_bytes(),
+    );
+    let d = Daemon::builder()
+        .hosts("reg.test:5000", hosts_toml(&[], Some(&reg.url())))
+        .hosts("sig.test", hosts_toml(&[], Some(&referrers.url())))
+        .start()
+        .await;
+
+    for path in [
+        "/v2/team/app/tags/list?ns=reg.test:5000",
+        "/v2/reg.test:5000/team/app/tags/list",
+    ] {
+        let r = get_manifest(&d, path, &[]).await;
+        assert_eq!(r.status, StatusCode::OK, "{path}");
+        let v: serde_json::Value = serde_json::from_slice(r.bytes()).unwrap();
+        let mut tags: Vec<String> = serde_json::from_value(v["tags"].clone()).unwrap();
+        tags.sort();
+        assert_eq!(tags, ["a", "b", "c"], "{path}");
+    }
+    // Paging (distribution 2.8 pages the catalog; its tags/list does not
+    // page): the Link points back at the mirror, with the client's ns.
+    let r = get_manifest(&d, "/v2/_catalog?ns=reg.test:5000&n=1", &[]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let v: serde_json::Value = serde_json::from_slice(r.bytes()).unwrap();
+    assert_eq!(v["repositories"], serde_json::json!(["team/app"]));
+    let link = r.header("link").to_string();
+    assert!(link.starts_with("</v2/_catalog?"), "{link}");
+    assert!(
+        link.contains("last=team%2Fapp") && link.contains("ns=reg.test%3A5000"),
+        "{link}"
+    );
+    let next = link.trim_start_matches('<').split('>').next().unwrap();
+    let r = get_manifest(&d, next, &[]).await;
+    assert_eq!(r.status, StatusCode::OK, "{next}");
+    let v: serde_json::Value = serde_json::from_slice(r.bytes()).unwrap();
+    assert_eq!(
+        v["repositories"],
+        serde_json::json!(["team/other"]),
+        "{next}"
+    );
+    let r = get_manifest(&d, "/v2/team/nope/tags/list?ns=reg.test:5000", &[]).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.error_code(), "NAME_UNKNOWN");
+
+    let path = format!(
+        "/v2/sig.test/team/app/referrers/{}?artifactType=application%2Fx.sig",
+        img.digest
+    );
+    let r = get_manifest(&d, &path, &[]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.header("content-type"), OCI_INDEX);
+    assert_eq!(r.bytes().as_ref(), index_body.as_bytes());
+    assert!(referrers
+        .seen()
+        .iter()
+        .any(|s| s.uri.contains("artifactType=application%2Fx.sig")));
+    d.stop().await;
+}

@@ -53,7 +53,7 @@ async fn base_endpoint_and_oci_errors() {
         ("/v2/a/blobs/sha256:abc", 400, "DIGEST_INVALID"),
         ("/v2/a/manifests/-bad", 400, "TAG_INVALID"),
         ("/v2/a/manifests/latest?ns=bad/ns", 400, "NAME_INVALID"),
-        ("/v2/a/tags/list", 404, "UNSUPPORTED"),
+        ("/v2/a/tags", 404, "UNSUPPORTED"),
     ] {
         let r = get(&d.url(path)).await;
         assert_eq!(r.status.as_u16(), status, "{path}");

@@ -142,7 +142,8 @@ impl Mirror {
                     method: Method::HEAD,
                     namespace: ns.clone(),
                     tail: format!("blobs/{digest}"),
-                    repository,
+                    repository: Some(repository),
+                    query: Vec::new(),
                     needs_resolve: false,
                     accept: None,
                 };

@@ -101,7 +101,8 @@ impl Flights {
         let req = UpstreamRequest {
             method: Method::GET,
             namespace: ns.clone(),
-            repository: repository.clone(),
+            repository: Some(repository.clone()),
+            query: Vec::new(),
             tail: format!("blobs/{digest}"),
             needs_resolve: false,
             accept: None,

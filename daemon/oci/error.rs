@@ -15,14 +15,18 @@ use crate::reference::ParseError;
 pub enum Content {
     Manifest,
     Blob,
+    Tags,
+    Referrers,
+    Catalog,
 }
 
 impl Content {
     /// The OCI error code for "not there".
     fn unknown_code(self) -> &'static str {
         match self {
-            Content::Manifest => "MANIFEST_UNKNOWN",
+            Content::Manifest | Content::Referrers => "MANIFEST_UNKNOWN",
             Content::Blob => "BLOB_UNKNOWN",
+            Content::Tags | Content::Catalog => "NAME_UNKNOWN",
         }
     }
 }
@@ -32,6 +36,9 @@ impl std::fmt::Display for Content {
         f.write_str(match self {
             Content::Manifest => "manifest",
             Content::Blob => "blob",
+            Content::Tags => "tag list",
+            Content::Referrers => "referrers list",
+            Content::Catalog => "catalog",
         })
     }
 }

@@ -1,6 +1,15 @@
 //! Parsing a request into what the pull API serves: the path into a
-//! [`Route`], `?ns=` into a [`Namespace`], checked once and in the order a
-//! client's mistakes are reported (path, loop, method, namespace).
+//! [`Route`], the registry into a [`Namespace`], checked once and in the
+//! order a client's mistakes are reported (path, loop, method, namespace).
+//!
+//! The registry comes from `?ns=` (containerd), else from the first path
+//! component when it names a registry (containers/image mirrors with a
+//! path prefix: `/v2/quay.io/org/app/...`), else it is the default one.
+//! A first component names a registry when hosts.d configures it, or when
+//! it looks like a host as in Docker's reference grammar: it holds a `.`
+//! or a `:`, or is `localhost`. Repository names on Docker Hub (and in the
+//! reference grammar) never do, so a repository of the default registry is
+//! never taken for a prefix.
 
 use http::{HeaderMap, Method};
 
@@ -14,31 +23,87 @@ pub enum Route {
     Base,
     Manifest(Repository, Reference),
     Blob(Repository, Digest),
+    /// `/v2/<name>/tags/list`.
+    Tags(Repository),
+    /// `/v2/<name>/referrers/<digest>` (OCI 1.1).
+    Referrers(Repository, Digest),
+    /// `/v2/_catalog`.
+    Catalog,
 }
 
-/// Parses `/v2/`, `/v2/<name>/manifests/<ref>` and `/v2/<name>/blobs/<digest>`.
-pub fn route(path: &str) -> Result<Route, ServeError> {
+/// A path split into the repository name (not yet parsed) and what it asks.
+enum Target<'a> {
+    Base,
+    Catalog,
+    Named(&'a str, Kind<'a>),
+}
+
+#[derive(Clone, Copy)]
+enum Kind<'a> {
+    Manifest(&'a str),
+    Blob(&'a str),
+    Tags,
+    Referrers(&'a str),
+}
+
+fn split(path: &str) -> Result<Target<'_>, ServeError> {
     if path == "/v2/" || path == "/v2" {
-        return Ok(Route::Base);
+        return Ok(Target::Base);
     }
     let unknown = || ServeError::UnknownRoute(path.to_string());
     let rest = path.strip_prefix("/v2/").ok_or_else(unknown)?;
+    if rest == "_catalog" {
+        return Ok(Target::Catalog);
+    }
     if rest.contains("/blobs/uploads") {
         return Err(unknown());
     }
-    // A reference holds no '/', so the last marker is the real one even
-    // when a repository path component is itself called "manifests".
-    if let Some(i) = rest.rfind("/manifests/") {
-        let name = rest[..i].parse()?;
-        let reference = rest[i + "/manifests/".len()..].parse()?;
-        return Ok(Route::Manifest(name, reference));
+    if let Some(name) = rest.strip_suffix("/tags/list") {
+        return Ok(Target::Named(name, Kind::Tags));
     }
-    if let Some(i) = rest.rfind("/blobs/") {
-        let name = rest[..i].parse()?;
-        let digest = rest[i + "/blobs/".len()..].parse()?;
-        return Ok(Route::Blob(name, digest));
+    // A reference or digest holds no '/', so the last marker is the real
+    // one even when a repository component is itself called "manifests".
+    let found = ["/manifests/", "/blobs/", "/referrers/"]
+        .into_iter()
+        .filter_map(|m| rest.rfind(m).map(|i| (i, m)))
+        .max();
+    let Some((i, marker)) = found else {
+        return Err(unknown());
+    };
+    let (name, arg) = (&rest[..i], &rest[i + marker.len()..]);
+    let kind = match marker {
+        "/manifests/" => Kind::Manifest(arg),
+        "/blobs/" => Kind::Blob(arg),
+        _ => Kind::Referrers(arg),
+    };
+    Ok(Target::Named(name, kind))
+}
+
+fn named(repository: &str, kind: Kind<'_>) -> Result<Route, ServeError> {
+    let repo: Repository = repository.parse()?;
+    Ok(match kind {
+        Kind::Manifest(r) => Route::Manifest(repo, r.parse()?),
+        Kind::Blob(d) => Route::Blob(repo, d.parse()?),
+        Kind::Tags => Route::Tags(repo),
+        Kind::Referrers(d) => Route::Referrers(repo, d.parse()?),
+    })
+}
+
+/// Parses a path whose registry is given (or is the default).
+#[cfg(test)]
+pub fn route(path: &str) -> Result<Route, ServeError> {
+    match split(path)? {
+        Target::Base => Ok(Route::Base),
+        Target::Catalog => Ok(Route::Catalog),
+        Target::Named(name, kind) => named(name, kind),
     }
-    Err(unknown())
+}
+
+/// The registry a path names with its first component, and the rest.
+fn prefix<'a>(name: &'a str, configured: &dyn Fn(&str) -> bool) -> Option<(&'a str, &'a str)> {
+    let (first, rest) = name.split_once('/')?;
+    let hostlike = first.contains('.') || first.contains(':') || first == "localhost";
+    (hostlike || configured(first)).then_some((first, rest))
 }
 
 /// The `ns` query parameter, if any.
@@ -50,6 +115,41 @@ fn namespace_param(query: Option<&str>) -> Result<Option<Namespace>, ServeError>
         }
     }
     Ok(None)
+}
+
+/// The route and the registry: `?ns=`, a path prefix, or the default.
+fn resolve(
+    path: &str,
+    query: Option<&str>,
+    default_ns: &Namespace,
+    configured: &dyn Fn(&str) -> bool,
+) -> (Result<Route, ServeError>, Result<Namespace, ServeError>) {
+    let ns = namespace_param(query);
+    let target = match split(path) {
+        Ok(t) => t,
+        Err(e) => return (Err(e), ns.map(|n| n.unwrap_or_else(|| default_ns.clone()))),
+    };
+    match (target, ns) {
+        (Target::Base, ns) => (
+            Ok(Route::Base),
+            ns.map(|n| n.unwrap_or_else(|| default_ns.clone())),
+        ),
+        (Target::Catalog, ns) => (
+            Ok(Route::Catalog),
+            ns.map(|n| n.unwrap_or_else(|| default_ns.clone())),
+        ),
+        (Target::Named(name, kind), Ok(None)) => match prefix(name, configured) {
+            Some((registry, rest)) => (
+                named(rest, kind),
+                registry.parse().map_err(ServeError::from),
+            ),
+            None => (named(name, kind), Ok(default_ns.clone())),
+        },
+        (Target::Named(name, kind), ns) => (
+            named(name, kind),
+            ns.map(|n| n.unwrap_or_else(|| default_ns.clone())),
+        ),
+    }
 }
 
 /// A pull API request that passed every check.
@@ -70,42 +170,50 @@ pub struct Labels {
     pub ns: Namespace,
 }
 
-/// Parses and checks a request once. `own_via` is this daemon's `Via`: a
-/// request carrying it went round a loop.
-pub fn parse(
-    method: &Method,
-    path: &str,
-    query: Option<&str>,
-    headers: &HeaderMap,
-    default_ns: &Namespace,
-    own_via: &str,
-) -> (Labels, Result<PullRequest, ServeError>) {
-    let route = route(path);
-    let ns = namespace_param(query).map(|ns| ns.unwrap_or_else(|| default_ns.clone()));
+/// What a request carries, for [`parse`].
+pub struct Incoming<'a> {
+    pub method: &'a Method,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+}
+
+/// How to read requests: the default registry, which registries hosts.d
+/// configures, and this daemon's own `Via` (a request carrying it went
+/// round a loop).
+pub struct Rules<'a> {
+    pub default_ns: &'a Namespace,
+    pub configured: &'a dyn Fn(&str) -> bool,
+    pub own_via: &'a str,
+}
+
+/// Parses and checks a request once.
+pub fn parse(req: Incoming<'_>, rules: &Rules<'_>) -> (Labels, Result<PullRequest, ServeError>) {
+    let (route, ns) = resolve(req.path, req.query, rules.default_ns, rules.configured);
     let labels = Labels {
         kind: match &route {
             Ok(Route::Manifest(..)) => "manifest",
             Ok(Route::Blob(..)) => "blob",
             _ => "other",
         },
-        ns: ns.as_ref().ok().unwrap_or(default_ns).clone(),
+        ns: ns.as_ref().ok().unwrap_or(rules.default_ns).clone(),
     };
     let checked = (|| {
         let route = route?;
-        let looped = headers.get_all(http::header::VIA).iter().any(|v| {
+        let looped = req.headers.get_all(http::header::VIA).iter().any(|v| {
             v.to_str()
-                .is_ok_and(|v| v.split(',').any(|hop| hop.trim() == own_via))
+                .is_ok_and(|v| v.split(',').any(|hop| hop.trim() == rules.own_via))
         });
         if looped {
             return Err(ServeError::Loop);
         }
-        if method != Method::GET && method != Method::HEAD {
-            return Err(ServeError::MethodNotAllowed(method.clone()));
+        if req.method != Method::GET && req.method != Method::HEAD {
+            return Err(ServeError::MethodNotAllowed(req.method.clone()));
         }
         Ok(PullRequest {
             route,
             ns: ns?,
-            head: method == Method::HEAD,
+            head: req.method == Method::HEAD,
         })
     })();
     (labels, checked)
@@ -145,7 +253,7 @@ mod tests {
         assert_eq!(code("/v2/a/manifests/.x"), "TAG_INVALID");
         assert_eq!(code("/v2/a/blobs/sha256:zz"), "DIGEST_INVALID");
         assert_eq!(code("/v2/a/blobs/uploads/"), "UNSUPPORTED");
-        assert_eq!(code("/v2/a/tags/list"), "UNSUPPORTED");
+        assert_eq!(code("/v2/a/tags"), "UNSUPPORTED");
         assert_eq!(code("/other"), "UNSUPPORTED");
         assert_eq!(code("/v2/../etc/manifests/x"), "NAME_INVALID");
     }
@@ -166,6 +274,66 @@ mod tests {
                 proptest::prop_assert!(!name.as_str().split('/').any(|c| c == ".."));
             }
         }
+    }
+
+    #[test]
+    fn list_and_referrer_routes() {
+        assert_eq!(route("/v2/_catalog").unwrap(), Route::Catalog);
+        let Route::Tags(n) = route("/v2/a/b/tags/list").unwrap() else {
+            panic!()
+        };
+        assert_eq!(n.as_str(), "a/b");
+        let Route::Referrers(n, d) = route(&format!("/v2/a/referrers/{D}")).unwrap() else {
+            panic!()
+        };
+        assert_eq!((n.as_str(), d.to_string()), ("a", D.to_string()));
+        // The last marker decides.
+        let Route::Manifest(n, _) = route("/v2/a/referrers/x/manifests/v1").unwrap() else {
+            panic!()
+        };
+        assert_eq!(n.as_str(), "a/referrers/x");
+    }
+
+    #[test]
+    fn registry_from_ns_prefix_or_default() {
+        let default: Namespace = "docker.io".parse().unwrap();
+        let configured = |s: &str| s == "myreg";
+        let r = |path: &str, query: Option<&str>| {
+            let (route, ns) = resolve(path, query, &default, &configured);
+            let name = match route.unwrap() {
+                Route::Manifest(n, _) | Route::Tags(n) => n.to_string(),
+                other => format!("{other:?}"),
+            };
+            format!("{} {name}", ns.unwrap())
+        };
+        assert_eq!(
+            r("/v2/library/busybox/manifests/1", None),
+            "docker.io library/busybox"
+        );
+        assert_eq!(
+            r("/v2/quay.io/org/app/manifests/1", None),
+            "quay.io org/app"
+        );
+        assert_eq!(
+            r("/v2/127.0.0.1:5000/app/tags/list", None),
+            "127.0.0.1:5000 app"
+        );
+        assert_eq!(r("/v2/localhost/app/manifests/1", None), "localhost app");
+        assert_eq!(r("/v2/myreg/team/app/manifests/1", None), "myreg team/app");
+        assert_eq!(
+            r("/v2/docker.io/library/x/manifests/1", None),
+            "docker.io library/x"
+        );
+        // ?ns= wins: the path is the repository as it stands.
+        assert_eq!(
+            r("/v2/quay.io/app/manifests/1", Some("ns=ghcr.io")),
+            "ghcr.io quay.io/app"
+        );
+        // A host-like component alone is a repository name, not a prefix.
+        assert_eq!(r("/v2/a.b/manifests/1", None), "docker.io a.b");
+        // A host-like prefix that is no valid host is refused.
+        let (_, ns) = resolve("/v2/a..b/app/manifests/1", None, &default, &configured);
+        assert!(ns.is_err());
     }
 
     #[test]

@@ -222,7 +222,8 @@ pub struct TokenKey {
     /// The configuration snapshot: credentials may differ in the next.
     pub generation: u64,
     pub endpoint: String,
-    pub repository: Repository,
+    /// `None` for registry-wide requests (`_catalog`).
+    pub repository: Option<Repository>,
 }
 
 /// Authorization headers that worked.
@@ -269,7 +270,11 @@ impl Auth {
         let parsed =
             parse_challenge(challenge).ok_or_else(|| AuthError::Unsupported(challenge.into()))?;
         let credential = credentials.for_url(endpoint);
-        let repository = key.repository.as_str();
+        // The scope a challenge omits: pull of the repository, or the catalog.
+        let scope = match &key.repository {
+            Some(r) => format!("repository:{r}:pull"),
+            None => "registry:catalog:*".to_string(),
+        };
         let (header, lifetime) = match parsed.scheme.as_str() {
             "basic" => {
                 let c = credential.ok_or(AuthError::NoCredentials)?;
@@ -277,7 +282,7 @@ impl Auth {
             }
             "bearer" => {
                 let (token, life) =
-                    fetch_token(client, &parsed, credential, repository, timeout).await?;
+                    fetch_token(client, &parsed, credential, &scope, timeout).await?;
                 let mut v = HeaderValue::try_from(format!("Bearer {token}")).map_err(|_| {
                     AuthError::Token {
                         realm: parsed.params.get("realm").cloned().unwrap_or_default(),
@@ -306,7 +311,7 @@ async fn fetch_token(
     client: &HttpClient,
     challenge: &Challenge,
     credential: Option<&Credential>,
-    repository: &str,
+    default_scope: &str,
     timeout: Duration,
 ) -> Result<(String, Duration), AuthError> {
     let realm = challenge.params.get("realm").cloned().unwrap_or_default();
@@ -327,7 +332,7 @@ async fn fetch_token(
             .params
             .get("scope")
             .cloned()
-            .unwrap_or_else(|| format!("repository:{repository}:pull"));
+            .unwrap_or_else(|| default_scope.to_string());
         q.append_pair("scope", &scope);
     }
     let mut req = Request::get(url.as_str()).header(USER_AGENT, super::USER_AGENT);

@@ -37,16 +37,20 @@ impl Endpoint {
 
     pub(super) fn url_for(&self, req: &UpstreamRequest) -> Url {
         let mut url = self.base.clone();
-        let path = format!(
-            "{}/{}/{}",
-            url.path().trim_end_matches('/'),
-            req.repository,
-            req.tail
-        );
+        let base = url.path().trim_end_matches('/').to_string();
+        let path = match &req.repository {
+            Some(repo) => format!("{base}/{repo}/{}", req.tail),
+            None => format!("{base}/{}", req.tail),
+        };
         url.set_path(&path);
-        if self.mirror {
-            url.query_pairs_mut()
-                .append_pair("ns", req.namespace.as_str());
+        if !req.query.is_empty() || self.mirror {
+            let mut q = url.query_pairs_mut();
+            for (k, v) in &req.query {
+                q.append_pair(k, v);
+            }
+            if self.mirror {
+                q.append_pair("ns", req.namespace.as_str());
+            }
         }
         url
     }
@@ -106,6 +110,12 @@ impl Routes {
                 .capabilities
                 .unwrap_or(Capabilities::ALL),
         })
+    }
+
+    /// Whether hosts.d has a folder for the namespace `name`.
+    pub fn configures(&self, name: &str) -> bool {
+        name.parse::<Namespace>()
+            .is_ok_and(|ns| self.namespaces.contains_key(&ns))
     }
 
     /// The endpoints for `ns`, in the order to try them.

@@ -209,6 +209,17 @@ impl Fake {
         self.put_manifest(repo, Some(tag), &image.media_type, &image.manifest);
     }
 
+    /// Serves `body` as `media_type` at `/v2/<path>` (a referrers list, say).
+    pub fn put_at(&self, path: &str, media_type: &str, body: &[u8]) {
+        self.put(
+            path.to_string(),
+            Content::Bytes {
+                media_type: media_type.into(),
+                body: Bytes::copy_from_slice(body),
+            },
+        );
+    }
+
     fn put(&self, key: String, content: Content) {
         self.shared.content.lock().insert(key, content);
     }
