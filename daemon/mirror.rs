@@ -171,8 +171,10 @@ impl Mirror {
             .await
         {
             Ok(m) => m,
+            // Failing or throttling us: the last known answer keeps the
+            // pull working. A 404 for the tag is believed.
             Err(ServeError::Upstream {
-                verdict: Verdict::Failed,
+                verdict: Verdict::Failed | Verdict::Throttled { .. },
                 detail,
                 ..
             }) if cached.is_some() => {

@@ -18,7 +18,7 @@ use http::header::{
     ACCEPT, AUTHORIZATION, LOCATION, USER_AGENT as USER_AGENT_HEADER, WWW_AUTHENTICATE,
 };
 use http::{HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::Empty;
+use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use parking_lot::Mutex;
 use url::Url;
@@ -80,6 +80,14 @@ pub enum AttemptError {
     Denied(StatusCode),
     #[error("answered {0}")]
     Status(StatusCode),
+    /// 429: not to be asked again for `retry_after`.
+    #[error("rate limited (429); retry after {}s", retry_after.as_secs())]
+    Throttled {
+        retry_after: Duration,
+        /// The registry's error body, passed on when every endpoint is
+        /// throttled.
+        body: Option<Bytes>,
+    },
     #[error("authentication: {0}")]
     Auth(auth::AuthError),
     #[error("redirect: {0}")]
@@ -108,7 +116,7 @@ impl AttemptError {
             AttemptError::Timeout(_) => "timeout",
             AttemptError::NotFound => "not_found",
             AttemptError::Denied(_) => "denied",
-            AttemptError::Status(s) if s.as_u16() == 429 => "rate_limited",
+            AttemptError::Throttled { .. } => "rate_limited",
             AttemptError::Status(s) if s.is_server_error() => "server_error",
             AttemptError::Status(_) => "status",
             AttemptError::Auth(_) => "auth",
@@ -118,9 +126,13 @@ impl AttemptError {
     }
 
     /// Whether the endpoint itself is at fault and should be skipped for a
-    /// while. A 404 or a refusal is an answer, not a failure.
+    /// while. A 404 or a refusal is an answer, not a failure; a 429 has
+    /// its own wait (throttle state).
     pub fn marks_unhealthy(&self) -> bool {
-        !matches!(self, AttemptError::NotFound | AttemptError::Denied(_))
+        !matches!(
+            self,
+            AttemptError::NotFound | AttemptError::Denied(_) | AttemptError::Throttled { .. }
+        )
     }
 }
 
@@ -141,17 +153,31 @@ impl Exhausted {
 }
 
 impl Exhausted {
-    /// The error a client gets when no endpoint could serve `what`.
+    /// The error a client gets when no endpoint could serve `what`: 404
+    /// when every endpoint said so, 429 when every endpoint is throttled
+    /// (with the soonest `Retry-After` and that endpoint's error body),
+    /// else 503.
     pub fn into_error(self, what: Content) -> ServeError {
-        let verdict = if self.all_not_found() {
-            Verdict::NotFound
-        } else {
-            Verdict::Failed
+        let throttled = self
+            .attempts
+            .iter()
+            .map(|(_, e)| match e {
+                AttemptError::Throttled { retry_after, body } => Some((*retry_after, body)),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()
+            .filter(|t| !t.is_empty())
+            .and_then(|t| t.into_iter().min_by_key(|(wait, _)| *wait));
+        let (verdict, upstream_body) = match throttled {
+            Some((retry_after, body)) => (Verdict::Throttled { retry_after }, body.clone()),
+            None if self.all_not_found() => (Verdict::NotFound, None),
+            None => (Verdict::Failed, None),
         };
         ServeError::Upstream {
             what,
             verdict,
             detail: self.to_string().into(),
+            upstream_body,
         }
     }
 }
@@ -300,6 +326,20 @@ impl Upstream {
         let plan = self.plan(cfg, req);
         let last = plan.len().saturating_sub(1);
         for (i, ep) in plan.into_iter().enumerate() {
+            // A throttled endpoint is not asked again before its
+            // Retry-After: its state answers for it.
+            if let Some((retry_after, body)) = self.health.throttled(ep.key()) {
+                tracing::debug!(
+                    endpoint = ep.key(),
+                    ?retry_after,
+                    "endpoint throttled; not asked"
+                );
+                attempts.push((
+                    ep.key().to_string(),
+                    AttemptError::Throttled { retry_after, body },
+                ));
+                continue;
+            }
             let result = match self.attempt(cfg, &ep, req).await {
                 Ok(resp) => accept(ep.clone(), resp).await,
                 Err(e) => Err(e),
@@ -316,7 +356,11 @@ impl Upstream {
                     if i < last {
                         m.fallbacks.inc(&[("endpoint", ep.key())]);
                     }
-                    if e.marks_unhealthy() {
+                    if let AttemptError::Throttled { retry_after, body } = &e {
+                        let wait = self.health.throttle(ep.key(), *retry_after, body.clone());
+                        tracing::warn!(endpoint = ep.key(), retry_after = ?wait,
+                            "endpoint rate limited us (429); trying the next");
+                    } else if e.marks_unhealthy() {
                         let wait = self.health.failure(ep.key(), &cfg.settings);
                         tracing::warn!(endpoint = ep.key(), origin = %ep.origin, error = %e,
                             backoff = ?wait, "endpoint failed; trying the next");
@@ -388,7 +432,7 @@ impl Upstream {
             if is_redirect(status) {
                 return self.follow_redirects(cfg, ep, req, &url, resp).await;
             }
-            return classify(resp);
+            return classify(resp, cfg).await;
         }
     }
 
@@ -424,7 +468,7 @@ impl Upstream {
             current = next;
             let status = resp.status();
             if !is_redirect(status) {
-                return classify(resp);
+                return classify(resp, cfg).await;
             }
         }
         Err(AttemptError::Redirect(format!(
@@ -474,12 +518,52 @@ fn is_redirect(status: StatusCode) -> bool {
     status.is_redirection() && status != StatusCode::NOT_MODIFIED
 }
 
-fn classify(resp: Response<Incoming>) -> Result<Response<Incoming>, AttemptError> {
+async fn classify(
+    resp: Response<Incoming>,
+    cfg: &Config,
+) -> Result<Response<Incoming>, AttemptError> {
     let status = resp.status();
     match status {
         s if s.is_success() => Ok(resp),
         StatusCode::NOT_FOUND => Err(AttemptError::NotFound),
         StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(AttemptError::Denied(status)),
+        StatusCode::TOO_MANY_REQUESTS => Err(throttled(resp, &cfg.settings).await),
         s => Err(AttemptError::Status(s)),
     }
+}
+
+/// Largest 429 error body kept to pass on.
+const MAX_THROTTLE_BODY: usize = 4 << 10;
+
+/// A 429: how long to wait (its `Retry-After`, seconds or a date; else the
+/// back-off base; at most the back-off maximum, whatever a registry says)
+/// and its error body when small and JSON.
+async fn throttled(resp: Response<Incoming>, settings: &UpstreamSettings) -> AttemptError {
+    let retry_after = resp
+        .headers()
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_retry_after)
+        .unwrap_or(settings.backoff)
+        .min(settings.backoff_max);
+    let read = http_body_util::Limited::new(resp.into_body(), MAX_THROTTLE_BODY).collect();
+    let body = match tokio::time::timeout(Duration::from_secs(2), read).await {
+        Ok(Ok(c)) => Some(c.to_bytes()),
+        _ => None,
+    }
+    .filter(|b| serde_json::from_slice::<serde_json::Value>(b).is_ok());
+    AttemptError::Throttled { retry_after, body }
+}
+
+/// `Retry-After`: delay seconds, or an HTTP date.
+fn parse_retry_after(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
 }

@@ -584,3 +584,44 @@ async fn a_hosts_d_loop_back_to_this_daemon_is_cut_at_once() {
         .count();
     assert_eq!(served, 2, "one outer request, one looped request: {log}");
 }
+
+/// Every endpoint answering 429: the client gets 429 with the upstream's
+/// Retry-After and error body, and the endpoints are not asked again
+/// before Retry-After has passed (containerd retries a 429 five times at
+/// once: those retries are answered from the daemon's throttle state).
+#[tokio::test]
+async fn every_endpoint_throttled_is_a_429_with_retry_after_and_no_new_asks() {
+    let throttled = || Behaviour {
+        status: Some(StatusCode::TOO_MANY_REQUESTS),
+        retry_after: Some("30".into()),
+        ..Default::default()
+    };
+    let (a, b) = (
+        Fake::start(throttled()).await,
+        Fake::start(throttled()).await,
+    );
+    let img = small_image();
+    a.push_image("app", "v1", &img);
+    b.push_image("app", "v1", &img);
+    let d = daemon_for("reg.test", &[a.url()], Some(&b.url())).await;
+    let blob = crate::support::sha256(&img.config);
+    for path in [
+        "/v2/app/manifests/v1?ns=reg.test".to_string(),
+        format!("/v2/app/blobs/{blob}?ns=reg.test"),
+    ] {
+        for _ in 0..5 {
+            let r = get(&d.url(&path)).await;
+            assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{path}");
+            let secs: u64 = r.header("retry-after").parse().unwrap();
+            assert!((25..=30).contains(&secs), "{secs}");
+            assert_eq!(r.error_code(), "FAKE", "the upstream's own error body");
+        }
+    }
+    assert_eq!(
+        a.seen().len(),
+        1,
+        "asked once, then left alone until Retry-After"
+    );
+    assert_eq!(b.seen().len(), 1);
+    d.stop().await;
+}

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 
 use super::{full, ResponseBody, API_VERSION};
@@ -46,6 +46,9 @@ impl std::fmt::Display for Content {
 /// What every endpoint of a chain together said.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
+    /// Every endpoint is rate limiting this daemon: the client should
+    /// come back after `retry_after`.
+    Throttled { retry_after: std::time::Duration },
     /// Every endpoint answered that it does not have the content (or may
     /// not show it): the client should look elsewhere.
     NotFound,
@@ -70,6 +73,8 @@ pub enum ServeError {
         what: Content,
         verdict: Verdict,
         detail: Arc<str>,
+        /// The registry's own error body (JSON), when passed on (429).
+        upstream_body: Option<Bytes>,
     },
     /// The request came from this daemon itself: hosts.d routes a
     /// namespace back here.
@@ -104,6 +109,10 @@ impl ServeError {
                 ..
             } => StatusCode::NOT_FOUND,
             ServeError::Upstream {
+                verdict: Verdict::Throttled { .. },
+                ..
+            } => StatusCode::TOO_MANY_REQUESTS,
+            ServeError::Upstream {
                 verdict: Verdict::Failed,
                 ..
             }
@@ -125,6 +134,10 @@ impl ServeError {
                 verdict: Verdict::NotFound,
                 ..
             } => what.unknown_code(),
+            ServeError::Upstream {
+                verdict: Verdict::Throttled { .. },
+                ..
+            } => "TOOMANYREQUESTS",
             ServeError::Upstream { .. } | ServeError::Unavailable(_) => "UNAVAILABLE",
             ServeError::Internal(_) => "UNKNOWN",
         }
@@ -133,23 +146,35 @@ impl ServeError {
     /// The response: OCI error JSON, or headers only for HEAD.
     pub fn into_response(self, head: bool) -> Response<ResponseBody> {
         let status = self.status();
-        let body = serde_json::json!({
-            "errors": [{"code": self.code(), "message": self.to_string()}]
-        })
-        .to_string();
+        let body = match &self {
+            ServeError::Upstream {
+                upstream_body: Some(b),
+                ..
+            } => b.clone(),
+            _ => Bytes::from(
+                serde_json::json!({
+                    "errors": [{"code": self.code(), "message": self.to_string()}]
+                })
+                .to_string(),
+            ),
+        };
         let mut builder = Response::builder()
             .status(status)
             .header(API_VERSION.0, API_VERSION.1)
             .header(CONTENT_TYPE, "application/json")
             .header(CONTENT_LENGTH, body.len());
-        if let ServeError::MethodNotAllowed(_) = self {
-            builder = builder.header(ALLOW, "GET, HEAD");
+        match &self {
+            ServeError::MethodNotAllowed(_) => builder = builder.header(ALLOW, "GET, HEAD"),
+            ServeError::Upstream {
+                verdict: Verdict::Throttled { retry_after },
+                ..
+            } => {
+                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                builder = builder.header(RETRY_AFTER, secs.max(1));
+            }
+            _ => {}
         }
-        let body = if head {
-            Bytes::new()
-        } else {
-            Bytes::from(body)
-        };
+        let body = if head { Bytes::new() } else { body };
         builder
             .body(full(body))
             .unwrap_or_else(|_| Response::new(full(Bytes::new())))

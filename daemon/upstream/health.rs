@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use parking_lot::Mutex;
 
 use crate::config::UpstreamSettings;
@@ -15,6 +16,8 @@ use crate::config::UpstreamSettings;
 #[derive(Default)]
 pub struct Health {
     state: Mutex<HashMap<String, State>>,
+    /// Endpoints that answered 429: until when, and their error body.
+    throttled: Mutex<HashMap<String, (Instant, Option<Bytes>)>>,
 }
 
 struct State {
@@ -48,6 +51,27 @@ impl Health {
         wait
     }
 
+    /// Records a 429: the endpoint is not asked again for `wait`.
+    pub fn throttle(&self, endpoint: &str, wait: Duration, body: Option<Bytes>) -> Duration {
+        self.throttled
+            .lock()
+            .insert(endpoint.to_string(), (Instant::now() + wait, body));
+        wait
+    }
+
+    /// How long `endpoint` is still throttled, and its 429 body.
+    pub fn throttled(&self, endpoint: &str) -> Option<(Duration, Option<Bytes>)> {
+        let mut throttled = self.throttled.lock();
+        let (until, body) = throttled.get(endpoint)?;
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            throttled.remove(endpoint);
+            return None;
+        }
+        // Round up: a client told 0 s would ask again at once.
+        Some((left.max(Duration::from_secs(1)), body.clone()))
+    }
+
     pub fn success(&self, endpoint: &str) {
         self.state.lock().remove(endpoint);
     }
@@ -77,6 +101,16 @@ mod tests {
         assert!(!h.backing_off("b"));
         h.success("a");
         assert!(!h.backing_off("a"));
+    }
+
+    #[test]
+    fn throttle_lasts_its_retry_after() {
+        let h = Health::default();
+        h.throttle("a", Duration::from_millis(50), None);
+        assert!(h.throttled("a").is_some());
+        assert!(h.throttled("b").is_none());
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(h.throttled("a").is_none());
     }
 
     #[test]

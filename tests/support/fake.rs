@@ -30,6 +30,8 @@ use super::image::Image;
 pub struct Behaviour {
     /// Answer every registry request with this status.
     pub status: Option<StatusCode>,
+    /// With `status`, send this `Retry-After`.
+    pub retry_after: Option<String>,
     /// Never answer.
     pub hang: bool,
     /// Serve content with one byte changed.
@@ -280,7 +282,12 @@ async fn handle(s: &Shared, addr: SocketAddr, req: Request<Incoming>) -> Respons
         std::future::pending::<()>().await;
     }
     if let Some(code) = b.status {
-        return status(code, &[]);
+        let headers: Vec<(&str, String)> = b
+            .retry_after
+            .iter()
+            .map(|r| ("retry-after", r.clone()))
+            .collect();
+        return status(code, &headers);
     }
     let key = if let Some(digest) = path.strip_prefix("/storage/") {
         let found = s
