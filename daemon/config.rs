@@ -240,6 +240,13 @@ impl Settings {
     }
 }
 
+/// The registries hosts.d configures (its folders other than `_default`).
+pub fn configured_namespaces(hosts_dir: &Path) -> Result<Vec<Namespace>, ConfigErrors> {
+    hosts::load_dir(hosts_dir)
+        .map(|d| d.namespaces.into_keys().collect())
+        .map_err(ConfigErrors)
+}
+
 /// `"10%"` of the filesystem, or a size.
 fn min_free(f: &source::Field<'_>) -> Result<MinFree, ConfigError> {
     if let Some(p) = f.item.as_str().and_then(|s| s.trim().strip_suffix('%')) {

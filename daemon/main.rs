@@ -38,6 +38,11 @@ enum Command {
         #[command(subcommand)]
         action: ContainerdAction,
     },
+    /// Give CRI-O, podman, skopeo and buildah the mirror (a registries.conf.d drop-in), or undo it.
+    Crio {
+        #[command(subcommand)]
+        action: CrioAction,
+    },
     /// Print (or merge into a file) an rke2/k3s registries.yaml that sends every registry to the mirror.
     #[command(visible_aliases = ["rke2-registries", "k3s-registries"])]
     RegistriesYaml {
@@ -89,6 +94,29 @@ enum ContainerdAction {
         /// Where the originals are kept for uninstall.
         #[arg(long, default_value = "/var/lib/nodemirror")]
         state_dir: PathBuf,
+    },
+    /// Restore what install changed.
+    Uninstall {
+        #[arg(long, default_value = "/var/lib/nodemirror")]
+        state_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CrioAction {
+    /// Write <dir>/50-nodemirror.conf: a path-prefixed mirror for docker.io and each registry in hosts.d.
+    Install {
+        /// containers/image's drop-in folder.
+        #[arg(long, default_value = nodemirror::node::crio::DEFAULT_DIR)]
+        dir: PathBuf,
+        /// Mirror URL [default: http://<listen address from the configuration>]
+        #[arg(long)]
+        mirror: Option<String>,
+        /// Where the original is kept for uninstall.
+        #[arg(long, default_value = "/var/lib/nodemirror")]
+        state_dir: PathBuf,
+        #[command(flatten)]
+        args: ServeArgs,
     },
     /// Restore what install changed.
     Uninstall {
@@ -231,6 +259,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Some(Command::CheckConfig(a)) => check_config(&a),
         Some(Command::Cache { action }) => cache_command(action),
         Some(Command::Containerd { action }) => containerd_command(action),
+        Some(Command::Crio { action }) => crio_command(action),
         Some(Command::RegistriesYaml {
             merge,
             mirror,
@@ -406,6 +435,47 @@ fn containerd_command(action: ContainerdAction) -> Result<(), CliError> {
             }
             if exact.is_empty() && surgical.is_empty() {
                 println!("nothing to undo");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn crio_command(action: CrioAction) -> Result<(), CliError> {
+    use nodemirror::node::crio::{install, uninstall, Install, Undone};
+    match action {
+        CrioAction::Install {
+            dir,
+            mirror,
+            state_dir,
+            args,
+        } => {
+            let settings = args.settings()?;
+            let opts = Install {
+                dir,
+                mirror: mirror_url(mirror, &args)?,
+                namespaces: nodemirror::config::configured_namespaces(&settings.hosts_dir)?,
+                state_dir,
+            };
+            let r = install(&opts).map_err(|e| CliError::Failed(format!("crio install: {e}")))?;
+            let verb = if r.changed { "updated  " } else { "unchanged" };
+            println!("{verb} {}", r.path.display());
+            for (ns, why) in &r.skipped {
+                println!("skipped   {ns}: {why}");
+            }
+            if r.changed {
+                println!("podman, skopeo and buildah read it at their next pull; CRI-O: systemctl reload crio");
+            }
+        }
+        CrioAction::Uninstall { state_dir } => {
+            match uninstall(&state_dir)
+                .map_err(|e| CliError::Failed(format!("crio uninstall: {e}")))?
+            {
+                Undone::NothingInstalled => println!("nothing to undo"),
+                Undone::Restored(p) => println!("restored  {}", p.display()),
+                Undone::LeftEdited(p) => {
+                    println!("edited since install; left in place: {}", p.display())
+                }
             }
         }
     }

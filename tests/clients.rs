@@ -294,3 +294,134 @@ async fn list_and_referrers_apis_pass_through() {
         .any(|s| s.uri.contains("artifactType=application%2Fx.sig")));
     d.stop().await;
 }
+
+/// Real containers/image clients through `nodemirror crio install`'s
+/// drop-in: skopeo inspects and podman pulls a multi-arch OCI index and a
+/// Docker schema 2 image of a registry whose own address is a closed
+/// loopback port, so they can only succeed through the mirror (and a
+/// failure never looks a name up); skopeo lists tags from the mirror
+/// addressed with a path prefix. Uninstall removes the drop-in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skopeo_and_podman_pull_through_the_crio_drop_in() {
+    if !require(&["docker-registry", "skopeo", "podman"]) {
+        return;
+    }
+    use crate::support::real::Binary;
+    use std::process::Command;
+    let up = upstream().await;
+    let hosts = tempfile::tempdir().unwrap();
+    // The registry's own address is closed: only the mirror can serve.
+    let registry = "127.0.0.1:9";
+    crate::support::write_hosts(
+        hosts.path(),
+        &[(registry, format!("server = \"{}\"\n", up.reg.url()))],
+    );
+    let nm = Binary::start(hosts.path(), &[]).await;
+    let work = tempfile::tempdir().unwrap();
+    let conf_d = work.path().join("registries.conf.d");
+    let nm_cmd = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_nodemirror"))
+            .args(args)
+            .arg("--state-dir")
+            .arg(work.path().join("state"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mirror = format!("http://127.0.0.1:{}", nm.port);
+    let config = nm.config_file();
+    let said = nm_cmd(&[
+        "crio",
+        "install",
+        "--dir",
+        conf_d.to_str().unwrap(),
+        "--mirror",
+        &mirror,
+        "--config",
+        config.to_str().unwrap(),
+        "--hosts-dir",
+        hosts.path().to_str().unwrap(),
+    ]);
+    assert!(said.starts_with("updated"), "{said}");
+    let drop_in = conf_d.join("50-nodemirror.conf");
+    let run = |cmd: &mut Command| {
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd:?}:\n{}\n--- nodemirror ---\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            nm.proc.log_text()
+        );
+        out.stdout
+    };
+    let skopeo = || {
+        let mut c = Command::new("skopeo");
+        c.arg("--registries-conf").arg(&drop_in);
+        c
+    };
+    let raw = run(skopeo().args([
+        "inspect",
+        "--raw",
+        &format!("docker://{registry}/app/oci:v1"),
+    ]));
+    assert_eq!(crate::support::sha256(&raw), up.oci_index);
+    let info = run(skopeo().args([
+        "inspect",
+        "--no-tags",
+        &format!("docker://{registry}/app/docker:v1"),
+    ]));
+    let info: serde_json::Value = serde_json::from_slice(&info).unwrap();
+    assert_eq!(info["Digest"], up.docker.digest.as_str());
+    let prefixed = format!("docker://127.0.0.1:{}/127.0.0.1_9/app/oci", nm.port);
+    let tags = run(Command::new("skopeo").args(["list-tags", "--tls-verify=false", &prefixed]));
+    let tags: serde_json::Value = serde_json::from_slice(&tags).unwrap();
+    assert!(
+        tags["Tags"].as_array().unwrap().iter().any(|t| t == "v1"),
+        "{tags}"
+    );
+
+    // podman, as CRI-O would: it reads the same file.
+    let storage = work.path().join("podman");
+    let podman = |args: &[&str]| {
+        let mut c = Command::new("podman");
+        c.env("CONTAINERS_REGISTRIES_CONF", &drop_in)
+            .arg("--root")
+            .arg(storage.join("root"))
+            .arg("--runroot")
+            .arg(storage.join("run"))
+            .args([
+                "--storage-driver",
+                "vfs",
+                "--cgroup-manager",
+                "cgroupfs",
+                "--events-backend",
+                "none",
+            ])
+            .args(args);
+        run(&mut c)
+    };
+    for (image, digest) in [
+        ("app/docker:v1", &up.docker.digest),
+        ("app/oci:v1", &up.oci_index),
+    ] {
+        let reference = format!("{registry}/{image}");
+        podman(&["pull", "--quiet", &reference]);
+        let got = podman(&["image", "inspect", "--format", "{{.Digest}}", &reference]);
+        assert_eq!(
+            String::from_utf8_lossy(&got).trim(),
+            digest.as_str(),
+            "{reference}"
+        );
+    }
+    let log = nm.proc.log_text();
+    assert!(log.contains("ns=127.0.0.1:9"), "{log}");
+
+    let said = nm_cmd(&["crio", "uninstall"]);
+    assert!(said.starts_with("restored"), "{said}");
+    assert!(!drop_in.exists());
+}

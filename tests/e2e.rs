@@ -52,8 +52,11 @@ async fn containerd_pulls_from_two_registries_through_the_mirror() {
         certs.path(),
         &[(
             "_default",
+            // containerd tries `server` after the hosts, and without one
+            // https://<registry>: a closed loopback port keeps a failed pull
+            // from ever looking a registry name up.
             format!(
-                "[host.\"http://127.0.0.1:{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+                "server = \"http://127.0.0.1:9\"\n\n[host.\"http://127.0.0.1:{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
                 nm.port
             ),
         )],

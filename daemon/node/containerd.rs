@@ -11,7 +11,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest as _, Sha256};
+use super::{io_err, read_optional, sha, InstallError, Touched};
 use toml_edit::{value, Array, DocumentMut, Item, Table};
 
 /// What `install` should write.
@@ -29,33 +29,6 @@ pub struct Install {
     pub state_dir: PathBuf,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum InstallError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
-    #[error("{path}: not valid TOML: {message}")]
-    Toml { path: PathBuf, message: String },
-    #[error("{path}: {message}")]
-    Refused { path: PathBuf, message: String },
-}
-
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> InstallError + '_ {
-    move |source| InstallError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-/// One file changed by `install`.
-#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
-pub struct Touched {
-    pub path: PathBuf,
-    /// The bytes before, or `None` if the file did not exist.
-    pub original: Option<String>,
-    /// sha256 of what install wrote, to tell whether it was edited since.
-    pub written_sha256: String,
-}
-
 #[derive(serde::Serialize, serde::Deserialize, Debug, Default)]
 struct State {
     mirror: String,
@@ -64,18 +37,6 @@ struct State {
 
 fn state_file(state_dir: &Path) -> PathBuf {
     state_dir.join("containerd-install.json")
-}
-
-fn sha(text: &str) -> String {
-    hex::encode(Sha256::digest(text.as_bytes()))
-}
-
-fn read_optional(path: &Path) -> Result<Option<String>, InstallError> {
-    match fs::read_to_string(path) {
-        Ok(t) => Ok(Some(t)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io_err(path)(e)),
-    }
 }
 
 fn parse(path: &Path, text: &str) -> Result<DocumentMut, InstallError> {

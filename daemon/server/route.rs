@@ -100,10 +100,18 @@ pub fn route(path: &str) -> Result<Route, ServeError> {
 }
 
 /// The registry a path names with its first component, and the rest.
-fn prefix<'a>(name: &'a str, configured: &dyn Fn(&str) -> bool) -> Option<(&'a str, &'a str)> {
+/// containers/image cannot put a `:` in a mirror's path, so `host_port`
+/// stands for `host:port` (a host name never holds `_`).
+fn prefix<'a>(name: &'a str, configured: &dyn Fn(&str) -> bool) -> Option<(String, &'a str)> {
     let (first, rest) = name.split_once('/')?;
-    let hostlike = first.contains('.') || first.contains(':') || first == "localhost";
-    (hostlike || configured(first)).then_some((first, rest))
+    let (host, registry) = match first.rsplit_once('_') {
+        Some((h, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
+            (h, format!("{h}:{p}"))
+        }
+        _ => (first, first.to_string()),
+    };
+    let hostlike = host.contains('.') || host == "localhost" || first.contains(':');
+    (hostlike || configured(host) || configured(&registry)).then_some((registry, rest))
 }
 
 /// The `ns` query parameter, if any.
@@ -320,6 +328,21 @@ mod tests {
         );
         assert_eq!(r("/v2/localhost/app/manifests/1", None), "localhost app");
         assert_eq!(r("/v2/myreg/team/app/manifests/1", None), "myreg team/app");
+        // host_port: how containers/image mirrors name a registry with a port.
+        assert_eq!(
+            r("/v2/127.0.0.1_5000/app/tags/list", None),
+            "127.0.0.1:5000 app"
+        );
+        assert_eq!(
+            r("/v2/localhost_5000/app/manifests/1", None),
+            "localhost:5000 app"
+        );
+        assert_eq!(r("/v2/myreg_443/app/manifests/1", None), "myreg:443 app");
+        // ...but not for a repository of the default registry.
+        assert_eq!(
+            r("/v2/team_1/app/manifests/1", None),
+            "docker.io team_1/app"
+        );
         assert_eq!(
             r("/v2/docker.io/library/x/manifests/1", None),
             "docker.io library/x"
