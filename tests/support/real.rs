@@ -30,7 +30,7 @@ pub fn require(tools: &[&str]) -> bool {
             .is_ok_and(|o| o.status.success());
         assert!(
             found,
-            "{t} is not installed: run .ci/run (or apt-get install containerd docker-registry), \
+            "{t} is not installed: run .ci/run (or apt-get install containerd docker-registry podman skopeo), \
              or set NODEMIRROR_SKIP_E2E=1 to skip"
         );
     }
