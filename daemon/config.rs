@@ -21,7 +21,19 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:5780";
 pub const DEFAULT_HOSTS_DIR: &str = "/etc/nodemirror/hosts.d";
 pub const DEFAULT_AUTH_FILE: &str = "/etc/nodemirror/auth.json";
 
-/// Timeouts and back-off for upstream endpoints.
+/// How namespaces without a hosts.d folder (reached at `https://<ns>`)
+/// are treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImplicitPolicy {
+    /// Contacted only when every address they resolve to is public (default).
+    Public,
+    /// Contacted at any address (opt-in: a lab without hosts.d).
+    Any,
+    /// Refused: only namespaces in hosts.d (or `_default`'s server) are served.
+    Off,
+}
+
+/// Timeouts, back-off and admission for upstream endpoints.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamSettings {
     /// TCP (and TLS) connect.
@@ -34,6 +46,10 @@ pub struct UpstreamSettings {
     /// failure up to `backoff_max`.
     pub backoff: Duration,
     pub backoff_max: Duration,
+    /// Namespaces without a hosts.d folder.
+    pub implicit_namespaces: ImplicitPolicy,
+    /// When not empty, the only namespaces without a hosts.d folder served.
+    pub allowed_namespaces: Vec<Namespace>,
 }
 
 impl Default for UpstreamSettings {
@@ -44,6 +60,8 @@ impl Default for UpstreamSettings {
             idle_timeout: Duration::from_secs(30),
             backoff: Duration::from_secs(10),
             backoff_max: Duration::from_secs(300),
+            implicit_namespaces: ImplicitPolicy::Public,
+            allowed_namespaces: Vec::new(),
         }
     }
 }
@@ -204,6 +222,35 @@ impl Settings {
                     let u = &mut self.upstream;
                     f.section(|f| {
                         let field = match f.key {
+                            "implicit_namespaces" => {
+                                u.implicit_namespaces = match f.str()? {
+                                    "public" => ImplicitPolicy::Public,
+                                    "any" => ImplicitPolicy::Any,
+                                    "off" => ImplicitPolicy::Off,
+                                    other => {
+                                        return Err(f
+                                            .src
+                                            .error(
+                                                f.span.clone(),
+                                                format!(
+                                                    "`implicit_namespaces` is \"public\", \"any\" or \"off\", not {other:?}"
+                                                ),
+                                            )
+                                            .into())
+                                    }
+                                };
+                                return Ok(());
+                            }
+                            "allowed_namespaces" => {
+                                let mut out = Vec::new();
+                                for n in f.strings()? {
+                                    out.push(n.parse().map_err(|e| {
+                                        ConfigErrors::from(src.error(f.span.clone(), format!("{e}")))
+                                    })?);
+                                }
+                                u.allowed_namespaces = out;
+                                return Ok(());
+                            }
                             "connect_timeout" => &mut u.connect_timeout,
                             "first_byte_timeout" => &mut u.first_byte_timeout,
                             "idle_timeout" => &mut u.idle_timeout,

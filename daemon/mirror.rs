@@ -271,7 +271,7 @@ impl Mirror {
         let want = reference.digest();
         self.upstream
             .first_success(&snap.upstream, &req, |ep, resp| {
-                self.take_manifest(snap, ep, resp, &req, want)
+                self.take_manifest(snap, ep, resp, &req, want, accept)
             })
             .await
             .map(|(m, _)| m)
@@ -288,6 +288,7 @@ impl Mirror {
         resp: Response<Incoming>,
         req: &UpstreamRequest,
         want: Option<&Digest>,
+        accept: &Accept,
     ) -> Result<Manifest, AttemptError> {
         let check = |m: Manifest| match want {
             Some(w) if *w != m.digest => Err(AttemptError::Invalid(format!(
@@ -298,17 +299,19 @@ impl Mirror {
         };
         let idle = snap.upstream.settings.idle_timeout;
         if req.method != Method::HEAD {
-            return check(read_manifest(resp, idle).await?);
+            return check(read_manifest(resp, idle, accept).await?);
         }
         let h = resp.headers();
         let text = |name| h.get(name).and_then(|v: &HeaderValue| v.to_str().ok());
         let digest = text(DOCKER_CONTENT_DIGEST).and_then(|v| v.parse::<Digest>().ok());
         let length = content_length(h);
-        let media_type = text(CONTENT_TYPE.as_str()).filter(|t| !t.is_empty());
+        let media_type = text(CONTENT_TYPE.as_str())
+            .map(media::essence)
+            .filter(|t| media::is_manifest(t) || accept.names(t));
         if let (Some(digest), Some(length), Some(media_type)) = (digest, length, media_type) {
             return check(Manifest {
                 digest,
-                media_type: media_type.to_string(),
+                media_type,
                 body: None,
                 length,
             });
@@ -318,7 +321,7 @@ impl Mirror {
             ..req.clone()
         };
         let resp = self.upstream.attempt(&snap.upstream, &ep, &get).await?;
-        check(read_manifest(resp, idle).await?)
+        check(read_manifest(resp, idle, accept).await?)
     }
 }
 
@@ -340,24 +343,23 @@ fn respond_manifest(m: Manifest, head: bool) -> Result<Response<ResponseBody>, S
 }
 
 /// Reads a manifest response whole (bounded in size and time) and measures it.
-async fn read_manifest(resp: Response<Incoming>, idle: Duration) -> Result<Manifest, AttemptError> {
+async fn read_manifest(
+    resp: Response<Incoming>,
+    idle: Duration,
+    accept: &Accept,
+) -> Result<Manifest, AttemptError> {
     let header_type = resp
         .headers()
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+        .map(media::essence);
     let read = Limited::new(resp.into_body(), MAX_MANIFEST_BYTES).collect();
     let body = tokio::time::timeout(idle, read)
         .await
         .map_err(|_| AttemptError::Invalid(format!("manifest body not received within {idle:?}")))?
         .map_err(|e| AttemptError::Invalid(format!("manifest body: {e}")))?
         .to_bytes();
-    let media_type = match header_type {
-        Some(t) if !t.is_empty() => t,
-        _ => media_type_of(&body).ok_or_else(|| {
-            AttemptError::Invalid("manifest has neither Content-Type nor mediaType".into())
-        })?,
-    };
+    let media_type = manifest_type(header_type, &body, accept)?;
     Ok(Manifest {
         digest: Digest::of(&body),
         media_type,
@@ -366,12 +368,42 @@ async fn read_manifest(resp: Response<Incoming>, idle: Duration) -> Result<Manif
     })
 }
 
-/// The `mediaType` field of a manifest, for upstreams that omit the header.
-fn media_type_of(body: &[u8]) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Probe {
-        #[serde(rename = "mediaType")]
-        media_type: Option<String>,
+/// A manifest is what a registry answered only when it is a JSON object
+/// whose type is a manifest or index type (or an artifact type this client
+/// named), and the body's own `mediaType`, if any, agrees with the
+/// header. Anything else (an HTML page, a secret from behind a redirect)
+/// is neither served nor cached.
+fn manifest_type(
+    header_type: Option<String>,
+    body: &[u8],
+    accept: &Accept,
+) -> Result<String, AttemptError> {
+    let invalid = |why: String| Err(AttemptError::Invalid(why));
+    let Ok(serde_json::Value::Object(fields)) = serde_json::from_slice(body) else {
+        return invalid("manifest is not a JSON object".into());
+    };
+    let declared = fields
+        .get("mediaType")
+        .and_then(|v| v.as_str())
+        .map(media::essence);
+    let media_type = match (header_type, declared) {
+        // A generic JSON type says nothing; the body does.
+        (Some(h), d) if h == "application/json" || h == "text/plain" => match d {
+            Some(d) => d,
+            None if fields.get("schemaVersion").and_then(|v| v.as_u64()) == Some(1) => {
+                media::DOCKER_SCHEMA1_SIGNED.to_string()
+            }
+            None => return invalid(format!("manifest served as {h} without a mediaType")),
+        },
+        (Some(h), Some(d)) if h != d => {
+            return invalid(format!("Content-Type {h} but the manifest says {d}"))
+        }
+        (Some(h), _) => h,
+        (None, Some(d)) => d,
+        (None, None) => return invalid("manifest has neither Content-Type nor mediaType".into()),
+    };
+    if !media::is_manifest(&media_type) && !accept.names(&media_type) {
+        return invalid(format!("{media_type} is not a manifest type"));
     }
-    serde_json::from_slice::<Probe>(body).ok()?.media_type
+    Ok(media_type)
 }

@@ -88,10 +88,11 @@ impl App {
             Err(e) => Err(e),
         };
         let resp = resp.unwrap_or_else(|e| {
+            let detail = e.detail().unwrap_or_default();
             if e.status().is_server_error() || matches!(e, ServeError::Loop) {
-                tracing::warn!(error = %e, "request failed");
+                tracing::warn!(error = %e, detail, "request failed");
             } else {
-                tracing::debug!(error = %e, "request refused");
+                tracing::debug!(error = %e, detail, "request refused");
             }
             e.into_response(head)
         });
@@ -199,7 +200,12 @@ async fn log_request(
     let start = Instant::now();
     let span = tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), ns = tracing::field::Empty, %peer);
     async move {
-        let resp = app.handle(req).await;
+        let mut resp = app.handle(req).await;
+        // Nothing the mirror sends is to be sniffed into something else.
+        resp.headers_mut().insert(
+            http::header::X_CONTENT_TYPE_OPTIONS,
+            http::HeaderValue::from_static("nosniff"),
+        );
         tracing::info!(
             status = resp.status().as_u16(),
             length = content_length(resp.headers()),

@@ -3,6 +3,7 @@
 //! logic that tries them in turn — authenticating, following redirects, timing out —
 //! and falls back to the next before any byte reaches the client.
 
+pub mod admission;
 pub mod auth;
 pub mod client;
 pub mod health;
@@ -24,10 +25,10 @@ use parking_lot::Mutex;
 use url::Url;
 
 use crate::config::hosts;
-use crate::config::{ConfigError, UpstreamSettings};
+use crate::config::{ConfigError, ImplicitPolicy, UpstreamSettings};
 use crate::oci::{Content, ServeError, Verdict};
 use crate::reference::{Namespace, Repository};
-use auth::{Auth, Credentials, TokenKey};
+use auth::{Auth, Credentials, TokenKey, TokenService};
 use client::ClientPool;
 use health::Health;
 pub use routes::{Endpoint, Routes};
@@ -94,6 +95,9 @@ pub enum AttemptError {
     Redirect(String),
     #[error("invalid response: {0}")]
     Invalid(String),
+    /// Not contacted: the admission policy or a non-public address.
+    #[error("refused: {0}")]
+    Refused(String),
 }
 
 impl From<auth::AuthError> for AttemptError {
@@ -103,6 +107,7 @@ impl From<auth::AuthError> for AttemptError {
         match e {
             auth::AuthError::Refused { status, .. } => AttemptError::Denied(status),
             auth::AuthError::NoCredentials => AttemptError::Denied(StatusCode::UNAUTHORIZED),
+            auth::AuthError::NotPublic(why) => AttemptError::Refused(why),
             other => AttemptError::Auth(other),
         }
     }
@@ -122,6 +127,7 @@ impl AttemptError {
             AttemptError::Auth(_) => "auth",
             AttemptError::Redirect(_) => "redirect",
             AttemptError::Invalid(_) => "invalid",
+            AttemptError::Refused(_) => "refused",
         }
     }
 
@@ -131,7 +137,10 @@ impl AttemptError {
     pub fn marks_unhealthy(&self) -> bool {
         !matches!(
             self,
-            AttemptError::NotFound | AttemptError::Denied(_) | AttemptError::Throttled { .. }
+            AttemptError::NotFound
+                | AttemptError::Denied(_)
+                | AttemptError::Throttled { .. }
+                | AttemptError::Refused(_)
         )
     }
 }
@@ -146,9 +155,21 @@ impl Exhausted {
     /// True when every endpoint answered that it does not have the content
     /// (or may not show it), rather than failing: the client gets a 404.
     pub fn all_not_found(&self) -> bool {
-        self.attempts
-            .iter()
-            .all(|(_, e)| matches!(e, AttemptError::NotFound | AttemptError::Denied(_)))
+        self.attempts.iter().all(|(_, e)| {
+            matches!(
+                e,
+                AttemptError::NotFound | AttemptError::Denied(_) | AttemptError::Refused(_)
+            )
+        })
+    }
+
+    /// True when no endpoint was contacted because the policy refused them.
+    fn all_refused(&self) -> bool {
+        !self.attempts.is_empty()
+            && self
+                .attempts
+                .iter()
+                .all(|(_, e)| matches!(e, AttemptError::Refused(_)))
     }
 }
 
@@ -170,6 +191,7 @@ impl Exhausted {
             .and_then(|t| t.into_iter().min_by_key(|(wait, _)| *wait));
         let (verdict, upstream_body) = match throttled {
             Some((retry_after, body)) => (Verdict::Throttled { retry_after }, body.clone()),
+            None if self.all_refused() => (Verdict::Refused, None),
             None if self.all_not_found() => (Verdict::NotFound, None),
             None => (Verdict::Failed, None),
         };
@@ -281,7 +303,13 @@ impl Upstream {
     ) -> Result<Config, Vec<ConfigError>> {
         let dir = hosts::load_dir(hosts_dir)?;
         let credentials = load_credentials(auth_file)?;
-        let routes = Routes::build(&dir, &mut self.pool.lock(), settings.connect_timeout)?;
+        let implicit_any = settings.implicit_namespaces == ImplicitPolicy::Any;
+        let routes = Routes::build(
+            &dir,
+            &mut self.pool.lock(),
+            settings.connect_timeout,
+            implicit_any,
+        )?;
         Ok(Config {
             routes,
             credentials,
@@ -338,6 +366,12 @@ impl Upstream {
                     ep.key().to_string(),
                     AttemptError::Throttled { retry_after, body },
                 ));
+                continue;
+            }
+            if let Some(why) = admit(cfg, &ep, &req.namespace) {
+                tracing::warn!(endpoint = ep.key(), namespace = %req.namespace, reason = %why,
+                    "not contacted: namespace without a hosts.d folder refused by policy");
+                attempts.push((ep.key().to_string(), AttemptError::Refused(why)));
                 continue;
             }
             let result = match self.attempt(cfg, &ep, req).await {
@@ -402,8 +436,11 @@ impl Upstream {
         let mut answered_challenge = false;
         loop {
             let resp = self
-                .send(cfg, ep, &url, req, authorization.as_ref())
+                .send(cfg, ep, &url, req, authorization.as_ref(), ep.public_only)
                 .await?;
+            // Redirects and token services named by an endpoint reached at
+            // a public address must be public too.
+            let onward_public = !reached_privately(&resp);
             let status = resp.status();
             if status == StatusCode::UNAUTHORIZED && !answered_challenge {
                 let Some(challenge) = resp
@@ -419,10 +456,17 @@ impl Upstream {
                     .answer(
                         auth_key.clone(),
                         &cfg.credentials,
-                        &ep.client,
                         &ep.base,
                         challenge,
-                        cfg.settings.first_byte_timeout,
+                        TokenService {
+                            client: if onward_public {
+                                &ep.public_client
+                            } else {
+                                &ep.client
+                            },
+                            public_only: onward_public,
+                            timeout: cfg.settings.first_byte_timeout,
+                        },
                     )
                     .await?;
                 authorization = Some(header);
@@ -430,7 +474,9 @@ impl Upstream {
                 continue;
             }
             if is_redirect(status) {
-                return self.follow_redirects(cfg, ep, req, &url, resp).await;
+                return self
+                    .follow_redirects(cfg, ep, req, &url, resp, onward_public)
+                    .await;
             }
             return classify(resp, cfg).await;
         }
@@ -445,6 +491,7 @@ impl Upstream {
         req: &UpstreamRequest,
         from: &Url,
         mut resp: Response<Incoming>,
+        public_only: bool,
     ) -> Result<Response<Incoming>, AttemptError> {
         let mut current = from.clone();
         for _ in 0..MAX_REDIRECTS {
@@ -463,8 +510,13 @@ impl Upstream {
                     "unsupported Location {next}"
                 )));
             }
+            if current.scheme() == "https" && next.scheme() == "http" {
+                return Err(AttemptError::Redirect(format!(
+                    "refused a redirect from https to plain http ({next})"
+                )));
+            }
             tracing::debug!(from = %current, to = %next, "following redirect");
-            resp = self.send(cfg, ep, &next, req, None).await?;
+            resp = self.send(cfg, ep, &next, req, None, public_only).await?;
             current = next;
             let status = resp.status();
             if !is_redirect(status) {
@@ -483,7 +535,18 @@ impl Upstream {
         url: &Url,
         req: &UpstreamRequest,
         authorization: Option<&HeaderValue>,
+        public_only: bool,
     ) -> Result<Response<Incoming>, AttemptError> {
+        if public_only {
+            if let Some(refusal) = admission::literal_refusal(url) {
+                return Err(AttemptError::Refused(refusal.to_string()));
+            }
+        }
+        let client = if public_only {
+            &ep.public_client
+        } else {
+            &ep.client
+        };
         let mut builder = Request::builder()
             .method(req.method.clone())
             .uri(url.as_str())
@@ -505,12 +568,41 @@ impl Upstream {
             .body(Empty::<Bytes>::new())
             .map_err(|e| AttemptError::Invalid(format!("building request: {e}")))?;
         let timeout = cfg.settings.first_byte_timeout;
-        match tokio::time::timeout(timeout, ep.client.request(request)).await {
+        match tokio::time::timeout(timeout, client.request(request)).await {
             Err(_) => Err(AttemptError::Timeout(timeout)),
-            Ok(Err(e)) => Err(AttemptError::Connect(error_chain(&e))),
+            Ok(Err(e)) => Err(match admission::refused(&e) {
+                Some(why) => AttemptError::Refused(why),
+                None => AttemptError::Connect(error_chain(&e)),
+            }),
             Ok(Ok(resp)) => Ok(resp),
         }
     }
+}
+
+/// Why the policy refuses `ep` for `ns`, if it does: only endpoints named
+/// by the namespace alone are subject to it.
+fn admit(cfg: &Config, ep: &Endpoint, ns: &Namespace) -> Option<String> {
+    if !ep.implicit {
+        return None;
+    }
+    let s = &cfg.settings;
+    if s.implicit_namespaces == ImplicitPolicy::Off {
+        return Some(format!(
+            "{ns} has no hosts.d folder and implicit_namespaces = \"off\""
+        ));
+    }
+    if !s.allowed_namespaces.is_empty() && !s.allowed_namespaces.contains(ns) {
+        return Some(format!("{ns} is not in allowed_namespaces"));
+    }
+    None
+}
+
+/// Whether `resp` came over a connection to a non-public address (an
+/// endpoint configured at such an address: it may send us to others).
+fn reached_privately(resp: &Response<Incoming>) -> bool {
+    resp.extensions()
+        .get::<hyper_util::client::legacy::connect::HttpInfo>()
+        .is_some_and(|i| !admission::is_public(i.remote_addr().ip()))
 }
 
 /// A 3xx pointing elsewhere (304 is an answer, not a redirect).

@@ -6,6 +6,7 @@ mod cache;
 mod cli;
 mod clients;
 mod e2e;
+mod hostile;
 mod node;
 mod packaging;
 mod proxy;

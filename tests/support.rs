@@ -222,6 +222,7 @@ pub fn quick_upstream() -> UpstreamSettings {
         idle_timeout: Duration::from_secs(2),
         backoff: Duration::from_secs(60),
         backoff_max: Duration::from_secs(60),
+        ..UpstreamSettings::default()
     }
 }
 
@@ -260,6 +261,7 @@ pub struct DaemonBuilder {
     auth: Option<String>,
     cache: Option<CacheSettings>,
     cache_dir: Option<PathBuf>,
+    upstream: Option<UpstreamSettings>,
 }
 
 impl DaemonBuilder {
@@ -279,6 +281,12 @@ impl DaemonBuilder {
     /// nothing is evicted.
     pub fn cache(mut self, c: CacheSettings) -> Self {
         self.cache = Some(c);
+        self
+    }
+
+    /// Upstream settings other than [`quick_upstream`].
+    pub fn upstream(mut self, u: UpstreamSettings) -> Self {
+        self.upstream = Some(u);
         self
     }
 
@@ -312,7 +320,7 @@ impl DaemonBuilder {
             hosts_dir,
             default_namespace: "docker.io".parse().unwrap(),
             auth_file,
-            upstream: quick_upstream(),
+            upstream: self.upstream.unwrap_or_else(quick_upstream),
             cache: self.cache.unwrap_or_else(test_cache),
             origin: None,
         };

@@ -15,14 +15,14 @@ use crate::support::fake::{Behaviour, Fake};
 use crate::support::image::Image;
 use crate::support::{get, Daemon};
 
-struct Pki {
+pub struct Pki {
     dir: tempfile::TempDir,
     ca_pem: String,
     issuer: Issuer<'static, KeyPair>,
 }
 
 impl Pki {
-    fn new() -> Pki {
+    pub fn new() -> Pki {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let key = KeyPair::generate().unwrap();
@@ -58,11 +58,11 @@ impl Pki {
         (chain, key)
     }
 
-    fn path(&self, file: &str) -> String {
+    pub fn path(&self, file: &str) -> String {
         self.dir.path().join(file).display().to_string()
     }
 
-    async fn registry(&self, require_client_cert: bool) -> Fake {
+    pub async fn registry(&self, require_client_cert: bool) -> Fake {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let (chain, key) = self.leaf("server", &["localhost", "127.0.0.1"]);
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
@@ -86,7 +86,7 @@ impl Pki {
     }
 }
 
-fn https(f: &Fake) -> String {
+pub fn https(f: &Fake) -> String {
     format!("https://127.0.0.1:{}", f.addr.port())
 }
 

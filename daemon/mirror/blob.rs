@@ -107,8 +107,13 @@ impl Mirror {
             .map_err(|_| internal("blob fetch vanished"))?;
         match phase {
             Phase::Unavailable(e) => return Err(e),
-            // Nothing sent yet: a quick error lets the client move on.
-            Phase::Failed(why) => return Err(ServeError::Unavailable(why.to_string())),
+            // Nothing sent yet: a quick error lets the client move on. Why
+            // is in the log (the fetch logged it), not for the client.
+            Phase::Failed(_) => {
+                return Err(ServeError::Unavailable(
+                    "blob transfer from the upstream registry failed".into(),
+                ))
+            }
             _ => {}
         }
         Ok(Opened {

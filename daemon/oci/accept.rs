@@ -62,6 +62,12 @@ impl Accept {
         self.is_empty() || self.any || self.types.contains(&t)
     }
 
+    /// Whether the client named `media_type` itself (not through `*/*`):
+    /// how an artifact type beyond the manifest types is admitted.
+    pub fn names(&self, media_type: &str) -> bool {
+        self.types.contains(&super::media::essence(media_type))
+    }
+
     /// The `Accept` value to send upstream: the client's own list as one
     /// line, or every current manifest type when it named none (a registry
     /// answers a bare request with schema 1).

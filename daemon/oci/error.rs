@@ -54,6 +54,9 @@ pub enum Verdict {
     NotFound,
     /// Endpoints failed: down, timing out, erring.
     Failed,
+    /// No endpoint may be contacted for this registry (admission policy,
+    /// non-public address).
+    Refused,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -67,8 +70,10 @@ pub enum ServeError {
     /// No such route in the distribution API subset served here.
     #[error("unsupported endpoint {0}")]
     UnknownRoute(String),
-    /// Every upstream endpoint was tried; `detail` says what each answered.
-    #[error("{what} unavailable from every upstream endpoint: {detail}")]
+    /// Every upstream endpoint was tried; `detail` says what each answered
+    /// (for the log: clients get a generic message that tells nothing
+    /// about the addresses behind the mirror).
+    #[error("{}", upstream_message(*what, *verdict))]
     Upstream {
         what: Content,
         verdict: Verdict,
@@ -90,7 +95,29 @@ pub enum ServeError {
     Internal(String),
 }
 
+fn upstream_message(what: Content, verdict: Verdict) -> String {
+    match verdict {
+        Verdict::NotFound => format!("{what} not found in the upstream registry"),
+        Verdict::Failed => format!("{what} unavailable: the upstream registry failed"),
+        Verdict::Throttled { .. } => {
+            format!("{what} unavailable: the upstream registry is rate limiting; retry later")
+        }
+        Verdict::Refused => format!(
+            "{what} unavailable: this registry may not be contacted (a registry without a hosts.d \
+             folder must be allowed and at public addresses)"
+        ),
+    }
+}
+
 impl ServeError {
+    /// What the log gets beyond the client's message.
+    pub fn detail(&self) -> Option<&str> {
+        match self {
+            ServeError::Upstream { detail, .. } => Some(detail),
+            _ => None,
+        }
+    }
+
     pub fn internal(e: impl std::fmt::Display) -> ServeError {
         ServeError::Internal(e.to_string())
     }
@@ -112,6 +139,10 @@ impl ServeError {
                 verdict: Verdict::Throttled { .. },
                 ..
             } => StatusCode::TOO_MANY_REQUESTS,
+            ServeError::Upstream {
+                verdict: Verdict::Refused,
+                ..
+            } => StatusCode::FORBIDDEN,
             ServeError::Upstream {
                 verdict: Verdict::Failed,
                 ..
@@ -138,6 +169,10 @@ impl ServeError {
                 verdict: Verdict::Throttled { .. },
                 ..
             } => "TOOMANYREQUESTS",
+            ServeError::Upstream {
+                verdict: Verdict::Refused,
+                ..
+            } => "DENIED",
             ServeError::Upstream { .. } | ServeError::Unavailable(_) => "UNAVAILABLE",
             ServeError::Internal(_) => "UNKNOWN",
         }

@@ -12,6 +12,22 @@ pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.
 pub const DOCKER_SCHEMA1: &str = "application/vnd.docker.distribution.manifest.v1+json";
 pub const DOCKER_SCHEMA1_SIGNED: &str = "application/vnd.docker.distribution.manifest.v1+prettyjws";
 
+/// A media type without parameters, lowercase.
+pub fn essence(media_type: &str) -> String {
+    media_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+}
+
+/// Whether `media_type` is an image manifest or index type (schema 1 too).
+pub fn is_manifest(media_type: &str) -> bool {
+    let t = essence(media_type);
+    MANIFESTS.contains(&t.as_str()) || is_schema1(&t)
+}
+
 /// Whether `media_type` is Docker schema 1, which is never cached.
 pub fn is_schema1(media_type: &str) -> bool {
     let t = media_type.split(';').next().unwrap_or("").trim();

@@ -208,6 +208,8 @@ pub enum AuthError {
     Token { realm: String, why: String },
     #[error("token service {realm} refused access ({status})")]
     Refused { realm: String, status: StatusCode },
+    #[error("token service not contacted: {0}")]
+    NotPublic(String),
 }
 
 struct Cached {
@@ -230,6 +232,16 @@ pub struct TokenKey {
 #[derive(Default)]
 pub struct Auth {
     cache: Mutex<HashMap<TokenKey, Cached>>,
+}
+
+/// How to reach a token service: the client, whether it must be at a
+/// public address (it was named by an endpoint reached at one), and how
+/// long it may take.
+#[derive(Clone, Copy)]
+pub struct TokenService<'a> {
+    pub client: &'a HttpClient,
+    pub public_only: bool,
+    pub timeout: Duration,
 }
 
 /// Tokens live this long when the service does not say (the distribution
@@ -262,10 +274,9 @@ impl Auth {
         &self,
         key: TokenKey,
         credentials: &Credentials,
-        client: &HttpClient,
         endpoint: &Url,
         challenge: &str,
-        timeout: Duration,
+        service: TokenService<'_>,
     ) -> Result<HeaderValue, AuthError> {
         let parsed =
             parse_challenge(challenge).ok_or_else(|| AuthError::Unsupported(challenge.into()))?;
@@ -281,8 +292,7 @@ impl Auth {
                 (c.basic_header().ok_or(AuthError::NoCredentials)?, None)
             }
             "bearer" => {
-                let (token, life) =
-                    fetch_token(client, &parsed, credential, &scope, timeout).await?;
+                let (token, life) = fetch_token(service, &parsed, credential, &scope).await?;
                 let mut v = HeaderValue::try_from(format!("Bearer {token}")).map_err(|_| {
                     AuthError::Token {
                         realm: parsed.params.get("realm").cloned().unwrap_or_default(),
@@ -308,11 +318,14 @@ impl Auth {
 }
 
 async fn fetch_token(
-    client: &HttpClient,
+    TokenService {
+        client,
+        public_only,
+        timeout,
+    }: TokenService<'_>,
     challenge: &Challenge,
     credential: Option<&Credential>,
     default_scope: &str,
-    timeout: Duration,
 ) -> Result<(String, Duration), AuthError> {
     let realm = challenge.params.get("realm").cloned().unwrap_or_default();
     let fail = |why: String| AuthError::Token {
@@ -322,6 +335,11 @@ async fn fetch_token(
     let mut url = Url::parse(&realm).map_err(|e| fail(format!("invalid realm: {e}")))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(fail("realm must be an http(s) URL".into()));
+    }
+    if public_only {
+        if let Some(refusal) = super::admission::literal_refusal(&url) {
+            return Err(AuthError::NotPublic(refusal.to_string()));
+        }
     }
     {
         let mut q = url.query_pairs_mut();
@@ -346,7 +364,10 @@ async fn fetch_token(
         let resp = client
             .request(req)
             .await
-            .map_err(|e| fail(super::error_chain(&e)))?;
+            .map_err(|e| match super::admission::refused(&e) {
+                Some(why) => AuthError::NotPublic(why),
+                None => fail(super::error_chain(&e)),
+            })?;
         let status = resp.status();
         let body = Limited::new(resp.into_body(), 1 << 20)
             .collect()

@@ -19,10 +19,11 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use sha2::{Digest as _, Sha256};
 
+use super::admission::Resolver;
 use crate::config::hosts::HostSettings;
 
 /// The client every upstream request goes through.
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+pub type HttpClient = Client<HttpsConnector<HttpConnector<Resolver>>, Empty<Bytes>>;
 
 /// Builds clients and shares those with equal settings.
 pub struct ClientPool {
@@ -39,10 +40,12 @@ pub struct ClientPool {
 struct ClientKey {
     tls: [u8; 32],
     dial: Duration,
+    /// Connects to public addresses only (see [`super::admission`]).
+    public_only: bool,
 }
 
 impl ClientKey {
-    fn new(settings: &HostSettings, dial: Duration) -> ClientKey {
+    fn new(settings: &HostSettings, dial: Duration, public_only: bool) -> ClientKey {
         let mut h = Sha256::new();
         let mut add = |part: &[u8]| {
             h.update((part.len() as u64).to_le_bytes());
@@ -64,6 +67,7 @@ impl ClientKey {
         ClientKey {
             tls: h.finalize().into(),
             dial,
+            public_only,
         }
     }
 }
@@ -87,18 +91,21 @@ impl ClientPool {
 
     /// The client for `settings` (dialling with `connect_timeout` unless
     /// the host sets its own), built on first use.
+    /// With `public_only`, names resolving to a non-public address are
+    /// refused before connecting.
     pub fn client(
         &mut self,
         settings: &HostSettings,
         connect_timeout: Duration,
+        public_only: bool,
     ) -> Result<HttpClient, String> {
         let dial = settings.dial_timeout.unwrap_or(connect_timeout);
-        let key = ClientKey::new(settings, dial);
+        let key = ClientKey::new(settings, dial, public_only);
         if let Some(c) = self.clients.get(&key) {
             return Ok(c.clone());
         }
         let tls = self.tls_config(settings)?;
-        let mut http = HttpConnector::new();
+        let mut http = HttpConnector::new_with_resolver(Resolver { public_only });
         http.enforce_http(false);
         http.set_connect_timeout(Some(dial));
         http.set_nodelay(true);

@@ -24,7 +24,17 @@ pub struct Endpoint {
     pub mirror: bool,
     pub capabilities: Capabilities,
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// For the endpoint's own requests.
     pub client: HttpClient,
+    /// The same TLS settings, connecting to public addresses only: for
+    /// redirects and token services named by a public endpoint.
+    pub public_client: HttpClient,
+    /// Named by the request's namespace alone (no hosts.d folder, no
+    /// `_default` server): admitted by policy.
+    pub implicit: bool,
+    /// Its own requests go to public addresses only (`client` is
+    /// `public_client`): implicit, unless the policy is `any`.
+    pub public_only: bool,
     /// Where it was configured (`file:line`, or `implicit`).
     pub origin: String,
 }
@@ -63,8 +73,11 @@ pub struct Routes {
     default_mirrors: Vec<Arc<Endpoint>>,
     /// `_default`'s `server`, if it names one.
     default_server: Option<Url>,
-    /// Client for servers of namespaces without a folder.
+    /// Clients for servers of namespaces without a folder.
     default_client: HttpClient,
+    default_public_client: HttpClient,
+    /// Whether implicit servers may be at any address.
+    implicit_any: bool,
     default_capabilities: Capabilities,
 }
 
@@ -73,6 +86,7 @@ impl Routes {
         dir: &HostsDir,
         pool: &mut ClientPool,
         connect_timeout: Duration,
+        implicit_any: bool,
     ) -> Result<Routes, Vec<ConfigError>> {
         let mut errors = Vec::new();
         let mut namespaces = HashMap::new();
@@ -94,9 +108,12 @@ impl Routes {
         let empty = hosts::HostsFile::default();
         let default = dir.default.as_ref().unwrap_or(&empty);
         let default_mirrors = endpoints(default, pool, connect_timeout, &mut errors);
-        let default_client = pool
-            .client(&default.server_settings, connect_timeout)
-            .map_err(|e| vec![config_error(&default.server_origin, e)])?;
+        let client = |pool: &mut ClientPool, public_only| {
+            pool.client(&default.server_settings, connect_timeout, public_only)
+                .map_err(|e| vec![config_error(&default.server_origin, e)])
+        };
+        let default_client = client(pool, false)?;
+        let default_public_client = client(pool, true)?;
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -105,6 +122,8 @@ impl Routes {
             default_mirrors,
             default_server: default.server.clone(),
             default_client,
+            default_public_client,
+            implicit_any,
             default_capabilities: default
                 .server_settings
                 .capabilities
@@ -124,16 +143,31 @@ impl Routes {
             return chain.clone();
         }
         let mut chain = self.default_mirrors.clone();
+        let (base, implicit) = match &self.default_server {
+            Some(server) => (server.clone(), false),
+            None => (implicit_server(ns), true),
+        };
+        let public_only = implicit && !self.implicit_any;
+        let client = if public_only {
+            &self.default_public_client
+        } else {
+            &self.default_client
+        };
         chain.push(Arc::new(Endpoint {
-            base: self
-                .default_server
-                .clone()
-                .unwrap_or_else(|| implicit_server(ns)),
+            base,
             mirror: false,
             capabilities: self.default_capabilities,
             headers: Vec::new(),
-            client: self.default_client.clone(),
-            origin: "implicit".into(),
+            client: client.clone(),
+            public_client: self.default_public_client.clone(),
+            implicit,
+            public_only,
+            origin: if implicit {
+                "implicit"
+            } else {
+                "_default server"
+            }
+            .into(),
         }));
         chain
     }
@@ -183,13 +217,19 @@ fn endpoint(
     (pool, connect_timeout): (&mut ClientPool, Duration),
     errors: &mut Vec<ConfigError>,
 ) -> Option<Arc<Endpoint>> {
-    match pool.client(settings, connect_timeout) {
-        Ok(client) => Some(Arc::new(Endpoint {
+    let clients = pool
+        .client(settings, connect_timeout, false)
+        .and_then(|c| pool.client(settings, connect_timeout, true).map(|p| (c, p)));
+    match clients {
+        Ok((client, public_client)) => Some(Arc::new(Endpoint {
             base,
             mirror,
             capabilities: settings.capabilities.unwrap_or(Capabilities::ALL),
             headers: settings.headers.clone(),
             client,
+            public_client,
+            implicit: false,
+            public_only: false,
             origin,
         })),
         Err(e) => {
