@@ -16,6 +16,7 @@
 
 pub mod gc;
 pub(crate) mod ingest;
+pub(crate) mod pool;
 pub(crate) mod read;
 
 pub use gc::{Limits, Report, Stats};

@@ -93,9 +93,8 @@ pub struct Ingest {
     committed: bool,
 }
 
-/// Upstream frames queued for the writer and the hasher. Frames are up to
-/// a few hundred KiB (hyper's read buffer), and both queues share them:
-/// this bounds an ingest to a few MiB of memory.
+/// Upstream frames queued for writing and hashing. Frames are up to a few
+/// hundred KiB (hyper's read buffer): this bounds an ingest to a few MiB.
 const FRAMES_QUEUED: usize = 8;
 
 /// Bytes gathered before a write, unless the queue runs dry first.
@@ -150,52 +149,35 @@ impl Ingest {
         Ok(())
     }
 
-    /// Starts the writer and hasher threads. Writing and hashing run side
-    /// by side: readers follow the writes, and the last byte waits only
-    /// for the hash to finish.
+    /// Starts the task that writes and hashes what [`Pump::push`] queues.
+    /// Each batch is written and hashed side by side as two short jobs on
+    /// the disk pool ([`super::pool`]): readers follow the writes, and the
+    /// last byte waits only for the hash.
     pub fn pump(&mut self) -> io::Result<Pump> {
         let file = self
             .file
             .take()
             .ok_or_else(|| io::Error::other("ingest already writing"))?;
-        let (chunks, rx) = mpsc::channel::<Bytes>(FRAMES_QUEUED);
-        let (to_hash, hash_rx) = mpsc::channel::<Bytes>(FRAMES_QUEUED);
+        let (frames, rx) = mpsc::channel::<Bytes>(FRAMES_QUEUED);
         let progress = self.progress.clone();
-        let writer = tokio::task::spawn_blocking(move || write_chunks(file, rx, &progress));
-        let hasher = tokio::task::spawn_blocking(move || hash_chunks(hash_rx));
-        Ok(Pump {
-            chunks,
-            to_hash,
-            writer,
-            hasher,
-        })
+        let task = tokio::spawn(write_and_hash(Arc::new(file), rx, progress));
+        Ok(Pump { frames, task })
     }
 
     /// Waits for every byte to be written and hashed, and checks them
     /// against the digest and `total`. On success readers may send the
     /// last byte; durability follows in [`Ingest::commit`].
     pub async fn verify(&mut self, pump: Pump, total: Option<u64>) -> Result<u64, IngestError> {
-        let Pump {
-            chunks,
-            to_hash,
-            writer,
-            hasher,
-        } = pump;
-        drop((chunks, to_hash));
-        let written = writer
+        let Pump { frames, task } = pump;
+        drop(frames);
+        let done = task
             .await
             .map_err(|e| io::Error::other(e.to_string()))
             .and_then(|r| r);
-        let hashed = hasher.await.map_err(|e| io::Error::other(e.to_string()));
-        let ((file, len), got) = match (written, hashed) {
-            (Ok(w), Ok(h)) => (w, h),
-            (Err(source), _) | (_, Err(source)) => {
-                return Err(IngestError::Write {
-                    path: self.tmp.clone(),
-                    source,
-                })
-            }
-        };
+        let (file, len, got) = done.map_err(|source| IngestError::Write {
+            path: self.tmp.clone(),
+            source,
+        })?;
         if got != self.digest || total.is_some_and(|t| t != len) {
             return Err(IngestError::Mismatch {
                 expected: self.digest.clone(),
@@ -203,7 +185,10 @@ impl Ingest {
                 len,
             });
         }
-        self.file = Some(file);
+        self.file = Some(Arc::try_unwrap(file).map_err(|_| IngestError::Write {
+            path: self.tmp.clone(),
+            source: io::Error::other("file still shared after the last write"),
+        })?);
         // Clients may have their last byte now; durability is the cache's
         // concern and continues without holding them.
         self.progress.send_modify(|p| p.phase = Phase::Verified);
@@ -219,12 +204,11 @@ impl Ingest {
             .ok_or_else(|| io::Error::other("nothing verified to commit"))?;
         let store = self.store.clone();
         let (tmp, d) = (self.tmp.clone(), self.digest.clone());
-        tokio::task::spawn_blocking(move || {
+        super::pool::run(move || {
             file.sync_all()?;
             store.commit_blob(&tmp, &d)
         })
-        .await
-        .map_err(|e| io::Error::other(e.to_string()))??;
+        .await??;
         self.committed = true;
         Ok(())
     }
@@ -250,51 +234,40 @@ impl Drop for Ingest {
     }
 }
 
-/// The writer and hasher threads of an ingest.
+/// What feeds an ingest's writing and hashing.
 pub struct Pump {
-    chunks: mpsc::Sender<Bytes>,
-    to_hash: mpsc::Sender<Bytes>,
-    writer: JoinHandle<io::Result<(File, u64)>>,
-    hasher: JoinHandle<Digest>,
+    frames: mpsc::Sender<Bytes>,
+    task: JoinHandle<io::Result<(Arc<File>, u64, Digest)>>,
 }
 
 impl Pump {
-    /// Queues `data` for writing and hashing; false once the writer has
+    /// Queues `data` for writing and hashing; false once writing has
     /// failed (its error comes out of [`Ingest::verify`]).
     pub async fn push(&self, data: Bytes) -> bool {
-        self.to_hash.send(data.clone()).await.is_ok() && self.chunks.send(data).await.is_ok()
+        self.frames.send(data).await.is_ok()
     }
 
-    /// Stops without verifying (the source broke): waits for the threads
-    /// to let go of the file.
+    /// Stops without verifying (the source broke): waits for the last
+    /// write to let go of the file.
     pub async fn stop(self) {
-        drop((self.chunks, self.to_hash));
-        let _ = self.writer.await;
-        let _ = self.hasher.await;
+        drop(self.frames);
+        let _ = self.task.await;
     }
 }
 
-fn hash_chunks(mut rx: mpsc::Receiver<Bytes>) -> Digest {
-    let mut hasher = Sha256::new();
-    while let Some(chunk) = rx.blocking_recv() {
-        hasher.update(&chunk);
-    }
-    Digest::from_hasher(hasher)
-}
-
-/// Writes chunks as they come, publishing after every write how much is
-/// readable. Chunks queued together are written with one `writev`, without
-/// copying them into a buffer first.
-fn write_chunks(
-    mut file: File,
+/// Writes and hashes batches of queued frames (as much as is queued, up to
+/// [`WRITE_BATCH`]), publishing after every write how much is readable.
+/// Frames are written with one `writev`, without copying them first.
+async fn write_and_hash(
+    file: Arc<File>,
     mut rx: mpsc::Receiver<Bytes>,
-    tx: &watch::Sender<Progress>,
-) -> io::Result<(File, u64)> {
-    let mut batch: Vec<Bytes> = Vec::new();
+    progress: watch::Sender<Progress>,
+) -> io::Result<(Arc<File>, u64, Digest)> {
+    let mut hasher = Sha256::new();
     let mut written = 0u64;
-    while let Some(first) = rx.blocking_recv() {
+    while let Some(first) = rx.recv().await {
         let mut batched = first.len();
-        batch.push(first);
+        let mut batch = vec![first];
         while batched < WRITE_BATCH {
             match rx.try_recv() {
                 Ok(more) => {
@@ -304,15 +277,26 @@ fn write_chunks(
                 Err(_) => break,
             }
         }
-        write_all_vectored(&mut file, &batch)?;
-        batch.clear();
+        let batch = Arc::new(batch);
+        let (f, to_write, to_hash) = (file.clone(), batch.clone(), batch);
+        let write = super::pool::run(move || write_all_vectored(&f, &to_write));
+        let hash = super::pool::run(move || {
+            for chunk in to_hash.iter() {
+                hasher.update(chunk);
+            }
+            hasher
+        });
+        let (wrote, hashed) = tokio::join!(write, hash);
+        wrote??;
+        hasher = hashed?;
         written += batched as u64;
-        tx.send_modify(|p| p.written = written);
+        progress.send_modify(|p| p.written = written);
     }
-    Ok((file, written))
+    Ok((file, written, Digest::from_hasher(hasher)))
 }
 
-fn write_all_vectored(file: &mut File, chunks: &[Bytes]) -> io::Result<()> {
+fn write_all_vectored(file: &File, chunks: &[Bytes]) -> io::Result<()> {
+    let mut file = file;
     let mut slices: Vec<io::IoSlice<'_>> = chunks.iter().map(|c| io::IoSlice::new(c)).collect();
     let mut rest = &mut slices[..];
     while !rest.is_empty() {

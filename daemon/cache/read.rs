@@ -1,7 +1,8 @@
 //! Reading a blob to a client from its file: a complete cached file, or one
-//! still being written by a flight. Reads run on the blocking pool in
-//! bounded chunks, a couple at a time ahead of the client, so memory stays
-//! small whatever the blob size and however many clients read.
+//! still being written by a flight. Reads are short jobs on the disk pool
+//! in bounded chunks, a couple at a time ahead of the client, so memory
+//! stays small whatever the blob size and however many clients read, and
+//! no thread waits on a slow fetch or a slow client.
 //!
 //! The last byte of a blob in flight is released only after the flight has
 //! verified the digest: a client never receives a complete transfer of
@@ -10,6 +11,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
@@ -17,7 +19,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::sync::{mpsc, watch};
 
 use super::ingest::{Phase, Progress};
-use super::InUse;
+use super::{pool, InUse};
 use crate::metrics::METRICS;
 use crate::oci::BoxError;
 
@@ -194,8 +196,9 @@ impl Body for TeeBody {
 /// Streams bytes `start..end` of `file` (to the end of the blob when `end`
 /// is `None`) as `progress` allows. `held` keeps the blob from eviction.
 ///
-/// One blocking thread per response reads ahead of the client: page-cache
-/// reads are cheap, and a thread of its own avoids a hand-off per chunk.
+/// A task per response waits for the file to grow without holding a
+/// thread; each read is a short job on the disk pool, a chunk or two
+/// ahead of the client.
 pub fn stream(
     file: File,
     progress: watch::Receiver<Progress>,
@@ -204,11 +207,10 @@ pub fn stream(
     held: InUse,
 ) -> FileBody {
     let (tx, rx) = mpsc::channel(AHEAD);
-    let handle = tokio::runtime::Handle::current();
-    tokio::task::spawn_blocking(move || {
+    tokio::spawn(async move {
         let _held = held;
-        if let Err(e) = pump(&file, progress, start, end, &tx, &handle) {
-            let _ = tx.blocking_send(Err(e));
+        if let Err(e) = feed(Arc::new(file), progress, start, end, &tx).await {
+            let _ = tx.send(Err(e)).await;
         }
     });
     FileBody {
@@ -219,13 +221,12 @@ pub fn stream(
 
 /// Sends the readable bytes as they become readable; returns when done,
 /// when the client is gone (`Ok`), or with the error to pass on.
-fn pump(
-    file: &File,
+async fn feed(
+    file: Arc<File>,
     mut progress: watch::Receiver<Progress>,
     mut pos: u64,
     end: Option<u64>,
     tx: &mpsc::Sender<Result<Bytes, BoxError>>,
-    handle: &tokio::runtime::Handle,
 ) -> Result<(), BoxError> {
     let mut closed = false;
     loop {
@@ -245,11 +246,16 @@ fn pump(
         let upto = stop.map_or(readable, |s| s.min(readable));
         while pos < upto {
             let len = (upto - pos).min(CHUNK as u64) as usize;
-            let mut buf = BytesMut::zeroed(len);
-            file.read_exact_at(&mut buf, pos)
-                .map_err(|e| format!("reading cached blob: {e}"))?;
+            let (f, at) = (file.clone(), pos);
+            let buf = pool::run(move || {
+                let mut buf = BytesMut::zeroed(len);
+                f.read_exact_at(&mut buf, at).map(|_| buf.freeze())
+            })
+            .await
+            .and_then(|r| r)
+            .map_err(|e| format!("reading cached blob: {e}"))?;
             pos += len as u64;
-            if tx.blocking_send(Ok(buf.freeze())).is_err() {
+            if tx.send(Ok(buf)).await.is_err() {
                 return Ok(()); // the client went away
             }
         }
@@ -265,7 +271,7 @@ fn pump(
         if closed {
             return Err("blob transfer ended early".into());
         }
-        if handle.block_on(progress.changed()).is_err() {
+        if progress.changed().await.is_err() {
             // The flight is over; look at its final state once more.
             closed = true;
         }
