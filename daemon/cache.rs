@@ -140,6 +140,11 @@ impl Store {
         }
     }
 
+    /// How many holds `d` has (readers and fetches).
+    pub fn holders(&self, d: &Digest) -> usize {
+        self.in_use.lock().get(d).copied().unwrap_or(0)
+    }
+
     pub fn in_use(&self, d: &Digest) -> bool {
         self.in_use.lock().contains_key(d)
     }

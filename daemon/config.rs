@@ -46,6 +46,16 @@ pub struct UpstreamSettings {
     /// failure up to `backoff_max`.
     pub backoff: Duration,
     pub backoff_max: Duration,
+    /// Upstream fetches under way at once, in all and per namespace;
+    /// requests beyond wait up to `fetch_wait`, then get 503.
+    pub max_fetches: usize,
+    pub max_fetches_per_namespace: usize,
+    pub fetch_wait: Duration,
+    /// Bytes per second below which a blob fetch is cut (measured over
+    /// `idle_timeout`; at once, over a few seconds, when nobody reads it).
+    pub min_rate: u64,
+    /// The longest a blob fetch may take.
+    pub fetch_deadline: Duration,
     /// Namespaces without a hosts.d folder.
     pub implicit_namespaces: ImplicitPolicy,
     /// When not empty, the only namespaces without a hosts.d folder served.
@@ -60,6 +70,11 @@ impl Default for UpstreamSettings {
             idle_timeout: Duration::from_secs(30),
             backoff: Duration::from_secs(10),
             backoff_max: Duration::from_secs(300),
+            max_fetches: 128,
+            max_fetches_per_namespace: 32,
+            fetch_wait: Duration::from_secs(5),
+            min_rate: 16 << 10,
+            fetch_deadline: Duration::from_secs(3600),
             implicit_namespaces: ImplicitPolicy::Public,
             allowed_namespaces: Vec::new(),
         }
@@ -251,6 +266,27 @@ impl Settings {
                                 u.allowed_namespaces = out;
                                 return Ok(());
                             }
+                            "max_fetches" | "max_fetches_per_namespace" => {
+                                let n = f.size()?;
+                                let n = usize::try_from(n).ok().filter(|&n| n > 0).ok_or_else(|| {
+                                    ConfigErrors::from(src.error(
+                                        f.span.clone(),
+                                        format!("`{}` must be at least 1", f.key),
+                                    ))
+                                })?;
+                                if f.key == "max_fetches" {
+                                    u.max_fetches = n;
+                                } else {
+                                    u.max_fetches_per_namespace = n;
+                                }
+                                return Ok(());
+                            }
+                            "min_rate" => {
+                                u.min_rate = f.size()?;
+                                return Ok(());
+                            }
+                            "fetch_wait" => &mut u.fetch_wait,
+                            "fetch_deadline" => &mut u.fetch_deadline,
                             "connect_timeout" => &mut u.connect_timeout,
                             "first_byte_timeout" => &mut u.first_byte_timeout,
                             "idle_timeout" => &mut u.idle_timeout,

@@ -89,11 +89,13 @@ pub fn build(settings: &Settings) -> Result<Arc<App>, StartError> {
         path: settings.cache_dir.clone(),
         source,
     })?;
+    let limits = Arc::new(mirror::Limits::default());
     Ok(Arc::new(App {
         mirror: Mirror {
-            flights: Flights::new(store.clone(), upstream.clone()),
+            flights: Flights::new(store.clone(), upstream.clone(), limits.clone()),
             upstream,
             store,
+            limits,
         },
         live: Live::new(snapshot),
         draining: std::sync::atomic::AtomicBool::new(false),

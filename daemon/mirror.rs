@@ -10,6 +10,7 @@
 
 mod blob;
 pub mod flight;
+mod limit;
 mod list;
 pub mod range;
 
@@ -33,6 +34,7 @@ use crate::sendfile::Mappings;
 use crate::snapshot::Snapshot;
 use crate::upstream::{AttemptError, Endpoint, Upstream, UpstreamRequest};
 use flight::Flights;
+pub use limit::Limits;
 pub use list::List;
 
 /// Largest manifest accepted; OCI registries commonly refuse over 4 MiB.
@@ -43,6 +45,8 @@ pub struct Mirror {
     pub upstream: Arc<Upstream>,
     pub store: Arc<Store>,
     pub flights: Arc<Flights>,
+    /// Slots of upstream fetches under way, shared with `flights`.
+    pub limits: Arc<Limits>,
 }
 
 /// One client request, as the mirror needs it: the configuration it
@@ -269,6 +273,7 @@ impl Mirror {
             accept: Some(accept.upstream_value()),
         };
         let want = reference.digest();
+        let _slot = self.limits.acquire(&snap.upstream.settings, ns).await?;
         self.upstream
             .first_success(&snap.upstream, &req, |ep, resp| {
                 self.take_manifest(snap, ep, resp, &req, want, accept)

@@ -59,7 +59,18 @@ impl App {
                     "draining\n".into(),
                 )
             }
-            "/readyz" => return plain(StatusCode::OK, "text/plain", "ready\n".into()),
+            "/readyz" => {
+                // Saturated: cached content is still served, but new
+                // upstream fetches wait or are refused.
+                return match self.mirror.limits.saturated() {
+                    Some(why) => plain(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        format!("saturated: {why}\n"),
+                    ),
+                    None => plain(StatusCode::OK, "text/plain", "ready\n".into()),
+                };
+            }
             "/metrics" => {
                 let text = METRICS.render(self.mirror.flights.len());
                 return plain(StatusCode::OK, "text/plain; version=0.0.4", text);

@@ -245,3 +245,204 @@ async fn every_answer_carries_nosniff_and_errors_say_nothing_of_what_is_behind()
     );
     d.stop().await;
 }
+
+/// Blobs of `count` copies of one byte (distinct per `i`), served by `up`
+/// one byte a second: their digests.
+fn trickling(up: &Fake, n: usize) -> Vec<String> {
+    use sha2::Digest as _;
+    (0..n)
+        .map(|i| {
+            let count = 1000 + i;
+            let byte = (i % 251) as u8;
+            let digest = format!(
+                "sha256:{}",
+                hex::encode(sha2::Sha256::digest(vec![byte; count]))
+            );
+            up.put_repeated_blob("slow/app", &digest, bytes::Bytes::from(vec![byte]), count);
+            digest
+        })
+        .collect()
+}
+
+/// Starts `digests.len()` clients on `ns`, each holding its response open
+/// for `hold`: their statuses and Retry-After headers.
+fn clients(
+    d: &Daemon,
+    ns: &str,
+    digests: &[String],
+    hold: std::time::Duration,
+) -> Vec<tokio::task::JoinHandle<(StatusCode, String)>> {
+    digests
+        .iter()
+        .map(|digest| {
+            let url = d.url(&format!("/v2/slow/app/blobs/{digest}?ns={ns}"));
+            tokio::spawn(async move {
+                use http_body_util::BodyExt;
+                let client = crate::support::http_client();
+                let req = http::Request::get(&url)
+                    .body(http_body_util::Empty::new())
+                    .unwrap();
+                let resp = client.request(req).await.unwrap();
+                let status = resp.status();
+                let retry = resp
+                    .headers()
+                    .get("retry-after")
+                    .map(|v| v.to_str().unwrap().to_string())
+                    .unwrap_or_default();
+                let mut body = resp.into_body();
+                let mut first = Vec::new();
+                let _ = tokio::time::timeout(hold, async {
+                    while let Some(Ok(f)) = body.frame().await {
+                        if let (true, Ok(d)) = (status != StatusCode::OK, f.into_data()) {
+                            first.extend_from_slice(&d);
+                        }
+                    }
+                })
+                .await;
+                if status != StatusCode::OK && status != StatusCode::SERVICE_UNAVAILABLE {
+                    eprintln!("{status}: {}", String::from_utf8_lossy(&first));
+                }
+                if status == StatusCode::SERVICE_UNAVAILABLE && retry.is_empty() {
+                    eprintln!(
+                        "503 without Retry-After: {}",
+                        String::from_utf8_lossy(&first)
+                    );
+                }
+                (status, retry)
+            })
+        })
+        .collect()
+}
+
+/// 270 trickling downloads with clients attached no longer starve the
+/// node: cached blobs (a small one read from the file, a large one sent
+/// with sendfile) are still served at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trickling_upstreams_cannot_starve_cached_blobs() {
+    let slow = Fake::start(Behaviour {
+        chunk_delay: Some(std::time::Duration::from_secs(1)),
+        ..Default::default()
+    })
+    .await;
+    let digests = trickling(&slow, 270);
+    let fast = Fake::start(Behaviour::default()).await;
+    let small = vec![7u8; 10_000];
+    let large: Vec<u8> = (0..2_000_000u32).map(|i| (i % 253) as u8).collect();
+    let small_d = fast.put_blob("fast/app", &small);
+    let large_d = fast.put_blob("fast/app", &large);
+    let d = Daemon::builder()
+        .hosts("slow.test", hosts_toml(&[], Some(&slow.url())))
+        .hosts("fast.test", hosts_toml(&[], Some(&fast.url())))
+        // Caps high enough that all 270 run: the disk pool alone keeps
+        // the node serving.
+        .upstream(UpstreamSettings {
+            max_fetches: 300,
+            max_fetches_per_namespace: 300,
+            idle_timeout: std::time::Duration::from_secs(30),
+            // 270 requests burst onto one in-process fake on 2 cores.
+            connect_timeout: std::time::Duration::from_secs(10),
+            first_byte_timeout: std::time::Duration::from_secs(10),
+            ..quick_upstream()
+        })
+        .start()
+        .await;
+    // Warm the cache first.
+    assert_eq!(
+        get_blob(&d, "fast.test", "fast/app", &small_d)
+            .await
+            .as_slice(),
+        small.as_slice()
+    );
+    assert_eq!(
+        get_blob(&d, "fast.test", "fast/app", &large_d)
+            .await
+            .as_slice(),
+        large.as_slice()
+    );
+
+    let waiting = clients(&d, "slow.test", &digests, std::time::Duration::from_secs(6));
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    for _ in 0..3 {
+        let limit = std::time::Duration::from_secs(5);
+        let r = tokio::time::timeout(limit, get_blob(&d, "fast.test", "fast/app", &small_d)).await;
+        assert_eq!(
+            r.expect("a small cached blob stalled").as_slice(),
+            small.as_slice()
+        );
+        let r = tokio::time::timeout(limit, get_blob(&d, "fast.test", "fast/app", &large_d)).await;
+        assert_eq!(
+            r.expect("a large cached blob stalled").as_slice(),
+            large.as_slice()
+        );
+    }
+    for c in waiting {
+        let (status, _) = c.await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+    }
+    d.stop().await;
+}
+
+async fn get_blob(d: &Daemon, ns: &str, repo: &str, digest: &str) -> Vec<u8> {
+    let r = get(&d.url(&format!("/v2/{repo}/blobs/{digest}?ns={ns}"))).await;
+    assert_eq!(r.status, StatusCode::OK);
+    r.bytes().to_vec()
+}
+
+/// Fetch caps: beyond the namespace's slots a request waits `fetch_wait`,
+/// then gets 503 with Retry-After; /readyz reports the saturation; when
+/// the clients leave, the fetches nobody reads fall under min_rate and
+/// stop, and the daemon is ready again with nothing left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_caps_refuse_with_retry_after_and_abandoned_trickles_stop() {
+    let slow = Fake::start(Behaviour {
+        chunk_delay: Some(std::time::Duration::from_secs(1)),
+        ..Default::default()
+    })
+    .await;
+    let digests = trickling(&slow, 30);
+    let d = Daemon::builder()
+        .hosts("slow.test", hosts_toml(&[], Some(&slow.url())))
+        .upstream(UpstreamSettings {
+            max_fetches: 10,
+            max_fetches_per_namespace: 10,
+            fetch_wait: std::time::Duration::from_millis(500),
+            idle_timeout: std::time::Duration::from_secs(30),
+            ..quick_upstream()
+        })
+        .start()
+        .await;
+    let waiting = clients(&d, "slow.test", &digests, std::time::Duration::from_secs(2));
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    let ready = get(&d.url("/readyz")).await;
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(String::from_utf8_lossy(ready.bytes()).contains("saturated"));
+    let (mut ok, mut busy) = (0, 0);
+    for c in waiting {
+        match c.await.unwrap() {
+            (StatusCode::OK, _) => ok += 1,
+            (StatusCode::SERVICE_UNAVAILABLE, retry) => {
+                assert!(retry.parse::<u64>().unwrap() >= 1, "Retry-After");
+                busy += 1;
+            }
+            (other, _) => panic!("{other}"),
+        }
+    }
+    assert_eq!((ok, busy), (10, 20));
+    // Nobody reads them now: they stop within a few seconds.
+    crate::support::wait_for(
+        "abandoned fetches to stop",
+        std::time::Duration::from_secs(20),
+        || {
+            let url = d.url("/readyz");
+            async move { crate::support::answers_ok(&url).await }
+        },
+    )
+    .await;
+    crate::support::wait_until(
+        "temp files to go",
+        std::time::Duration::from_secs(10),
+        || crate::support::temp_files(&d.cache_dir) == 0,
+    )
+    .await;
+    d.stop().await;
+}

@@ -17,8 +17,12 @@ use hyper::body::Incoming;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 
+use std::time::{Duration, Instant};
+
+use super::limit::Limits;
 use crate::cache::ingest::{Ingest, IngestError, Phase, Progress, Pump};
 use crate::cache::Store;
+use crate::config::UpstreamSettings;
 use crate::oci::{content_length, Content};
 use crate::reference::{Digest, Namespace, Repository};
 use crate::snapshot::Snapshot;
@@ -47,14 +51,16 @@ const LEADER_FRAMES: usize = 16;
 pub struct Flights {
     store: Arc<Store>,
     upstream: Arc<Upstream>,
+    limits: Arc<Limits>,
     map: Mutex<HashMap<Digest, Arc<Flight>>>,
 }
 
 impl Flights {
-    pub fn new(store: Arc<Store>, upstream: Arc<Upstream>) -> Arc<Flights> {
+    pub fn new(store: Arc<Store>, upstream: Arc<Upstream>, limits: Arc<Limits>) -> Arc<Flights> {
         Arc::new(Flights {
             store,
             upstream,
+            limits,
             map: Mutex::default(),
         })
     }
@@ -113,7 +119,11 @@ impl Flights {
         tokio::spawn(async move {
             let _held = this.store.hold(&digest);
             let mut ingest = ingest;
-            let outcome = this.fetch(&snap, &req, &digest, &mut ingest, leader).await;
+            let settings = &snap.upstream.settings;
+            let outcome = match this.limits.acquire(settings, &req.namespace).await {
+                Ok(_slot) => this.fetch(&snap, &req, &digest, &mut ingest, leader).await,
+                Err(busy) => Phase::Unavailable(busy),
+            };
             if let Phase::Failed(why) = &outcome {
                 tracing::warn!(%digest, error = %why, "blob fetch failed");
             }
@@ -145,8 +155,8 @@ impl Flights {
             Ok(p) => p,
             Err(e) => return Phase::Failed(e.to_string().into()),
         };
-        let idle = cfg.settings.idle_timeout;
-        if let Err(why) = pump_body(resp.into_body(), &pump, leader, idle).await {
+        let readers = || self.store.holders(digest).saturating_sub(1);
+        if let Err(why) = pump_body(resp.into_body(), &pump, leader, &cfg.settings, readers).await {
             pump.stop().await;
             self.upstream.report_failure(cfg, &ep, &why);
             return Phase::Failed(why.into());
@@ -189,24 +199,69 @@ impl Flights {
     }
 }
 
+/// How often a fetch's pace is looked at.
+const PACE_TICK: Duration = Duration::from_secs(1);
+
+/// The window over which a fetch nobody reads must keep `min_rate`.
+const ABANDONED_WINDOW: Duration = Duration::from_secs(5);
+
 /// Moves the upstream body into the ingest, and to the leader while it
-/// keeps up. Ends at the body's end, or with why the transfer broke.
+/// keeps up. Ends at the body's end, or with why the transfer was cut:
+/// silence longer than `idle_timeout`, longer than `fetch_deadline` in
+/// all, or slower than `min_rate` over `idle_timeout` (over a few seconds
+/// once `readers` says nobody reads it any more).
 async fn pump_body(
     mut body: Incoming,
     pump: &Pump,
     leader: mpsc::Sender<Bytes>,
-    idle: std::time::Duration,
+    s: &UpstreamSettings,
+    readers: impl Fn() -> usize,
 ) -> Result<(), String> {
     let mut leader = Some(leader);
+    let started = Instant::now();
+    let mut last_data = started;
+    let (mut window_start, mut window_bytes) = (started, 0u64);
+    let mut tick = tokio::time::interval(PACE_TICK);
     loop {
-        match tokio::time::timeout(idle, body.frame()).await {
-            Err(_) => return Err(format!("upstream sent nothing for {idle:?}")),
-            Ok(None) => return Ok(()),
-            Ok(Some(Err(e))) => return Err(format!("upstream body: {e}")),
-            Ok(Some(Ok(frame))) => {
+        let frame = tokio::select! {
+            frame = body.frame() => frame,
+            _ = tick.tick() => {
+                let now = Instant::now();
+                if now - last_data > s.idle_timeout {
+                    return Err(format!("upstream sent nothing for {:?}", s.idle_timeout));
+                }
+                if now - started > s.fetch_deadline {
+                    return Err(format!("fetch took longer than {:?}", s.fetch_deadline));
+                }
+                let window = if readers() == 0 {
+                    ABANDONED_WINDOW.min(s.idle_timeout)
+                } else {
+                    s.idle_timeout
+                };
+                let elapsed = now - window_start;
+                if elapsed >= window {
+                    let rate = window_bytes as f64 / elapsed.as_secs_f64();
+                    if rate < s.min_rate as f64 {
+                        return Err(format!(
+                            "upstream sent {rate:.0} bytes/s, under min_rate {} (readers: {})",
+                            s.min_rate,
+                            readers()
+                        ));
+                    }
+                    (window_start, window_bytes) = (now, 0);
+                }
+                continue;
+            }
+        };
+        match frame {
+            None => return Ok(()),
+            Some(Err(e)) => return Err(format!("upstream body: {e}")),
+            Some(Ok(frame)) => {
                 let Ok(data) = frame.into_data() else {
                     continue;
                 };
+                last_data = Instant::now();
+                window_bytes += data.len() as u64;
                 // Never wait for the leader: when it lags or has gone, it
                 // continues from the file.
                 if leader

@@ -88,6 +88,10 @@ impl Mirror {
             accept: Some(HeaderValue::from_static(accept)),
         };
         let idle = pull.snap.upstream.settings.idle_timeout;
+        let _slot = self
+            .limits
+            .acquire(&pull.snap.upstream.settings, &pull.ns)
+            .await?;
         let (answer, _) = self
             .upstream
             .first_success(&pull.snap.upstream, &req, |_, resp| async move {

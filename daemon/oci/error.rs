@@ -90,6 +90,9 @@ pub enum ServeError {
     /// A fetch failed before anything was sent to this client.
     #[error("{0}")]
     Unavailable(String),
+    /// Every upstream fetch slot is taken: come back after `retry_after`.
+    #[error("too many upstream fetches under way; retry later")]
+    Busy { retry_after: std::time::Duration },
     /// A fault of the daemon itself.
     #[error("internal error: {0}")]
     Internal(String),
@@ -147,7 +150,8 @@ impl ServeError {
                 verdict: Verdict::Failed,
                 ..
             }
-            | ServeError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            | ServeError::Unavailable(_)
+            | ServeError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ServeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -173,7 +177,9 @@ impl ServeError {
                 verdict: Verdict::Refused,
                 ..
             } => "DENIED",
-            ServeError::Upstream { .. } | ServeError::Unavailable(_) => "UNAVAILABLE",
+            ServeError::Upstream { .. } | ServeError::Unavailable(_) | ServeError::Busy { .. } => {
+                "UNAVAILABLE"
+            }
             ServeError::Internal(_) => "UNKNOWN",
         }
     }
@@ -203,7 +209,8 @@ impl ServeError {
             ServeError::Upstream {
                 verdict: Verdict::Throttled { retry_after },
                 ..
-            } => {
+            }
+            | ServeError::Busy { retry_after } => {
                 let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
                 builder = builder.header(RETRY_AFTER, secs.max(1));
             }

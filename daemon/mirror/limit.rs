@@ -1,0 +1,127 @@
+//! Caps on upstream fetches under way: in all, and per namespace, so one
+//! broken or hostile registry cannot take every slot. A request beyond a
+//! cap waits up to `fetch_wait` for a slot, then gets 503 with
+//! `Retry-After` (containerd then tries its next host). The caps follow the
+//! configuration in force; a fetch keeps the slot it took until it ends.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::UpstreamSettings;
+use crate::oci::ServeError;
+use crate::reference::Namespace;
+
+/// A semaphore sized `max`; replaced when the configured size changes.
+struct Cap {
+    max: usize,
+    slots: Arc<Semaphore>,
+}
+
+impl Cap {
+    fn new(max: usize) -> Cap {
+        Cap {
+            max,
+            slots: Arc::new(Semaphore::new(max)),
+        }
+    }
+
+    fn sized(&mut self, max: usize) -> Arc<Semaphore> {
+        if self.max != max {
+            *self = Cap::new(max);
+        }
+        self.slots.clone()
+    }
+}
+
+/// The slots of fetches under way.
+pub struct Limits {
+    global: Mutex<Cap>,
+    namespaces: Mutex<HashMap<Namespace, Cap>>,
+}
+
+/// Held for as long as a fetch runs.
+pub struct Slot {
+    _namespace: OwnedSemaphorePermit,
+    _global: OwnedSemaphorePermit,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            global: Mutex::new(Cap::new(UpstreamSettings::default().max_fetches)),
+            namespaces: Mutex::default(),
+        }
+    }
+}
+
+impl Limits {
+    /// A slot for a fetch from `ns`, waiting up to `fetch_wait`.
+    pub async fn acquire(&self, s: &UpstreamSettings, ns: &Namespace) -> Result<Slot, ServeError> {
+        let per_ns = self
+            .namespaces
+            .lock()
+            .entry(ns.clone())
+            .or_insert_with(|| Cap::new(s.max_fetches_per_namespace))
+            .sized(s.max_fetches_per_namespace);
+        let global = self.global.lock().sized(s.max_fetches);
+        // The namespace's slot first: waiters for one busy registry do not
+        // sit on slots others could use.
+        let take = async {
+            let namespace = per_ns.acquire_owned().await.ok()?;
+            let global = global.acquire_owned().await.ok()?;
+            Some(Slot {
+                _namespace: namespace,
+                _global: global,
+            })
+        };
+        match tokio::time::timeout(s.fetch_wait, take).await {
+            Ok(Some(slot)) => Ok(slot),
+            _ => {
+                tracing::warn!(%ns, max = s.max_fetches, max_per_namespace = s.max_fetches_per_namespace,
+                    "too many upstream fetches under way; answering 503");
+                Err(ServeError::Busy {
+                    retry_after: s.fetch_wait.max(std::time::Duration::from_secs(1)),
+                })
+            }
+        }
+    }
+
+    /// Why the daemon is saturated, if it is: no fetch slot is free.
+    pub fn saturated(&self) -> Option<String> {
+        let global = self.global.lock();
+        (global.slots.available_permits() == 0)
+            .then(|| format!("all {} upstream fetch slots in use", global.max))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_busy_namespace_waits_then_is_refused_and_others_go_on() {
+        let limits = Limits::default();
+        let s = UpstreamSettings {
+            max_fetches: 3,
+            max_fetches_per_namespace: 2,
+            fetch_wait: Duration::from_millis(50),
+            ..UpstreamSettings::default()
+        };
+        let (a, b): (Namespace, Namespace) = ("a.test".parse().unwrap(), "b.test".parse().unwrap());
+        let _a1 = limits.acquire(&s, &a).await.unwrap();
+        let a2 = limits.acquire(&s, &a).await.unwrap();
+        assert!(matches!(
+            limits.acquire(&s, &a).await,
+            Err(ServeError::Busy { .. })
+        ));
+        let _b1 = limits.acquire(&s, &b).await.unwrap();
+        assert!(limits.saturated().is_some());
+        drop(a2);
+        assert!(limits.saturated().is_none());
+        assert!(limits.acquire(&s, &a).await.is_ok());
+    }
+}
