@@ -90,6 +90,9 @@ pub struct Metrics {
     pub fallbacks: Family,
     /// Bytes fetched from upstreams into the cache.
     pub upstream_bytes: Family,
+    /// Blob transfers resumed with Range after a connection broke, by the
+    /// endpoint that took over.
+    pub resumes: Family,
     /// Blobs evicted by collection.
     pub evictions: Family,
     /// Blob bytes in the cache (from the last scan, plus commits since).
@@ -97,7 +100,8 @@ pub struct Metrics {
     pub cache_blobs: AtomicU64,
 }
 
-pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    Metrics {
     requests: Family::new(
         "nodemirror_requests_total",
         "Pull API requests by registry namespace, kind and status.",
@@ -121,12 +125,17 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
         "nodemirror_upstream_fetched_bytes_total",
         "Blob bytes fetched from upstreams into the cache.",
     ),
+    resumes: Family::new(
+        "nodemirror_upstream_resumes_total",
+        "Blob transfers resumed with Range after a connection broke or crawled, by the endpoint that took over.",
+    ),
     evictions: Family::new(
         "nodemirror_cache_evictions_total",
         "Blobs evicted from the cache.",
     ),
     cache_bytes: AtomicU64::new(0),
     cache_blobs: AtomicU64::new(0),
+}
 });
 
 impl Metrics {
@@ -139,6 +148,7 @@ impl Metrics {
             &self.upstream_errors,
             &self.fallbacks,
             &self.upstream_bytes,
+            &self.resumes,
             &self.evictions,
         ] {
             f.render(&mut out);

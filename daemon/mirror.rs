@@ -271,6 +271,7 @@ impl Mirror {
             query: Vec::new(),
             needs_resolve: matches!(reference, Reference::Tag(_)),
             accept: Some(accept.upstream_value()),
+            range_from: None,
         };
         let want = reference.digest();
         let _slot = self.limits.acquire(&snap.upstream.settings, ns).await?;

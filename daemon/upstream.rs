@@ -66,6 +66,8 @@ pub struct UpstreamRequest {
     /// What the endpoint must be able to do: resolve for tags, pull else.
     pub needs_resolve: bool,
     pub accept: Option<HeaderValue>,
+    /// `Range: bytes=N-`: resuming a blob after its first N bytes.
+    pub range_from: Option<u64>,
 }
 
 /// Why one endpoint could not serve a request.
@@ -563,6 +565,9 @@ impl Upstream {
         }
         if let Some(a) = authorization {
             builder = builder.header(AUTHORIZATION, a);
+        }
+        if let Some(from) = req.range_from {
+            builder = builder.header(http::header::RANGE, format!("bytes={from}-"));
         }
         let request = builder
             .body(Empty::<Bytes>::new())

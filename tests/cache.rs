@@ -92,6 +92,10 @@ async fn a_blob_shared_by_two_registries_is_fetched_and_stored_once() {
         0,
         "registry b was never asked for a blob"
     );
+    // Clients finish once the digest is verified; the commit follows.
+    for blob in img.blobs() {
+        wait_for_file(&d.blob_path(&crate::support::sha256(blob))).await;
+    }
     let stats = nodemirror::cache::Store::open(&d.cache_dir)
         .unwrap()
         .stats()
@@ -164,8 +168,11 @@ async fn a_client_hanging_up_does_not_cancel_the_fetch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_fetch_gives_every_follower_an_error_and_caches_nothing() {
+    // Broken every time: each resumed request (Range ignored) stalls at
+    // the same place, so the fetch fails.
     let up = Fake::start(Behaviour {
         stall_after: Some(200_000),
+        ignore_range: true,
         ..Default::default()
     })
     .await;
@@ -470,4 +477,84 @@ async fn kill_9_mid_download_leaves_nothing_servable() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(r.unwrap(), (8 << 20, digest.clone()));
     wait_for_file(&blob_path(cache.path(), &digest)).await;
+}
+
+/// A blob whose connection breaks mid-way is resumed with Range where it
+/// stopped: on the next endpoint, on the same one when it is the only one,
+/// or, from an endpoint that ignores Range, by skipping what arrived. The
+/// client sees one uninterrupted, verified body; the blob is cached.
+#[tokio::test]
+async fn a_broken_blob_transfer_resumes_where_it_stopped() {
+    let blob = |seed: u32| -> Vec<u8> {
+        (0..1_000_000u32)
+            .map(|i| ((i + seed) % 241) as u8)
+            .collect()
+    };
+    let breaking = || Behaviour {
+        truncate_after: Some(300_000),
+        truncate_times: Some(1),
+        ..Default::default()
+    };
+    // The next endpoint takes over.
+    let (a, b) = (
+        Fake::start(breaking()).await,
+        Fake::start(Behaviour::default()).await,
+    );
+    let two = blob(1);
+    a.put_blob("app", &two);
+    b.put_blob("app", &two);
+    // The same endpoint, the only one, resumes.
+    let only = Fake::start(breaking()).await;
+    let one = blob(2);
+    only.put_blob("app", &one);
+    // An endpoint that ignores Range sends it all again.
+    let whole = Fake::start(Behaviour {
+        ignore_range: true,
+        ..breaking()
+    })
+    .await;
+    let again = blob(3);
+    whole.put_blob("app", &again);
+    let d = Daemon::builder()
+        .hosts("two.test", hosts_toml(&[a.url()], Some(&b.url())))
+        .hosts("one.test", hosts_toml(&[], Some(&only.url())))
+        .hosts("whole.test", hosts_toml(&[], Some(&whole.url())))
+        .start()
+        .await;
+    for (ns, content, resumed_at) in [
+        ("two.test", &two, &b),
+        ("one.test", &one, &only),
+        ("whole.test", &again, &whole),
+    ] {
+        let digest = crate::support::sha256(content);
+        let (status, body) = stream(&blob_url(&d, ns, "app", &digest), None, None).await;
+        assert_eq!(status, StatusCode::OK, "{ns}");
+        assert_eq!(
+            body.unwrap(),
+            (content.len() as u64, digest.clone()),
+            "{ns}"
+        );
+        let ranged: Vec<String> = resumed_at
+            .seen()
+            .iter()
+            .filter_map(|s| {
+                s.headers
+                    .get("range")
+                    .map(|v| v.to_str().unwrap().to_string())
+            })
+            .collect();
+        assert_eq!(ranged, ["bytes=300000-"], "{ns}");
+        wait_for_file(&d.blob_path(&digest)).await;
+    }
+    assert_eq!(a.hits("/blobs/"), 1);
+    let metrics = get(&d.url("/metrics")).await;
+    let text = String::from_utf8_lossy(metrics.bytes()).to_string();
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.starts_with("nodemirror_upstream_resumes_total{"))
+            .count(),
+        3,
+        "{text}"
+    );
+    d.stop().await;
 }

@@ -151,6 +151,7 @@ impl Mirror {
                     query: Vec::new(),
                     needs_resolve: false,
                     accept: None,
+                    range_from: None,
                 };
                 let (len, _) = self
                     .upstream

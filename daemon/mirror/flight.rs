@@ -112,6 +112,7 @@ impl Flights {
             tail: format!("blobs/{digest}"),
             needs_resolve: false,
             accept: None,
+            range_from: None,
         };
         let this = self.clone();
         let digest = digest.clone();
@@ -156,10 +157,52 @@ impl Flights {
             Err(e) => return Phase::Failed(e.to_string().into()),
         };
         let readers = || self.store.holders(digest).saturating_sub(1);
-        if let Err(why) = pump_body(resp.into_body(), &pump, leader, &cfg.settings, readers).await {
-            pump.stop().await;
-            self.upstream.report_failure(cfg, &ep, &why);
-            return Phase::Failed(why.into());
+        let started = Instant::now();
+        let mut leader = Some(leader);
+        let mut t = Transfer::default();
+        let (mut ep, mut body) = (ep, resp.into_body());
+        let mut resumes = 0;
+        let mut progress_at_cut = None;
+        loop {
+            let cut = match pump_body(
+                body,
+                &pump,
+                &mut leader,
+                &cfg.settings,
+                &readers,
+                started,
+                &mut t,
+            )
+            .await
+            {
+                Ok(()) => break,
+                Err(cut) => cut,
+            };
+            self.upstream.report_failure(cfg, &ep, cut.why());
+            // A broken or crawling connection of a blob someone reads is
+            // resumed from where it stopped, on the endpoints in plan
+            // order (healthy ones first: the next endpoint, or this one
+            // as a last resort); the clients see one uninterrupted body.
+            // A resumed connection that brought nothing new ends it.
+            let progressed = progress_at_cut != Some(t.received);
+            progress_at_cut = Some(t.received);
+            let resumable =
+                cut.resumable() && progressed && resumes < MAX_RESUMES && total.is_some();
+            let resumed = match resumable {
+                true => self.resume(cfg, req, t.received, total).await,
+                false => None,
+            };
+            let Some((next, next_body, skip)) = resumed else {
+                pump.stop().await;
+                return Phase::Failed(cut.why().into());
+            };
+            resumes += 1;
+            crate::metrics::METRICS
+                .resumes
+                .inc(&[("endpoint", next.key())]);
+            tracing::info!(%digest, from = t.received, endpoint = next.key(), after = cut.why(),
+                "resuming the blob where the transfer stopped");
+            (ep, body, t.skip) = (next, next_body, skip);
         }
         let len = match ingest.verify(pump, total).await {
             Ok(len) => len,
@@ -178,6 +221,58 @@ impl Flights {
         crate::metrics::METRICS.blob_committed(len);
         tracing::info!(%digest, bytes = len, endpoint = ep.key(), "blob cached");
         Phase::Done
+    }
+
+    /// The blob from byte `from` on: a 206 whose `Content-Range` starts
+    /// there (and agrees on the size), or a 200 whose first `from` bytes
+    /// are then skipped (an endpoint that ignores `Range`).
+    async fn resume(
+        &self,
+        cfg: &upstream::Config,
+        req: &UpstreamRequest,
+        from: u64,
+        total: Option<u64>,
+    ) -> Option<(Arc<Endpoint>, Incoming, u64)> {
+        let ranged = UpstreamRequest {
+            range_from: Some(from),
+            ..req.clone()
+        };
+        let found = self
+            .upstream
+            .first_success(cfg, &ranged, |ep, resp| async move {
+                let skip = match resp.status() {
+                    StatusCode::PARTIAL_CONTENT => {
+                        let range = resp
+                            .headers()
+                            .get(http::header::CONTENT_RANGE)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(content_range);
+                        match range {
+                            Some((start, size))
+                                if start == from && (size.is_none() || size == total) =>
+                            {
+                                0
+                            }
+                            _ => {
+                                return Err(AttemptError::Invalid(
+                                    "resumed at the wrong place".into(),
+                                ))
+                            }
+                        }
+                    }
+                    StatusCode::OK if content_length(resp.headers()) == total => from,
+                    s => return Err(AttemptError::Status(s)),
+                };
+                Ok((ep, resp.into_body(), skip))
+            })
+            .await;
+        match found {
+            Ok((found, _)) => Some(found),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot resume the blob on any endpoint");
+                None
+            }
+        }
     }
 
     /// The first endpoint that answers 200 for the blob.
@@ -205,22 +300,60 @@ const PACE_TICK: Duration = Duration::from_secs(1);
 /// The window over which a fetch nobody reads must keep `min_rate`.
 const ABANDONED_WINDOW: Duration = Duration::from_secs(5);
 
+/// Resumes of one blob before giving up.
+const MAX_RESUMES: u32 = 5;
+
+/// Where a blob transfer stands across connections.
+#[derive(Default)]
+struct Transfer {
+    /// Bytes of the blob pushed into the ingest.
+    received: u64,
+    /// Bytes still to drop from the current body (an endpoint that ignored
+    /// `Range` resends the start).
+    skip: u64,
+}
+
+/// Why a transfer stopped before its end.
+enum Cut {
+    /// The connection broke or went silent.
+    Broken(String),
+    /// Under `min_rate` while someone reads it.
+    Slow(String),
+    /// Under `min_rate` and nobody reads it any more: stop.
+    Abandoned(String),
+    /// Past `fetch_deadline`.
+    Deadline(String),
+}
+
+impl Cut {
+    fn why(&self) -> &str {
+        match self {
+            Cut::Broken(w) | Cut::Slow(w) | Cut::Abandoned(w) | Cut::Deadline(w) => w,
+        }
+    }
+
+    fn resumable(&self) -> bool {
+        matches!(self, Cut::Broken(_) | Cut::Slow(_))
+    }
+}
+
 /// Moves the upstream body into the ingest, and to the leader while it
 /// keeps up. Ends at the body's end, or with why the transfer was cut:
-/// silence longer than `idle_timeout`, longer than `fetch_deadline` in
-/// all, or slower than `min_rate` over `idle_timeout` (over a few seconds
-/// once `readers` says nobody reads it any more).
+/// silence longer than `idle_timeout`, longer than `fetch_deadline` since
+/// `started`, or slower than `min_rate` over `idle_timeout` (over a few
+/// seconds once `readers` says nobody reads it any more).
 async fn pump_body(
     mut body: Incoming,
     pump: &Pump,
-    leader: mpsc::Sender<Bytes>,
+    leader: &mut Option<mpsc::Sender<Bytes>>,
     s: &UpstreamSettings,
-    readers: impl Fn() -> usize,
-) -> Result<(), String> {
-    let mut leader = Some(leader);
-    let started = Instant::now();
-    let mut last_data = started;
-    let (mut window_start, mut window_bytes) = (started, 0u64);
+    readers: &impl Fn() -> usize,
+    started: Instant,
+    t: &mut Transfer,
+) -> Result<(), Cut> {
+    let begun = Instant::now();
+    let mut last_data = begun;
+    let (mut window_start, mut window_bytes) = (begun, 0u64);
     let mut tick = tokio::time::interval(PACE_TICK);
     loop {
         let frame = tokio::select! {
@@ -228,12 +361,13 @@ async fn pump_body(
             _ = tick.tick() => {
                 let now = Instant::now();
                 if now - last_data > s.idle_timeout {
-                    return Err(format!("upstream sent nothing for {:?}", s.idle_timeout));
+                    return Err(Cut::Broken(format!("upstream sent nothing for {:?}", s.idle_timeout)));
                 }
                 if now - started > s.fetch_deadline {
-                    return Err(format!("fetch took longer than {:?}", s.fetch_deadline));
+                    return Err(Cut::Deadline(format!("fetch took longer than {:?}", s.fetch_deadline)));
                 }
-                let window = if readers() == 0 {
+                let reading = readers();
+                let window = if reading == 0 {
                     ABANDONED_WINDOW.min(s.idle_timeout)
                 } else {
                     s.idle_timeout
@@ -242,11 +376,8 @@ async fn pump_body(
                 if elapsed >= window {
                     let rate = window_bytes as f64 / elapsed.as_secs_f64();
                     if rate < s.min_rate as f64 {
-                        return Err(format!(
-                            "upstream sent {rate:.0} bytes/s, under min_rate {} (readers: {})",
-                            s.min_rate,
-                            readers()
-                        ));
+                        let why = format!("upstream sent {rate:.0} bytes/s, under min_rate {}", s.min_rate);
+                        return Err(if reading == 0 { Cut::Abandoned(why) } else { Cut::Slow(why) });
                     }
                     (window_start, window_bytes) = (now, 0);
                 }
@@ -255,25 +386,57 @@ async fn pump_body(
         };
         match frame {
             None => return Ok(()),
-            Some(Err(e)) => return Err(format!("upstream body: {e}")),
+            Some(Err(e)) => return Err(Cut::Broken(format!("upstream body: {e}"))),
             Some(Ok(frame)) => {
-                let Ok(data) = frame.into_data() else {
+                let Ok(mut data) = frame.into_data() else {
                     continue;
                 };
                 last_data = Instant::now();
                 window_bytes += data.len() as u64;
+                if t.skip > 0 {
+                    let drop = t.skip.min(data.len() as u64);
+                    t.skip -= drop;
+                    data = data.slice(drop as usize..);
+                    if data.is_empty() {
+                        continue;
+                    }
+                }
+                t.received += data.len() as u64;
                 // Never wait for the leader: when it lags or has gone, it
                 // continues from the file.
                 if leader
                     .as_ref()
                     .is_some_and(|l| l.try_send(data.clone()).is_err())
                 {
-                    leader = None;
+                    *leader = None;
                 }
                 if !pump.push(data).await {
                     return Ok(()); // the writer failed; verify says why
                 }
             }
         }
+    }
+}
+
+/// `Content-Range: bytes START-END/SIZE`: the start and the size (`*`: unknown).
+fn content_range(v: &str) -> Option<(u64, Option<u64>)> {
+    let (range, size) = v.trim().strip_prefix("bytes ")?.split_once('/')?;
+    let start = range.split_once('-')?.0.trim().parse().ok()?;
+    let size = match size.trim() {
+        "*" => None,
+        n => Some(n.parse().ok()?),
+    };
+    Some((start, size))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn content_ranges() {
+        use super::content_range;
+        assert_eq!(content_range("bytes 100-199/200"), Some((100, Some(200))));
+        assert_eq!(content_range("bytes 5-9/*"), Some((5, None)));
+        assert_eq!(content_range("bytes */200"), None);
+        assert_eq!(content_range("items 1-2/3"), None);
     }
 }

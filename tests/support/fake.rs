@@ -49,6 +49,13 @@ pub struct Behaviour {
     pub stall_after: Option<usize>,
     /// Pause this long between chunks of a generated blob.
     pub chunk_delay: Option<std::time::Duration>,
+    /// End blob bodies after this many bytes (the connection breaks: the
+    /// declared length is not reached) ...
+    pub truncate_after: Option<usize>,
+    /// ... for this many responses (all when `None`).
+    pub truncate_times: Option<usize>,
+    /// Answer ranged requests with the whole content (200).
+    pub ignore_range: bool,
 }
 
 /// A request the fake saw.
@@ -87,6 +94,7 @@ struct Shared {
     /// Keyed by the path after `/v2/`, e.g. `lib/app/manifests/v1`.
     content: Mutex<HashMap<String, Content>>,
     seen: Mutex<Vec<Seen>>,
+    truncated: std::sync::atomic::AtomicUsize,
 }
 
 pub struct Fake {
@@ -343,7 +351,8 @@ async fn handle(s: &Shared, addr: SocketAddr, req: Request<Incoming>) -> Respons
         Content::Repeated { .. } => "application/octet-stream".into(),
     };
     let total = content.len();
-    let (code, start, end) = match parse_range(req.headers(), total) {
+    let range = parse_range(req.headers(), total).filter(|_| !b.ignore_range);
+    let (code, start, end) = match range {
         Some((a, z)) => (StatusCode::PARTIAL_CONTENT, a, z),
         None => (StatusCode::OK, 0, total),
     };
@@ -370,9 +379,22 @@ async fn handle(s: &Shared, addr: SocketAddr, req: Request<Incoming>) -> Respons
             if b.lie && !v.is_empty() {
                 v[0] ^= 0xff;
             }
-            match b.stall_after {
-                Some(n) => Stall(Some(Bytes::from(v[..n.min(v.len())].to_vec()))).boxed(),
-                None => Full::new(Bytes::from(v)).boxed(),
+            let truncate = b.truncate_after.filter(|_| {
+                key.contains("/blobs/")
+                    && b.truncate_times.is_none_or(|n| {
+                        s.truncated
+                            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                            < n
+                    })
+            });
+            match (b.stall_after, truncate) {
+                (Some(n), _) => Stall(Some(Bytes::from(v[..n.min(v.len())].to_vec()))).boxed(),
+                (None, Some(n)) => Truncated(
+                    Some(Bytes::from(v[..n.min(v.len())].to_vec())),
+                    Box::pin(tokio::time::sleep(std::time::Duration::from_millis(100))),
+                )
+                .boxed(),
+                (None, None) => Full::new(Bytes::from(v)).boxed(),
             }
         }
         // Whole blobs only: the daemon never asks an upstream for a range.
@@ -413,6 +435,24 @@ impl Body for Stall {
             Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
             None => Poll::Pending,
         }
+    }
+}
+
+/// Sends one chunk, pauses (so it goes out), then ends short of the
+/// declared length: the connection breaks mid-body.
+struct Truncated(Option<Bytes>, Pin<Box<tokio::time::Sleep>>);
+
+impl Body for Truncated {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if let Some(b) = self.0.take() {
+            return Poll::Ready(Some(Ok(Frame::data(b))));
+        }
+        std::future::Future::poll(self.1.as_mut(), cx).map(|_| None)
     }
 }
 
