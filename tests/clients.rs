@@ -55,7 +55,16 @@ async fn upstream() -> Upstream {
     }
 }
 
-async fn get_manifest(d: &Daemon, path: &str, accept: &[&str]) -> Reply {
+/// A daemon with `reg.test` served by `up`'s registry.
+async fn daemon_on(up: &Upstream) -> Daemon {
+    Daemon::builder()
+        .hosts("reg.test", hosts_toml(&[], Some(&up.reg.url())))
+        .start()
+        .await
+}
+
+/// GET with one `Accept` line per entry of `accept`.
+async fn get_accepting(d: &Daemon, path: &str, accept: &[&str]) -> Reply {
     let headers: Vec<(&str, &str)> = accept.iter().map(|a| ("accept", *a)).collect();
     request(Method::GET, &d.url(path), &headers).await
 }
@@ -66,10 +75,7 @@ async fn every_accept_line_counts() {
         return;
     }
     let up = upstream().await;
-    let d = Daemon::builder()
-        .hosts("reg.test", hosts_toml(&[], Some(&up.reg.url())))
-        .start()
-        .await;
+    let d = daemon_on(&up).await;
     for (repo, digest, media_type) in [
         ("app/oci", &up.oci_index, OCI_INDEX),
         ("app/list", &up.docker_list, DOCKER_LIST),
@@ -78,7 +84,7 @@ async fn every_accept_line_counts() {
         // containers/image's lines; then containerd's one line.
         for accept in [&CONTAINERS_IMAGE_ACCEPT[..], &[CONTAINERD_ACCEPT]] {
             let path = format!("/v2/{repo}/manifests/v1?ns=reg.test");
-            let r = get_manifest(&d, &path, accept).await;
+            let r = get_accepting(&d, &path, accept).await;
             assert_eq!(r.status, StatusCode::OK, "{repo} {accept:?}");
             assert_eq!(r.header("docker-content-digest"), digest.as_str(), "{repo}");
             assert_eq!(r.header("content-type"), media_type, "{repo}");
@@ -98,12 +104,9 @@ async fn schema1_conversions_never_reach_other_clients() {
         return;
     }
     let up = upstream().await;
-    let d = Daemon::builder()
-        .hosts("reg.test", hosts_toml(&[], Some(&up.reg.url())))
-        .start()
-        .await;
+    let d = daemon_on(&up).await;
     let path = "/v2/app/docker/manifests/v1?ns=reg.test";
-    let old = get_manifest(&d, path, &[DOCKER_SCHEMA1]).await;
+    let old = get_accepting(&d, path, &[DOCKER_SCHEMA1]).await;
     assert_eq!(
         old.status,
         StatusCode::OK,
@@ -118,21 +121,21 @@ async fn schema1_conversions_never_reach_other_clients() {
     let converted = old.header("docker-content-digest").to_string();
     assert_ne!(converted, up.docker.digest, "the registry converted it");
 
-    let new = get_manifest(&d, path, &[CONTAINERD_ACCEPT]).await;
+    let new = get_accepting(&d, path, &[CONTAINERD_ACCEPT]).await;
     assert_eq!(new.header("docker-content-digest"), up.docker.digest);
     assert_eq!(new.header("content-type"), DOCKER_MANIFEST);
-    let podman = get_manifest(&d, path, &CONTAINERS_IMAGE_ACCEPT).await;
+    let podman = get_accepting(&d, path, &CONTAINERS_IMAGE_ACCEPT).await;
     assert_eq!(podman.header("docker-content-digest"), up.docker.digest);
 
     // The old client again, now that schema 2 is cached: it is not given
     // a type it does not take. (The registry signs each conversion anew,
     // so its digest differs every time.)
-    let old = get_manifest(&d, path, &[DOCKER_SCHEMA1]).await;
+    let old = get_accepting(&d, path, &[DOCKER_SCHEMA1]).await;
     assert!(old.header("content-type").contains("manifest.v1"));
     assert_ne!(old.header("docker-content-digest"), up.docker.digest);
     // By digest too.
     let by_digest = format!("/v2/app/docker/manifests/{}?ns=reg.test", up.docker.digest);
-    let r = get_manifest(&d, &by_digest, &[CONTAINERD_ACCEPT]).await;
+    let r = get_accepting(&d, &by_digest, &[CONTAINERD_ACCEPT]).await;
     assert_eq!(r.header("docker-content-digest"), up.docker.digest);
 
     // Nothing of schema 1 is in the cache.
@@ -197,7 +200,7 @@ async fn requests_without_ns_are_routed_by_their_path_prefix() {
             &b.digest,
         ),
     ] {
-        let r = get_manifest(&d, path, &CONTAINERS_IMAGE_ACCEPT).await;
+        let r = get_accepting(&d, path, &CONTAINERS_IMAGE_ACCEPT).await;
         assert_eq!(r.status, StatusCode::OK, "{path}");
         assert_eq!(r.header("docker-content-digest"), want.as_str(), "{path}");
     }
@@ -248,7 +251,7 @@ async fn list_and_referrers_apis_pass_through() {
         "/v2/team/app/tags/list?ns=reg.test:5000",
         "/v2/reg.test:5000/team/app/tags/list",
     ] {
-        let r = get_manifest(&d, path, &[]).await;
+        let r = get_accepting(&d, path, &[]).await;
         assert_eq!(r.status, StatusCode::OK, "{path}");
         let v: serde_json::Value = serde_json::from_slice(r.bytes()).unwrap();
         let mut tags: Vec<String> = serde_json::from_value(v["tags"].clone()).unwrap();
@@ -257,7 +260,7 @@ async fn list_and_referrers_apis_pass_through() {
     }
     // Paging (distribution 2.8 pages the catalog; its tags/list does not
     // page): the Link points back at the mirror, with the client's ns.
-    let r = get_manifest(&d, "/v2/_catalog?ns=reg.test:5000&n=1", &[]).await;
+    let r = get_accepting(&d, "/v2/_catalog?ns=reg.test:5000&n=1", &[]).await;
     assert_eq!(r.status, StatusCode::OK);
     let v: serde_json::Value = serde_json::from_slice(r.bytes()).unwrap();
     assert_eq!(v["repositories"], serde_json::json!(["team/app"]));
@@ -268,7 +271,7 @@ async fn list_and_referrers_apis_pass_through() {
         "{link}"
     );
     let next = link.trim_start_matches('<').split('>').next().unwrap();
-    let r = get_manifest(&d, next, &[]).await;
+    let r = get_accepting(&d, next, &[]).await;
     assert_eq!(r.status, StatusCode::OK, "{next}");
     let v: serde_json::Value = serde_json::from_slice(r.bytes()).unwrap();
     assert_eq!(
@@ -276,7 +279,7 @@ async fn list_and_referrers_apis_pass_through() {
         serde_json::json!(["team/other"]),
         "{next}"
     );
-    let r = get_manifest(&d, "/v2/team/nope/tags/list?ns=reg.test:5000", &[]).await;
+    let r = get_accepting(&d, "/v2/team/nope/tags/list?ns=reg.test:5000", &[]).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     assert_eq!(r.error_code(), "NAME_UNKNOWN");
 
@@ -284,7 +287,7 @@ async fn list_and_referrers_apis_pass_through() {
         "/v2/sig.test/team/app/referrers/{}?artifactType=application%2Fx.sig",
         img.digest
     );
-    let r = get_manifest(&d, &path, &[]).await;
+    let r = get_accepting(&d, &path, &[]).await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.header("content-type"), OCI_INDEX);
     assert_eq!(r.bytes().as_ref(), index_body.as_bytes());
