@@ -175,17 +175,15 @@ impl Mirror {
             .await
         {
             Ok(m) => m,
-            // Failing or throttling us: the last known answer keeps the
-            // pull working. A 404 for the tag is believed.
-            Err(ServeError::Upstream {
-                verdict: Verdict::Failed | Verdict::Throttled { .. },
-                detail,
-                ..
-            }) if cached.is_some() => {
+            // Failing, throttling us, or every fetch slot busy: the last
+            // known answer keeps the pull working. A 404 for the tag is
+            // believed.
+            Err(e) if cached.is_some() && stale_allowed(&e) => {
                 let (m, _) = cached.unwrap_or_else(|| unreachable!("checked is_some"));
                 METRICS.cache.inc(&[("kind", "tag"), ("result", "stale")]);
-                tracing::warn!(%ns, %repository, tag, digest = %m.digest, error = %detail,
-                    "every upstream failed; serving the last known manifest for this tag");
+                tracing::warn!(%ns, %repository, tag, digest = %m.digest, error = %e,
+                    detail = e.detail().unwrap_or_default(),
+                    "upstream unavailable; serving the last known manifest for this tag");
                 return Ok(m);
             }
             Err(e) => return Err(e),
@@ -329,6 +327,18 @@ impl Mirror {
         let resp = self.upstream.attempt(&snap.upstream, &ep, &get).await?;
         check(read_manifest(resp, idle, accept).await?)
     }
+}
+
+/// Whether an error from the upstreams lets a tag be answered from its
+/// last known digest: anything but "not found" (or "not allowed").
+fn stale_allowed(e: &ServeError) -> bool {
+    matches!(
+        e,
+        ServeError::Upstream {
+            verdict: Verdict::Failed | Verdict::Throttled { .. },
+            ..
+        } | ServeError::Busy { .. }
+    )
 }
 
 fn respond_manifest(m: Manifest, head: bool) -> Result<Response<ResponseBody>, ServeError> {
