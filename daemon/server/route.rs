@@ -133,30 +133,23 @@ fn resolve(
     configured: &dyn Fn(&str) -> bool,
 ) -> (Result<Route, ServeError>, Result<Namespace, ServeError>) {
     let ns = namespace_param(query);
-    let target = match split(path) {
-        Ok(t) => t,
-        Err(e) => return (Err(e), ns.map(|n| n.unwrap_or_else(|| default_ns.clone()))),
+    let given_or_default = |ns: Result<Option<Namespace>, ServeError>| {
+        ns.map(|n| n.unwrap_or_else(|| default_ns.clone()))
     };
-    match (target, ns) {
-        (Target::Base, ns) => (
-            Ok(Route::Base),
-            ns.map(|n| n.unwrap_or_else(|| default_ns.clone())),
-        ),
-        (Target::Catalog, ns) => (
-            Ok(Route::Catalog),
-            ns.map(|n| n.unwrap_or_else(|| default_ns.clone())),
-        ),
-        (Target::Named(name, kind), Ok(None)) => match prefix(name, configured) {
-            Some((registry, rest)) => (
-                named(rest, kind),
-                registry.parse().map_err(ServeError::from),
-            ),
-            None => (named(name, kind), Ok(default_ns.clone())),
-        },
-        (Target::Named(name, kind), ns) => (
-            named(name, kind),
-            ns.map(|n| n.unwrap_or_else(|| default_ns.clone())),
-        ),
+    match split(path) {
+        Err(e) => (Err(e), given_or_default(ns)),
+        Ok(Target::Base) => (Ok(Route::Base), given_or_default(ns)),
+        Ok(Target::Catalog) => (Ok(Route::Catalog), given_or_default(ns)),
+        Ok(Target::Named(name, kind)) => {
+            // Only a request without `?ns=` names its registry in the path.
+            match prefix(name, configured).filter(|_| matches!(ns, Ok(None))) {
+                Some((registry, rest)) => (
+                    named(rest, kind),
+                    registry.parse().map_err(ServeError::from),
+                ),
+                None => (named(name, kind), given_or_default(ns)),
+            }
+        }
     }
 }
 
