@@ -173,9 +173,7 @@ impl Exhausted {
                 .iter()
                 .all(|(_, e)| matches!(e, AttemptError::Refused(_)))
     }
-}
 
-impl Exhausted {
     /// The error a client gets when no endpoint could serve `what`: 404
     /// when every endpoint said so, 429 when every endpoint is throttled
     /// (with the soonest `Retry-After` and that endpoint's error body),
@@ -461,11 +459,7 @@ impl Upstream {
                         &ep.base,
                         challenge,
                         TokenService {
-                            client: if onward_public {
-                                &ep.public_client
-                            } else {
-                                &ep.client
-                            },
+                            client: ep.client_for(onward_public),
                             public_only: onward_public,
                             timeout: cfg.settings.first_byte_timeout,
                         },
@@ -544,11 +538,7 @@ impl Upstream {
                 return Err(AttemptError::Refused(refusal.to_string()));
             }
         }
-        let client = if public_only {
-            &ep.public_client
-        } else {
-            &ep.client
-        };
+        let client = ep.client_for(public_only);
         let mut builder = Request::builder()
             .method(req.method.clone())
             .uri(url.as_str())

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, Response, StatusCode};
@@ -16,8 +17,6 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
-
-use std::time::{Duration, Instant};
 
 use super::limit::Limits;
 use crate::cache::ingest::{Ingest, IngestError, Phase, Progress, Pump};

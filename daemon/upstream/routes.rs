@@ -45,6 +45,15 @@ impl Endpoint {
         self.base.as_str()
     }
 
+    /// The client to use: `public_client` when the target must be public.
+    pub(super) fn client_for(&self, public_only: bool) -> &HttpClient {
+        if public_only {
+            &self.public_client
+        } else {
+            &self.client
+        }
+    }
+
     pub(super) fn url_for(&self, req: &UpstreamRequest) -> Url {
         let mut url = self.base.clone();
         let base = url.path().trim_end_matches('/').to_string();
