@@ -20,7 +20,6 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use crate::cache::Store;
@@ -32,7 +31,7 @@ use crate::oci::{
 use crate::reference::{Digest, Namespace, Reference, Repository};
 use crate::sendfile::Mappings;
 use crate::snapshot::Snapshot;
-use crate::upstream::{AttemptError, Endpoint, Upstream, UpstreamRequest};
+use crate::upstream::{self, AttemptError, Endpoint, Upstream, UpstreamRequest};
 use flight::Flights;
 pub use limit::Limits;
 pub use list::List;
@@ -369,12 +368,8 @@ async fn read_manifest(
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(media::essence);
-    let read = Limited::new(resp.into_body(), MAX_MANIFEST_BYTES).collect();
-    let body = tokio::time::timeout(idle, read)
-        .await
-        .map_err(|_| AttemptError::Invalid(format!("manifest body not received within {idle:?}")))?
-        .map_err(|e| AttemptError::Invalid(format!("manifest body: {e}")))?
-        .to_bytes();
+    let body =
+        upstream::read_whole(resp.into_body(), MAX_MANIFEST_BYTES, idle, "manifest body").await?;
     let media_type = manifest_type(header_type, &body, accept)?;
     Ok(Manifest {
         digest: Digest::of(&body),

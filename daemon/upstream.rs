@@ -619,6 +619,22 @@ async fn classify(
     }
 }
 
+/// Reads a response body whole: at most `limit` bytes, all of it within
+/// `within`. `what` names it in the error.
+pub async fn read_whole(
+    body: Incoming,
+    limit: usize,
+    within: Duration,
+    what: &str,
+) -> Result<Bytes, AttemptError> {
+    let read = http_body_util::Limited::new(body, limit).collect();
+    tokio::time::timeout(within, read)
+        .await
+        .map_err(|_| AttemptError::Invalid(format!("{what} not received within {within:?}")))?
+        .map(|c| c.to_bytes())
+        .map_err(|e| AttemptError::Invalid(format!("{what}: {e}")))
+}
+
 /// Largest 429 error body kept to pass on.
 const MAX_THROTTLE_BODY: usize = 4 << 10;
 
@@ -633,11 +649,14 @@ async fn throttled(resp: Response<Incoming>, settings: &UpstreamSettings) -> Att
         .and_then(parse_retry_after)
         .unwrap_or(settings.backoff)
         .min(settings.backoff_max);
-    let read = http_body_util::Limited::new(resp.into_body(), MAX_THROTTLE_BODY).collect();
-    let body = match tokio::time::timeout(Duration::from_secs(2), read).await {
-        Ok(Ok(c)) => Some(c.to_bytes()),
-        _ => None,
-    }
+    let body = read_whole(
+        resp.into_body(),
+        MAX_THROTTLE_BODY,
+        Duration::from_secs(2),
+        "429 body",
+    )
+    .await
+    .ok()
     .filter(|b| serde_json::from_slice::<serde_json::Value>(b).is_ok());
     AttemptError::Throttled { retry_after, body }
 }

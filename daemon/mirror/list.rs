@@ -8,12 +8,11 @@
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, LINK};
 use http::{HeaderValue, Method, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
 
 use super::{internal, Mirror, Pull};
 use crate::oci::{full, media, Content, ResponseBody, ServeError, API_VERSION};
 use crate::reference::{Digest, Repository};
-use crate::upstream::{AttemptError, UpstreamRequest};
+use crate::upstream::{self, AttemptError, UpstreamRequest};
 
 /// Largest list answer accepted.
 const MAX_LIST_BYTES: usize = 4 << 20;
@@ -106,14 +105,9 @@ impl Mirror {
                     .and_then(|v| v.to_str().ok())
                     .and_then(next_query);
                 let filters = h.get("oci-filters-applied").cloned();
-                let read = Limited::new(resp.into_body(), MAX_LIST_BYTES).collect();
-                let body = tokio::time::timeout(idle, read)
-                    .await
-                    .map_err(|_| {
-                        AttemptError::Invalid(format!("list not received within {idle:?}"))
-                    })?
-                    .map_err(|e| AttemptError::Invalid(format!("list body: {e}")))?
-                    .to_bytes();
+                let body =
+                    upstream::read_whole(resp.into_body(), MAX_LIST_BYTES, idle, "list body")
+                        .await?;
                 if serde_json::from_slice::<serde_json::Value>(&body).is_err() {
                     return Err(AttemptError::Invalid("list answer is not JSON".into()));
                 }
