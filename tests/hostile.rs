@@ -407,6 +407,10 @@ async fn fetch_caps_refuse_with_retry_after_and_abandoned_trickles_stop() {
             max_fetches_per_namespace: 10,
             fetch_wait: std::time::Duration::from_millis(500),
             idle_timeout: std::time::Duration::from_secs(30),
+            // Requests burst onto one in-process fake on 2 cores: an
+            // upstream timeout would be a 503 without Retry-After.
+            connect_timeout: std::time::Duration::from_secs(10),
+            first_byte_timeout: std::time::Duration::from_secs(10),
             ..quick_upstream()
         })
         .start()
