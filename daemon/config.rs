@@ -33,6 +33,9 @@ pub enum ImplicitPolicy {
     Off,
 }
 
+/// The most connections one blob is fetched over.
+pub const MAX_PARALLEL_FETCHES: usize = 32;
+
 /// Timeouts, back-off and admission for upstream endpoints.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamSettings {
@@ -56,6 +59,11 @@ pub struct UpstreamSettings {
     pub min_rate: u64,
     /// The longest a blob fetch may take.
     pub fetch_deadline: Duration,
+    /// Connections a blob of at least `parallel_threshold` bytes is
+    /// fetched over, in ranges, from an endpoint that honours `Range`
+    /// (1: one stream). hosts.toml may set both per endpoint.
+    pub parallel_fetches: usize,
+    pub parallel_threshold: u64,
     /// Namespaces without a hosts.d folder.
     pub implicit_namespaces: ImplicitPolicy,
     /// When not empty, the only namespaces without a hosts.d folder served.
@@ -75,6 +83,8 @@ impl Default for UpstreamSettings {
             fetch_wait: Duration::from_secs(5),
             min_rate: 16 << 10,
             fetch_deadline: Duration::from_secs(3600),
+            parallel_fetches: 6,
+            parallel_threshold: 32 << 20,
             implicit_namespaces: ImplicitPolicy::Public,
             allowed_namespaces: Vec::new(),
         }
@@ -283,6 +293,14 @@ impl Settings {
                             }
                             "min_rate" => {
                                 u.min_rate = f.size()?;
+                                return Ok(());
+                            }
+                            "parallel_fetches" => {
+                                u.parallel_fetches = f.count(1, MAX_PARALLEL_FETCHES)?;
+                                return Ok(());
+                            }
+                            "parallel_threshold" => {
+                                u.parallel_threshold = f.size()?;
                                 return Ok(());
                             }
                             "fetch_wait" => &mut u.fetch_wait,

@@ -93,6 +93,9 @@ pub struct Metrics {
     /// Blob transfers resumed with Range after a connection broke, by the
     /// endpoint that took over.
     pub resumes: Family,
+    /// Blobs fetched over several connections in ranges, by the endpoint
+    /// of the first answer.
+    pub parallel: Family,
     /// Blobs evicted by collection.
     pub evictions: Family,
     /// Blob bytes in the cache (from the last scan, plus commits since).
@@ -129,6 +132,10 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "nodemirror_upstream_resumes_total",
         "Blob transfers resumed with Range after a connection broke or crawled, by the endpoint that took over.",
     ),
+    parallel: Family::new(
+        "nodemirror_upstream_parallel_fetches_total",
+        "Blobs fetched over several connections in ranges, by the endpoint of the first answer.",
+    ),
     evictions: Family::new(
         "nodemirror_cache_evictions_total",
         "Blobs evicted from the cache.",
@@ -149,6 +156,7 @@ impl Metrics {
             &self.fallbacks,
             &self.upstream_bytes,
             &self.resumes,
+            &self.parallel,
             &self.evictions,
         ] {
             f.render(&mut out);

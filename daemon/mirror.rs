@@ -12,6 +12,7 @@ mod blob;
 pub mod flight;
 mod limit;
 mod list;
+mod parallel;
 pub mod range;
 
 use std::sync::Arc;
@@ -268,7 +269,7 @@ impl Mirror {
             query: Vec::new(),
             needs_resolve: matches!(reference, Reference::Tag(_)),
             accept: Some(accept.upstream_value()),
-            range_from: None,
+            range: None,
         };
         let want = reference.digest();
         let _slot = self.limits.acquire(&snap.upstream.settings, ns).await?;

@@ -66,8 +66,25 @@ pub struct UpstreamRequest {
     /// What the endpoint must be able to do: resolve for tags, pull else.
     pub needs_resolve: bool,
     pub accept: Option<HeaderValue>,
-    /// `Range: bytes=N-`: resuming a blob after its first N bytes.
-    pub range_from: Option<u64>,
+    /// `Range`: part of a blob (a resumed or parallel fetch).
+    pub range: Option<ByteRange>,
+}
+
+/// Bytes `start..end` of a blob (`end: None`: to its end).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteRange {
+    pub start: u64,
+    pub end: Option<u64>,
+}
+
+impl ByteRange {
+    /// The `Range` header's value (its end is inclusive).
+    pub fn header(&self) -> String {
+        match self.end {
+            Some(end) => format!("bytes={}-{}", self.start, end.saturating_sub(1)),
+            None => format!("bytes={}-", self.start),
+        }
+    }
 }
 
 /// Why one endpoint could not serve a request.
@@ -97,6 +114,10 @@ pub enum AttemptError {
     Redirect(String),
     #[error("invalid response: {0}")]
     Invalid(String),
+    /// A range was asked for and the whole content came (allowed by HTTP:
+    /// an answer, not a failure).
+    #[error("answered a range with the whole content")]
+    Unranged,
     /// Not contacted: the admission policy or a non-public address.
     #[error("refused: {0}")]
     Refused(String),
@@ -129,6 +150,7 @@ impl AttemptError {
             AttemptError::Auth(_) => "auth",
             AttemptError::Redirect(_) => "redirect",
             AttemptError::Invalid(_) => "invalid",
+            AttemptError::Unranged => "unranged",
             AttemptError::Refused(_) => "refused",
         }
     }
@@ -143,6 +165,7 @@ impl AttemptError {
                 | AttemptError::Denied(_)
                 | AttemptError::Throttled { .. }
                 | AttemptError::Refused(_)
+                | AttemptError::Unranged
         )
     }
 }
@@ -556,8 +579,8 @@ impl Upstream {
         if let Some(a) = authorization {
             builder = builder.header(AUTHORIZATION, a);
         }
-        if let Some(from) = req.range_from {
-            builder = builder.header(http::header::RANGE, format!("bytes={from}-"));
+        if let Some(range) = req.range {
+            builder = builder.header(http::header::RANGE, range.header());
         }
         let request = builder
             .body(Empty::<Bytes>::new())

@@ -10,4 +10,5 @@ mod hostile;
 mod node;
 mod packaging;
 mod proxy;
+mod ranged;
 mod tls;

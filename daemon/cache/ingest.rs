@@ -6,12 +6,15 @@
 //! Where the bytes come from is not this module's concern: the mirror's
 //! single-flight fetch pushes them in; the store knows nothing of upstreams.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -195,6 +198,67 @@ impl Ingest {
         Ok(len)
     }
 
+    /// Starts writing the blob in parts at their offsets, for a fetch over
+    /// several connections. `written` (what readers may read) is the
+    /// contiguous start of the blob; a task hashes it in order from the
+    /// file as it grows.
+    pub fn parts(&mut self, total: u64) -> io::Result<Parts> {
+        let file = Arc::new(
+            self.file
+                .take()
+                .ok_or_else(|| io::Error::other("ingest already writing"))?,
+        );
+        let hasher = tokio::spawn(hash_in_order(
+            file.clone(),
+            self.progress.subscribe(),
+            total,
+        ));
+        Ok(Parts {
+            file,
+            total,
+            done: Arc::new(Mutex::new(Done::default())),
+            progress: self.progress.clone(),
+            hasher,
+        })
+    }
+
+    /// Waits for the hash of a blob whose parts are all written, and checks
+    /// it. On success readers may send the last byte.
+    pub async fn verify_parts(&mut self, parts: Parts) -> Result<u64, IngestError> {
+        let io_error = |source| IngestError::Write {
+            path: self.tmp.clone(),
+            source,
+        };
+        let Parts {
+            file,
+            total,
+            hasher,
+            ..
+        } = parts;
+        if self.progress.borrow().written != total {
+            hasher.abort();
+            return Err(io_error(io::Error::other("parts missing")));
+        }
+        let got = hasher
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))
+            .and_then(|r| r)
+            .map_err(io_error)?;
+        if got != self.digest {
+            return Err(IngestError::Mismatch {
+                expected: self.digest.clone(),
+                got,
+                len: total,
+            });
+        }
+        self.file =
+            Some(Arc::try_unwrap(file).map_err(|_| {
+                io_error(io::Error::other("file still shared after the last write"))
+            })?);
+        self.progress.send_modify(|p| p.phase = Phase::Verified);
+        Ok(total)
+    }
+
     /// Syncs the verified file and renames it into the store. On failure
     /// readers still finish from their open file; only caching failed.
     pub async fn commit(&mut self) -> io::Result<()> {
@@ -255,6 +319,115 @@ impl Pump {
     }
 }
 
+/// A blob being written in parts at their offsets ([`Ingest::parts`]).
+pub struct Parts {
+    file: Arc<File>,
+    total: u64,
+    done: Arc<Mutex<Done>>,
+    progress: watch::Sender<Progress>,
+    hasher: JoinHandle<io::Result<Digest>>,
+}
+
+impl Parts {
+    /// Starts writing `chunks` at `offset` on the disk pool at once, and
+    /// publishes the readable start of the blob when it grew. The caller
+    /// may go on receiving while this runs.
+    pub fn write_at(
+        &self,
+        offset: u64,
+        chunks: Vec<Bytes>,
+    ) -> impl std::future::Future<Output = io::Result<()>> + Send {
+        let (file, done, progress) = (self.file.clone(), self.done.clone(), self.progress.clone());
+        let total = self.total;
+        let job = super::pool::run(move || -> io::Result<()> {
+            let mut at = offset;
+            for c in &chunks {
+                file.write_all_at(c, at)?;
+                at += c.len() as u64;
+            }
+            if at > total {
+                return Err(io::Error::other("part ends past the blob"));
+            }
+            let prefix = done.lock().add(offset, at);
+            progress.send_if_modified(|p| {
+                let grew = prefix > p.written;
+                if grew {
+                    p.written = prefix;
+                }
+                grew
+            });
+            Ok(())
+        });
+        async move { job.await? }
+    }
+
+    /// Stops without verifying: the hash of the start ends.
+    pub fn stop(self) {
+        self.hasher.abort();
+    }
+}
+
+/// The byte ranges of a blob written so far, merged.
+#[derive(Default)]
+struct Done {
+    ranges: BTreeMap<u64, u64>,
+}
+
+impl Done {
+    /// Adds `start..end` and returns how long the contiguous start is.
+    fn add(&mut self, mut start: u64, mut end: u64) -> u64 {
+        if let Some((&s, &e)) = self.ranges.range(..=start).next_back() {
+            if e >= start {
+                start = s;
+                end = end.max(e);
+            }
+        }
+        while let Some((&s, &e)) = self.ranges.range(start..).next() {
+            if s > end {
+                break;
+            }
+            end = end.max(e);
+            self.ranges.remove(&s);
+        }
+        self.ranges.insert(start, end);
+        self.ranges.get(&0).copied().unwrap_or(0)
+    }
+}
+
+/// Bytes hashed per job when hashing a blob written in parts.
+const HASH_STEP: u64 = 4 << 20;
+
+/// Hashes the blob from its file in order as its contiguous start grows,
+/// up to `total`.
+async fn hash_in_order(
+    file: Arc<File>,
+    mut progress: watch::Receiver<Progress>,
+    total: u64,
+) -> io::Result<Digest> {
+    let mut hasher = Sha256::new();
+    let mut hashed = 0u64;
+    while hashed < total {
+        let ready = progress.borrow_and_update().written;
+        if ready <= hashed {
+            if progress.changed().await.is_err() {
+                return Err(io::Error::other("the ingest ended before its last part"));
+            }
+            continue;
+        }
+        let len = (ready - hashed).min(HASH_STEP);
+        let (f, at) = (file.clone(), hashed);
+        hasher = super::pool::run(move || -> io::Result<Sha256> {
+            let mut buf = vec![0u8; len as usize];
+            f.read_exact_at(&mut buf, at)?;
+            hasher.update(&buf);
+            Ok(hasher)
+        })
+        .await??;
+        hashed += len;
+    }
+    Ok(Digest::from_hasher(hasher))
+}
+
 /// Writes and hashes batches of queued frames (as much as is queued, up to
 /// [`WRITE_BATCH`]), publishing after every write how much is readable.
 /// Frames are written with one `writev`, without copying them first.
@@ -308,4 +481,24 @@ fn write_all_vectored(file: &File, chunks: &[Bytes]) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Done;
+
+    #[test]
+    fn parts_merge_into_a_contiguous_start() {
+        let mut d = Done::default();
+        assert_eq!(d.add(10, 20), 0);
+        assert_eq!(d.add(30, 40), 0);
+        assert_eq!(d.add(0, 5), 5);
+        assert_eq!(d.add(5, 10), 20);
+        assert_eq!(d.add(20, 30), 40);
+        assert_eq!(d.ranges.len(), 1);
+        assert_eq!(d.add(50, 60), 40);
+        assert_eq!(d.add(45, 55), 40);
+        assert_eq!(d.add(40, 45), 60);
+        assert_eq!(d.ranges.len(), 1);
+    }
 }

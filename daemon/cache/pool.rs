@@ -31,23 +31,34 @@ static POOL: LazyLock<Option<rayon::ThreadPool>> = LazyLock::new(|| {
         .ok()
 });
 
-/// Runs `job` on the pool and waits for it without blocking the runtime.
-pub async fn run<T, F>(job: F) -> io::Result<T>
+/// Starts `job` on the pool at once (before the future is first polled,
+/// so a caller may go on receiving while it runs) and returns its result
+/// without blocking the runtime.
+pub fn run<T, F>(job: F) -> impl std::future::Future<Output = io::Result<T>> + Send
 where
     T: Send + 'static,
     F: FnOnce() -> T + Send + 'static,
 {
-    match POOL.as_ref() {
+    enum Started<T> {
+        Pool(oneshot::Receiver<T>),
+        Tokio(tokio::task::JoinHandle<T>),
+    }
+    let started = match POOL.as_ref() {
         Some(pool) => {
             let (tx, rx) = oneshot::channel();
             pool.spawn(move || {
                 let _ = tx.send(job());
             });
-            rx.await
-                .map_err(|_| io::Error::other("the disk pool dropped a job"))
+            Started::Pool(rx)
         }
-        None => tokio::task::spawn_blocking(job)
-            .await
-            .map_err(|e| io::Error::other(e.to_string())),
+        None => Started::Tokio(tokio::task::spawn_blocking(job)),
+    };
+    async move {
+        match started {
+            Started::Pool(rx) => rx
+                .await
+                .map_err(|_| io::Error::other("the disk pool dropped a job")),
+            Started::Tokio(handle) => handle.await.map_err(|e| io::Error::other(e.to_string())),
+        }
     }
 }

@@ -9,6 +9,8 @@
 //!   skip_verify = false
 //!   override_path = false
 //!   dial_timeout = "2s"
+//!   parallel_fetches = 8                      # nodemirror's own: ranged fetch
+//!   parallel_threshold = "16MiB"              # of big blobs over 8 connections
 //!   [host."http://mirror-a:5000".header]
 //!     x-custom = ["value"]
 //! ```
@@ -61,6 +63,9 @@ pub struct HostSettings {
     pub override_path: bool,
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub dial_timeout: Option<Duration>,
+    /// `[upstream] parallel_fetches` and `parallel_threshold` for this endpoint.
+    pub parallel_fetches: Option<usize>,
+    pub parallel_threshold: Option<u64>,
 }
 
 /// One endpoint as configured: its API base URL (ending in `/v2` unless
@@ -302,6 +307,10 @@ fn visit_host_key(s: &mut HostSettings, f: &Field<'_>, dir: &Path) -> Result<(),
         "skip_verify" => s.skip_verify = f.bool()?,
         "override_path" => s.override_path = f.bool()?,
         "dial_timeout" => s.dial_timeout = Some(f.duration()?),
+        "parallel_fetches" => {
+            s.parallel_fetches = Some(f.count(1, crate::config::MAX_PARALLEL_FETCHES)?)
+        }
+        "parallel_threshold" => s.parallel_threshold = Some(f.size()?),
         "header" => {
             let table = f.item.as_table_like().ok_or_else(|| {
                 f.src

@@ -168,6 +168,15 @@ impl<'a> Field<'a> {
         parse_size(s).ok_or_else(|| self.wrong(want))
     }
 
+    /// A whole number from `min` to `max`.
+    pub fn count(&self, min: usize, max: usize) -> Result<usize, ConfigError> {
+        self.item
+            .as_integer()
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|n| (min..=max).contains(n))
+            .ok_or_else(|| self.wrong(&format!("a whole number from {min} to {max}")))
+    }
+
     /// Visits this value as a table (`[upstream]`, say), returning every
     /// problem found in it.
     pub fn section(

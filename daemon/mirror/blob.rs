@@ -151,7 +151,7 @@ impl Mirror {
                     query: Vec::new(),
                     needs_resolve: false,
                     accept: None,
-                    range_from: None,
+                    range: None,
                 };
                 let (len, _) = self
                     .upstream

@@ -19,13 +19,13 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 
 use super::limit::Limits;
+use super::parallel;
 use crate::cache::ingest::{Ingest, IngestError, Phase, Progress, Pump};
 use crate::cache::Store;
-use crate::config::UpstreamSettings;
 use crate::oci::{content_length, Content};
 use crate::reference::{Digest, Namespace, Repository};
 use crate::snapshot::Snapshot;
-use crate::upstream::{self, AttemptError, Endpoint, Upstream, UpstreamRequest};
+use crate::upstream::{self, AttemptError, ByteRange, Endpoint, Upstream, UpstreamRequest};
 
 /// One blob being fetched.
 pub struct Flight {
@@ -111,7 +111,7 @@ impl Flights {
             tail: format!("blobs/{digest}"),
             needs_resolve: false,
             accept: None,
-            range_from: None,
+            range: None,
         };
         let this = self.clone();
         let digest = digest.clone();
@@ -133,7 +133,9 @@ impl Flights {
         Ok(Source::Flight(flight, Some(leader_rx)))
     }
 
-    /// Find an endpoint, reserve the space, pump the body, verify, commit.
+    /// Find an endpoint, reserve the space, pump the body (over several
+    /// connections when it is big and the endpoint honours `Range`),
+    /// verify, commit.
     async fn fetch(
         &self,
         snap: &Snapshot,
@@ -151,29 +153,73 @@ impl Flights {
         if let Err(why) = ingest.reserve(total) {
             return Phase::Failed(why.into());
         }
-        let pump = match ingest.pump() {
-            Ok(p) => p,
-            Err(e) => return Phase::Failed(e.to_string().into()),
-        };
         let readers = || self.store.holders(digest).saturating_sub(1);
         let started = Instant::now();
+        let ctx = Ctx {
+            flights: self,
+            cfg,
+            req,
+            digest,
+            readers: &readers,
+            started,
+        };
+        let (verified, sources) = match parallel::plan(&ep, &cfg.settings, resp.headers(), total) {
+            // The leader reads the file like any follower: parts arrive out
+            // of order.
+            Some(plan) => parallel::fetch(&ctx, ingest, ep, resp.into_body(), plan).await,
+            None => match self
+                .serial(&ctx, ingest, ep, resp.into_body(), total, leader)
+                .await
+            {
+                Ok(done) => done,
+                Err(failed) => return failed,
+            },
+        };
+        let len = match verified {
+            Ok(len) => len,
+            Err(e @ IngestError::Write { .. }) => return Phase::Failed(e.to_string().into()),
+            Err(e @ IngestError::Mismatch { .. }) => {
+                let why = e.to_string();
+                for ep in &sources {
+                    self.upstream.report_failure(cfg, ep, &why);
+                }
+                return Phase::Failed(why.into());
+            }
+        };
+        if let Err(e) = ingest.commit().await {
+            tracing::warn!(%digest, error = %e, "verified blob could not be stored");
+            return Phase::Verified;
+        }
+        crate::metrics::METRICS.upstream_bytes.add(&[], len);
+        crate::metrics::METRICS.blob_committed(len);
+        let endpoints: Vec<&str> = sources.iter().map(|ep| ep.key()).collect();
+        tracing::info!(%digest, bytes = len, endpoint = endpoints.join(" "), "blob cached");
+        Phase::Done
+    }
+
+    /// One stream, the first connection's body, resumed where it broke.
+    /// The leader gets the frames from memory while it keeps up.
+    async fn serial(
+        &self,
+        ctx: &Ctx<'_>,
+        ingest: &mut Ingest,
+        ep: Arc<Endpoint>,
+        body: Incoming,
+        total: Option<u64>,
+        leader: mpsc::Sender<Bytes>,
+    ) -> Result<(Result<u64, IngestError>, Vec<Arc<Endpoint>>), Phase> {
+        let cfg = ctx.cfg;
+        let pump = match ingest.pump() {
+            Ok(p) => p,
+            Err(e) => return Err(Phase::Failed(e.to_string().into())),
+        };
         let mut leader = Some(leader);
         let mut t = Transfer::default();
-        let (mut ep, mut body) = (ep, resp.into_body());
+        let (mut ep, mut body) = (ep, body);
         let mut resumes = 0;
         let mut progress_at_cut = None;
         loop {
-            let cut = match pump_body(
-                body,
-                &pump,
-                &mut leader,
-                &cfg.settings,
-                &readers,
-                started,
-                &mut t,
-            )
-            .await
-            {
+            let cut = match pump_body(body, &pump, &mut leader, ctx, &mut t).await {
                 Ok(()) => break,
                 Err(cut) => cut,
             };
@@ -187,89 +233,90 @@ impl Flights {
             progress_at_cut = Some(t.received);
             let resumable =
                 cut.resumable() && progressed && resumes < MAX_RESUMES && total.is_some();
+            let range = ByteRange {
+                start: t.received,
+                end: None,
+            };
             let resumed = match resumable {
-                true => self.resume(cfg, req, t.received, total).await,
+                true => self.ranged(cfg, ctx.req, range, total, true).await.ok(),
                 false => None,
             };
             let Some((next, next_body, skip)) = resumed else {
                 pump.stop().await;
-                return Phase::Failed(cut.why().into());
+                return Err(Phase::Failed(cut.why().into()));
             };
             resumes += 1;
-            crate::metrics::METRICS
-                .resumes
-                .inc(&[("endpoint", next.key())]);
-            tracing::info!(%digest, from = t.received, endpoint = next.key(), after = cut.why(),
-                "resuming the blob where the transfer stopped");
+            resumed_metric(&next);
+            tracing::info!(digest = %ctx.digest, from = t.received, endpoint = next.key(),
+                after = cut.why(), "resuming the blob where the transfer stopped");
             (ep, body, t.skip) = (next, next_body, skip);
         }
-        let len = match ingest.verify(pump, total).await {
-            Ok(len) => len,
-            Err(e @ IngestError::Write { .. }) => return Phase::Failed(e.to_string().into()),
-            Err(e @ IngestError::Mismatch { .. }) => {
-                let why = e.to_string();
-                self.upstream.report_failure(cfg, &ep, &why);
-                return Phase::Failed(why.into());
-            }
-        };
-        if let Err(e) = ingest.commit().await {
-            tracing::warn!(%digest, error = %e, "verified blob could not be stored");
-            return Phase::Verified;
-        }
-        crate::metrics::METRICS.upstream_bytes.add(&[], len);
-        crate::metrics::METRICS.blob_committed(len);
-        tracing::info!(%digest, bytes = len, endpoint = ep.key(), "blob cached");
-        Phase::Done
+        Ok((ingest.verify(pump, total).await, vec![ep]))
     }
 
-    /// The blob from byte `from` on: a 206 whose `Content-Range` starts
-    /// there (and agrees on the size), or a 200 whose first `from` bytes
-    /// are then skipped (an endpoint that ignores `Range`).
-    async fn resume(
+    /// The blob's bytes `range`: a 206 whose `Content-Range` starts there
+    /// (and agrees on the size); with `whole_ok`, also a 200 of the whole
+    /// blob, whose first bytes the caller then skips (the number comes
+    /// back). Endpoints are tried in plan order. `Ignored` when no endpoint
+    /// answered with the range but one sent the whole blob instead.
+    pub(super) async fn ranged(
         &self,
         cfg: &upstream::Config,
         req: &UpstreamRequest,
-        from: u64,
+        range: ByteRange,
         total: Option<u64>,
-    ) -> Option<(Arc<Endpoint>, Incoming, u64)> {
+        whole_ok: bool,
+    ) -> Result<(Arc<Endpoint>, Incoming, u64), Unranged> {
         let ranged = UpstreamRequest {
-            range_from: Some(from),
+            range: Some(range),
             ..req.clone()
         };
+        let mut ignored = false;
         let found = self
             .upstream
-            .first_success(cfg, &ranged, |ep, resp| async move {
-                let skip = match resp.status() {
-                    StatusCode::PARTIAL_CONTENT => {
-                        let range = resp
-                            .headers()
-                            .get(http::header::CONTENT_RANGE)
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(content_range);
-                        match range {
-                            Some((start, size))
-                                if start == from && (size.is_none() || size == total) =>
-                            {
-                                0
-                            }
-                            _ => {
-                                return Err(AttemptError::Invalid(
-                                    "resumed at the wrong place".into(),
-                                ))
+            .first_success(cfg, &ranged, |ep, resp| {
+                let status = resp.status();
+                let whole = status == StatusCode::OK && content_length(resp.headers()) == total;
+                ignored |= whole;
+                async move {
+                    let skip = match status {
+                        StatusCode::PARTIAL_CONTENT => {
+                            let answered = resp
+                                .headers()
+                                .get(http::header::CONTENT_RANGE)
+                                .and_then(|v| v.to_str().ok())
+                                .and_then(content_range);
+                            match answered {
+                                Some((start, size))
+                                    if start == range.start
+                                        && (size.is_none() || size == total) =>
+                                {
+                                    0
+                                }
+                                _ => {
+                                    return Err(AttemptError::Invalid(
+                                        "answered another range than asked".into(),
+                                    ))
+                                }
                             }
                         }
-                    }
-                    StatusCode::OK if content_length(resp.headers()) == total => from,
-                    s => return Err(AttemptError::Status(s)),
-                };
-                Ok((ep, resp.into_body(), skip))
+                        StatusCode::OK if whole && whole_ok => range.start,
+                        StatusCode::OK if whole => return Err(AttemptError::Unranged),
+                        s => return Err(AttemptError::Status(s)),
+                    };
+                    Ok((ep, resp.into_body(), skip))
+                }
             })
             .await;
         match found {
-            Ok((found, _)) => Some(found),
+            Ok((found, _)) => Ok(found),
+            Err(e) if ignored => {
+                tracing::info!(error = %e, "the endpoints ignore Range");
+                Err(Unranged::Ignored)
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "cannot resume the blob on any endpoint");
-                None
+                tracing::warn!(error = %e, "cannot fetch the range on any endpoint");
+                Err(Unranged::Failed(e.to_string()))
             }
         }
     }
@@ -300,7 +347,7 @@ const PACE_TICK: Duration = Duration::from_secs(1);
 const ABANDONED_WINDOW: Duration = Duration::from_secs(5);
 
 /// Resumes of one blob before giving up.
-const MAX_RESUMES: u32 = 5;
+pub(super) const MAX_RESUMES: u32 = 5;
 
 /// Where a blob transfer stands across connections.
 #[derive(Default)]
@@ -313,7 +360,7 @@ struct Transfer {
 }
 
 /// Why a transfer stopped before its end.
-enum Cut {
+pub(super) enum Cut {
     /// The connection broke or went silent.
     Broken(String),
     /// Under `min_rate` while someone reads it.
@@ -325,96 +372,173 @@ enum Cut {
 }
 
 impl Cut {
-    fn why(&self) -> &str {
+    pub fn why(&self) -> &str {
         match self {
             Cut::Broken(w) | Cut::Slow(w) | Cut::Abandoned(w) | Cut::Deadline(w) => w,
         }
     }
 
-    fn resumable(&self) -> bool {
+    pub fn resumable(&self) -> bool {
         matches!(self, Cut::Broken(_) | Cut::Slow(_))
     }
 }
 
 /// Moves the upstream body into the ingest, and to the leader while it
-/// keeps up. Ends at the body's end, or with why the transfer was cut:
-/// silence longer than `idle_timeout`, longer than `fetch_deadline` since
-/// `started`, or slower than `min_rate` over `idle_timeout` (over a few
-/// seconds once `readers` says nobody reads it any more).
+/// keeps up. Ends at the body's end, or with why the transfer was cut
+/// ([`Pace`]).
 async fn pump_body(
     mut body: Incoming,
     pump: &Pump,
     leader: &mut Option<mpsc::Sender<Bytes>>,
-    s: &UpstreamSettings,
-    readers: &impl Fn() -> usize,
-    started: Instant,
+    ctx: &Ctx<'_>,
     t: &mut Transfer,
 ) -> Result<(), Cut> {
-    let begun = Instant::now();
-    let mut last_data = begun;
-    let (mut window_start, mut window_bytes) = (begun, 0u64);
-    let mut tick = tokio::time::interval(PACE_TICK);
-    loop {
-        let frame = tokio::select! {
-            frame = body.frame() => frame,
-            _ = tick.tick() => {
-                let now = Instant::now();
-                if now - last_data > s.idle_timeout {
-                    return Err(Cut::Broken(format!("upstream sent nothing for {:?}", s.idle_timeout)));
-                }
-                if now - started > s.fetch_deadline {
-                    return Err(Cut::Deadline(format!("fetch took longer than {:?}", s.fetch_deadline)));
-                }
-                let reading = readers();
-                let window = if reading == 0 {
-                    ABANDONED_WINDOW.min(s.idle_timeout)
-                } else {
-                    s.idle_timeout
-                };
-                let elapsed = now - window_start;
-                if elapsed >= window {
-                    let rate = window_bytes as f64 / elapsed.as_secs_f64();
-                    if rate < s.min_rate as f64 {
-                        let why = format!("upstream sent {rate:.0} bytes/s, under min_rate {}", s.min_rate);
-                        return Err(if reading == 0 { Cut::Abandoned(why) } else { Cut::Slow(why) });
-                    }
-                    (window_start, window_bytes) = (now, 0);
-                }
+    let mut pace = Pace::new(ctx);
+    while let Some(mut data) = pace.next(&mut body).await? {
+        if t.skip > 0 {
+            let drop = t.skip.min(data.len() as u64);
+            t.skip -= drop;
+            data = data.slice(drop as usize..);
+            if data.is_empty() {
                 continue;
             }
-        };
-        match frame {
-            None => return Ok(()),
-            Some(Err(e)) => return Err(Cut::Broken(format!("upstream body: {e}"))),
-            Some(Ok(frame)) => {
-                let Ok(mut data) = frame.into_data() else {
+        }
+        t.received += data.len() as u64;
+        // Never wait for the leader: when it lags or has gone, it
+        // continues from the file.
+        if leader
+            .as_ref()
+            .is_some_and(|l| l.try_send(data.clone()).is_err())
+        {
+            *leader = None;
+        }
+        if !pump.push(data).await {
+            return Ok(()); // the writer failed; verify says why
+        }
+    }
+    Ok(())
+}
+
+/// What every connection of one blob fetch shares.
+pub(super) struct Ctx<'a> {
+    pub flights: &'a Flights,
+    pub cfg: &'a upstream::Config,
+    pub req: &'a UpstreamRequest,
+    pub digest: &'a Digest,
+    /// How many clients read the blob besides the fetch itself.
+    pub readers: &'a (dyn Fn() -> usize + Sync),
+    /// When the fetch began (for `fetch_deadline`).
+    pub started: Instant,
+}
+
+/// The pace of one upstream connection. A connection is cut after
+/// silence longer than `idle_timeout`, past `fetch_deadline` since the
+/// fetch began, or slower than `min_rate` over `idle_timeout` (over a few
+/// seconds once nobody reads the blob any more).
+pub(super) struct Pace<'a> {
+    ctx: &'a Ctx<'a>,
+    last_data: Instant,
+    window_start: Instant,
+    window_bytes: u64,
+    tick: tokio::time::Interval,
+}
+
+impl<'a> Pace<'a> {
+    pub fn new(ctx: &'a Ctx<'a>) -> Pace<'a> {
+        let now = Instant::now();
+        Pace {
+            ctx,
+            last_data: now,
+            window_start: now,
+            window_bytes: 0,
+            tick: tokio::time::interval(PACE_TICK),
+        }
+    }
+
+    /// The body's next bytes; `None` at its end.
+    pub async fn next(&mut self, body: &mut Incoming) -> Result<Option<Bytes>, Cut> {
+        loop {
+            let frame = tokio::select! {
+                frame = body.frame() => frame,
+                _ = self.tick.tick() => {
+                    self.check()?;
                     continue;
-                };
-                last_data = Instant::now();
-                window_bytes += data.len() as u64;
-                if t.skip > 0 {
-                    let drop = t.skip.min(data.len() as u64);
-                    t.skip -= drop;
-                    data = data.slice(drop as usize..);
-                    if data.is_empty() {
-                        continue;
+                }
+            };
+            match frame {
+                None => return Ok(None),
+                Some(Err(e)) => return Err(Cut::Broken(format!("upstream body: {e}"))),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.last_data = Instant::now();
+                        self.window_bytes += data.len() as u64;
+                        return Ok(Some(data));
                     }
-                }
-                t.received += data.len() as u64;
-                // Never wait for the leader: when it lags or has gone, it
-                // continues from the file.
-                if leader
-                    .as_ref()
-                    .is_some_and(|l| l.try_send(data.clone()).is_err())
-                {
-                    *leader = None;
-                }
-                if !pump.push(data).await {
-                    return Ok(()); // the writer failed; verify says why
                 }
             }
         }
     }
+
+    fn check(&mut self) -> Result<(), Cut> {
+        let s = &self.ctx.cfg.settings;
+        let now = Instant::now();
+        if now - self.last_data > s.idle_timeout {
+            return Err(Cut::Broken(format!(
+                "upstream sent nothing for {:?}",
+                s.idle_timeout
+            )));
+        }
+        if now - self.ctx.started > s.fetch_deadline {
+            return Err(Cut::Deadline(format!(
+                "fetch took longer than {:?}",
+                s.fetch_deadline
+            )));
+        }
+        let reading = (self.ctx.readers)();
+        let window = if reading == 0 {
+            ABANDONED_WINDOW.min(s.idle_timeout)
+        } else {
+            s.idle_timeout
+        };
+        let elapsed = now - self.window_start;
+        if elapsed >= window {
+            let rate = self.window_bytes as f64 / elapsed.as_secs_f64();
+            if rate < s.min_rate as f64 {
+                let why = format!(
+                    "upstream sent {rate:.0} bytes/s, under min_rate {}",
+                    s.min_rate
+                );
+                return Err(if reading == 0 {
+                    Cut::Abandoned(why)
+                } else {
+                    Cut::Slow(why)
+                });
+            }
+            (self.window_start, self.window_bytes) = (now, 0);
+        }
+        Ok(())
+    }
+}
+
+/// A range no endpoint could serve.
+pub(super) enum Unranged {
+    /// The endpoints sent the whole blob instead.
+    Ignored,
+    Failed(String),
+}
+
+impl Ctx<'_> {
+    /// Marks `ep` failed for a while (see [`Upstream::report_failure`]).
+    pub fn report_failure(&self, ep: &Endpoint, why: &str) {
+        self.flights.upstream.report_failure(self.cfg, ep, why);
+    }
+}
+
+/// Counts a resumed connection.
+pub(super) fn resumed_metric(ep: &Endpoint) {
+    crate::metrics::METRICS
+        .resumes
+        .inc(&[("endpoint", ep.key())]);
 }
 
 /// `Content-Range: bytes START-END/SIZE`: the start and the size (`*`: unknown).

@@ -85,7 +85,7 @@ impl Mirror {
             query,
             needs_resolve,
             accept: Some(HeaderValue::from_static(accept)),
-            range_from: None,
+            range: None,
         };
         let idle = pull.snap.upstream.settings.idle_timeout;
         let _slot = self

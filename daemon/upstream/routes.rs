@@ -37,6 +37,9 @@ pub struct Endpoint {
     pub public_only: bool,
     /// Where it was configured (`file:line`, or `implicit`).
     pub origin: String,
+    /// Overrides of `[upstream] parallel_fetches` and `parallel_threshold`.
+    pub parallel_fetches: Option<usize>,
+    pub parallel_threshold: Option<u64>,
 }
 
 impl Endpoint {
@@ -177,6 +180,8 @@ impl Routes {
                 "_default server"
             }
             .into(),
+            parallel_fetches: None,
+            parallel_threshold: None,
         }));
         chain
     }
@@ -240,6 +245,8 @@ fn endpoint(
             implicit: false,
             public_only: false,
             origin,
+            parallel_fetches: settings.parallel_fetches,
+            parallel_threshold: settings.parallel_threshold,
         })),
         Err(e) => {
             errors.push(config_error(&origin, e));

@@ -54,8 +54,11 @@ pub struct Behaviour {
     pub truncate_after: Option<usize>,
     /// ... for this many responses (all when `None`).
     pub truncate_times: Option<usize>,
-    /// Answer ranged requests with the whole content (200).
+    /// Answer ranged requests with the whole content (200), while still
+    /// saying `Accept-Ranges: bytes`.
     pub ignore_range: bool,
+    /// Leave out `Accept-Ranges: bytes` on blobs.
+    pub no_accept_ranges: bool,
 }
 
 /// A request the fake saw.
@@ -366,6 +369,9 @@ async fn handle(s: &Shared, addr: SocketAddr, req: Request<Incoming>) -> Respons
             format!("bytes {start}-{}/{total}", end - 1),
         );
     }
+    if key.contains("/blobs/") && matches!(content, Content::Bytes { .. }) && !b.no_accept_ranges {
+        r = r.header("accept-ranges", "bytes");
+    }
     let head = req.method() == Method::HEAD;
     if !(head && b.no_head_digest && key.contains("/manifests/")) {
         r = r.header("docker-content-digest", digest);
@@ -397,7 +403,7 @@ async fn handle(s: &Shared, addr: SocketAddr, req: Request<Incoming>) -> Respons
                 (None, None) => Full::new(Bytes::from(v)).boxed(),
             }
         }
-        // Whole blobs only: the daemon never asks an upstream for a range.
+        // Whole blobs only (they do not say Accept-Ranges).
         Content::Repeated { chunk, count } => Repeat {
             chunk,
             left: count,
