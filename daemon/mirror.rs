@@ -12,8 +12,8 @@ mod blob;
 pub mod flight;
 mod limit;
 mod list;
-mod parallel;
 pub mod range;
+mod transfer;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

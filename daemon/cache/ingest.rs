@@ -1,14 +1,21 @@
-//! Writing a blob into the store: a temporary file fed by a writer thread,
-//! a hasher thread beside it, and progress published for readers of the
-//! growing file ([`super::read`]). Only after every byte matched the
-//! digest is the file synced and renamed into `blobs/`.
+//! Writing a blob into the store: a temporary file written in parts at
+//! their offsets (one part from the start for a single stream, several for
+//! a parallel ranged fetch), a hash that follows the blob's contiguous
+//! start in order, and progress published for readers of the growing file
+//! ([`super::read`]). Only after every byte matched the digest is the file
+//! synced and renamed into `blobs/`.
+//!
+//! Writes and the hash are short jobs on the disk pool. The hash never
+//! holds up receiving: it takes the written batches from memory while it
+//! keeps up (a few MiB are kept for it), and reads the file where it fell
+//! behind or where a part arrived out of order.
 //!
 //! Where the bytes come from is not this module's concern: the mirror's
 //! single-flight fetch pushes them in; the store knows nothing of upstreams.
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,7 +23,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use sha2::{Digest as _, Sha256};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::Store;
@@ -96,12 +103,11 @@ pub struct Ingest {
     committed: bool,
 }
 
-/// Upstream frames queued for writing and hashing. Frames are up to a few
-/// hundred KiB (hyper's read buffer): this bounds an ingest to a few MiB.
-const FRAMES_QUEUED: usize = 8;
+/// Written batches kept in memory for the hash, per ingest.
+const RETAINED: usize = 8 << 20;
 
-/// Bytes gathered before a write, unless the queue runs dry first.
-const WRITE_BATCH: usize = 1 << 20;
+/// Bytes hashed per job when the hash reads the file.
+const HASH_STEP: usize = 4 << 20;
 
 impl Ingest {
     /// Starts an ingest of `digest` into a new temporary file.
@@ -152,79 +158,35 @@ impl Ingest {
         Ok(())
     }
 
-    /// Starts the task that writes and hashes what [`Pump::push`] queues.
-    /// Each batch is written and hashed side by side as two short jobs on
-    /// the disk pool ([`super::pool`]): readers follow the writes, and the
-    /// last byte waits only for the hash.
-    pub fn pump(&mut self) -> io::Result<Pump> {
-        let file = self
-            .file
-            .take()
-            .ok_or_else(|| io::Error::other("ingest already writing"))?;
-        let (frames, rx) = mpsc::channel::<Bytes>(FRAMES_QUEUED);
-        let progress = self.progress.clone();
-        let task = tokio::spawn(write_and_hash(Arc::new(file), rx, progress));
-        Ok(Pump { frames, task })
-    }
-
-    /// Waits for every byte to be written and hashed, and checks them
-    /// against the digest and `total`. On success readers may send the
-    /// last byte; durability follows in [`Ingest::commit`].
-    pub async fn verify(&mut self, pump: Pump, total: Option<u64>) -> Result<u64, IngestError> {
-        let Pump { frames, task } = pump;
-        drop(frames);
-        let done = task
-            .await
-            .map_err(|e| io::Error::other(e.to_string()))
-            .and_then(|r| r);
-        let (file, len, got) = done.map_err(|source| IngestError::Write {
-            path: self.tmp.clone(),
-            source,
-        })?;
-        if got != self.digest || total.is_some_and(|t| t != len) {
-            return Err(IngestError::Mismatch {
-                expected: self.digest.clone(),
-                got,
-                len,
-            });
-        }
-        self.file = Some(Arc::try_unwrap(file).map_err(|_| IngestError::Write {
-            path: self.tmp.clone(),
-            source: io::Error::other("file still shared after the last write"),
-        })?);
-        // Clients may have their last byte now; durability is the cache's
-        // concern and continues without holding them.
-        self.progress.send_modify(|p| p.phase = Phase::Verified);
-        Ok(len)
-    }
-
-    /// Starts writing the blob in parts at their offsets, for a fetch over
-    /// several connections. `written` (what readers may read) is the
-    /// contiguous start of the blob; a task hashes it in order from the
-    /// file as it grows.
-    pub fn parts(&mut self, total: u64) -> io::Result<Parts> {
+    /// Starts writing the blob in parts at their offsets, `total` bytes
+    /// when known. `written` (what readers may read) is the contiguous
+    /// start of the blob; a task hashes it in order as it grows.
+    pub fn parts(&mut self, total: Option<u64>) -> io::Result<Parts> {
         let file = Arc::new(
             self.file
                 .take()
                 .ok_or_else(|| io::Error::other("ingest already writing"))?,
         );
+        let shared = Arc::new(Mutex::new(Shared::default()));
         let hasher = tokio::spawn(hash_in_order(
             file.clone(),
+            shared.clone(),
             self.progress.subscribe(),
-            total,
         ));
         Ok(Parts {
             file,
             total,
-            done: Arc::new(Mutex::new(Done::default())),
+            shared,
             progress: self.progress.clone(),
             hasher,
         })
     }
 
-    /// Waits for the hash of a blob whose parts are all written, and checks
-    /// it. On success readers may send the last byte.
-    pub async fn verify_parts(&mut self, parts: Parts) -> Result<u64, IngestError> {
+    /// Waits for the hash of a blob whose `len` bytes are all written, and
+    /// checks it against the digest and the announced size. On success
+    /// readers may send the last byte; durability follows in
+    /// [`Ingest::commit`].
+    pub async fn verify(&mut self, parts: Parts, len: u64) -> Result<u64, IngestError> {
         let io_error = |source| IngestError::Write {
             path: self.tmp.clone(),
             source,
@@ -232,31 +194,36 @@ impl Ingest {
         let Parts {
             file,
             total,
+            shared,
             hasher,
             ..
         } = parts;
-        if self.progress.borrow().written != total {
+        if self.progress.borrow().written != len {
             hasher.abort();
-            return Err(io_error(io::Error::other("parts missing")));
+            return Err(io_error(io::Error::other("parts of the blob missing")));
         }
+        shared.lock().end = Some(len);
+        self.progress.send_modify(|_| {}); // wakes the hash to see the end
         let got = hasher
             .await
             .map_err(|e| io::Error::other(e.to_string()))
             .and_then(|r| r)
             .map_err(io_error)?;
-        if got != self.digest {
+        if got != self.digest || total.is_some_and(|t| t != len) {
             return Err(IngestError::Mismatch {
                 expected: self.digest.clone(),
                 got,
-                len: total,
+                len,
             });
         }
         self.file =
             Some(Arc::try_unwrap(file).map_err(|_| {
                 io_error(io::Error::other("file still shared after the last write"))
             })?);
+        // Clients may have their last byte now; durability is the cache's
+        // concern and continues without holding them.
         self.progress.send_modify(|p| p.phase = Phase::Verified);
-        Ok(total)
+        Ok(len)
     }
 
     /// Syncs the verified file and renames it into the store. On failure
@@ -298,57 +265,54 @@ impl Drop for Ingest {
     }
 }
 
-/// What feeds an ingest's writing and hashing.
-pub struct Pump {
-    frames: mpsc::Sender<Bytes>,
-    task: JoinHandle<io::Result<(Arc<File>, u64, Digest)>>,
-}
-
-impl Pump {
-    /// Queues `data` for writing and hashing; false once writing has
-    /// failed (its error comes out of [`Ingest::verify`]).
-    pub async fn push(&self, data: Bytes) -> bool {
-        self.frames.send(data).await.is_ok()
-    }
-
-    /// Stops without verifying (the source broke): waits for the last
-    /// write to let go of the file.
-    pub async fn stop(self) {
-        drop(self.frames);
-        let _ = self.task.await;
-    }
-}
-
 /// A blob being written in parts at their offsets ([`Ingest::parts`]).
 pub struct Parts {
     file: Arc<File>,
-    total: u64,
-    done: Arc<Mutex<Done>>,
+    total: Option<u64>,
+    shared: Arc<Mutex<Shared>>,
     progress: watch::Sender<Progress>,
     hasher: JoinHandle<io::Result<Digest>>,
 }
 
+/// What the writes and the hash share.
+#[derive(Default)]
+struct Shared {
+    done: Done,
+    /// Written batches kept for the hash, by offset.
+    retained: BTreeMap<u64, Arc<Vec<Bytes>>>,
+    retained_bytes: usize,
+    /// How far the hash is.
+    hashed: u64,
+    /// The blob's length, once every byte is written.
+    end: Option<u64>,
+}
+
 impl Parts {
-    /// Starts writing `chunks` at `offset` on the disk pool at once, and
-    /// publishes the readable start of the blob when it grew. The caller
-    /// may go on receiving while this runs.
+    /// Starts writing `chunks` at `offset` on the disk pool at once (the
+    /// caller may go on receiving meanwhile), then publishes the readable
+    /// start of the blob when it grew.
     pub fn write_at(
         &self,
         offset: u64,
         chunks: Vec<Bytes>,
     ) -> impl std::future::Future<Output = io::Result<()>> + Send {
-        let (file, done, progress) = (self.file.clone(), self.done.clone(), self.progress.clone());
-        let total = self.total;
+        let (file, shared) = (self.file.clone(), self.shared.clone());
+        let (progress, total) = (self.progress.clone(), self.total);
         let job = super::pool::run(move || -> io::Result<()> {
-            let mut at = offset;
-            for c in &chunks {
-                file.write_all_at(c, at)?;
-                at += c.len() as u64;
-            }
-            if at > total {
+            let len: usize = chunks.iter().map(Bytes::len).sum();
+            let end = offset + len as u64;
+            if total.is_some_and(|t| end > t) {
                 return Err(io::Error::other("part ends past the blob"));
             }
-            let prefix = done.lock().add(offset, at);
+            write_all_at(&file, &chunks, offset)?;
+            let prefix = {
+                let mut s = shared.lock();
+                if offset >= s.hashed && s.retained_bytes + len <= RETAINED {
+                    s.retained_bytes += len;
+                    s.retained.insert(offset, Arc::new(chunks));
+                }
+                s.done.add(offset, end)
+            };
             progress.send_if_modified(|p| {
                 let grew = prefix > p.written;
                 if grew {
@@ -361,10 +325,34 @@ impl Parts {
         async move { job.await? }
     }
 
-    /// Stops without verifying: the hash of the start ends.
+    /// The blob's size as announced, if it was.
+    pub fn total(&self) -> Option<u64> {
+        self.total
+    }
+
+    /// Stops without verifying (the source broke).
     pub fn stop(self) {
         self.hasher.abort();
     }
+}
+
+/// Writes `chunks` at `offset` with `pwritev`, without copying them first.
+fn write_all_at(file: &File, chunks: &[Bytes], mut offset: u64) -> io::Result<()> {
+    let mut slices: Vec<io::IoSlice<'_>> = chunks.iter().map(|c| io::IoSlice::new(c)).collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let off = i64::try_from(offset).map_err(io::Error::other)?;
+        match nix::sys::uio::pwritev(file, rest, off) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                offset += n as u64;
+                io::IoSlice::advance_slices(&mut rest, n);
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 /// The byte ranges of a blob written so far, merged.
@@ -394,93 +382,85 @@ impl Done {
     }
 }
 
-/// Bytes hashed per job when hashing a blob written in parts.
-const HASH_STEP: u64 = 4 << 20;
+/// What the hash takes next.
+enum Next {
+    Batch(Arc<Vec<Bytes>>),
+    /// Read `len` bytes at `at` from the file.
+    File {
+        at: u64,
+        len: usize,
+    },
+    Wait,
+    Finished,
+}
 
-/// Hashes the blob from its file in order as its contiguous start grows,
-/// up to `total`.
+/// Hashes the blob in order as its contiguous start grows: written
+/// batches from memory where kept, the file elsewhere. Ends at the length
+/// [`Ingest::verify`] sets.
 async fn hash_in_order(
     file: Arc<File>,
+    shared: Arc<Mutex<Shared>>,
     mut progress: watch::Receiver<Progress>,
-    total: u64,
 ) -> io::Result<Digest> {
     let mut hasher = Sha256::new();
-    let mut hashed = 0u64;
-    while hashed < total {
+    let mut buf = Vec::new();
+    loop {
         let ready = progress.borrow_and_update().written;
-        if ready <= hashed {
-            if progress.changed().await.is_err() {
-                return Err(io::Error::other("the ingest ended before its last part"));
-            }
-            continue;
-        }
-        let len = (ready - hashed).min(HASH_STEP);
-        let (f, at) = (file.clone(), hashed);
-        hasher = super::pool::run(move || -> io::Result<Sha256> {
-            let mut buf = vec![0u8; len as usize];
-            f.read_exact_at(&mut buf, at)?;
-            hasher.update(&buf);
-            Ok(hasher)
-        })
-        .await??;
-        hashed += len;
-    }
-    Ok(Digest::from_hasher(hasher))
-}
-
-/// Writes and hashes batches of queued frames (as much as is queued, up to
-/// [`WRITE_BATCH`]), publishing after every write how much is readable.
-/// Frames are written with one `writev`, without copying them first.
-async fn write_and_hash(
-    file: Arc<File>,
-    mut rx: mpsc::Receiver<Bytes>,
-    progress: watch::Sender<Progress>,
-) -> io::Result<(Arc<File>, u64, Digest)> {
-    let mut hasher = Sha256::new();
-    let mut written = 0u64;
-    while let Some(first) = rx.recv().await {
-        let mut batched = first.len();
-        let mut batch = vec![first];
-        while batched < WRITE_BATCH {
-            match rx.try_recv() {
-                Ok(more) => {
-                    batched += more.len();
-                    batch.push(more);
+        let next = {
+            let mut s = shared.lock();
+            let hashed = s.hashed;
+            // Batches the hash passed (a part written twice) are dropped.
+            while let Some(entry) = s.retained.first_entry() {
+                if *entry.key() >= hashed {
+                    break;
                 }
-                Err(_) => break,
+                let len: usize = entry.remove().iter().map(Bytes::len).sum();
+                s.retained_bytes -= len;
+            }
+            if let Some(batch) = s.retained.remove(&hashed) {
+                let len: usize = batch.iter().map(Bytes::len).sum();
+                s.retained_bytes -= len;
+                s.hashed += len as u64;
+                Next::Batch(batch)
+            } else if ready > hashed {
+                let upto = s.retained.keys().next().map_or(ready, |&k| k.min(ready));
+                let len = (upto - hashed).min(HASH_STEP as u64) as usize;
+                s.hashed += len as u64;
+                Next::File { at: hashed, len }
+            } else if s.end == Some(hashed) {
+                Next::Finished
+            } else {
+                Next::Wait
+            }
+        };
+        match next {
+            Next::Finished => return Ok(Digest::from_hasher(hasher)),
+            Next::Wait => {
+                if progress.changed().await.is_err() {
+                    return Err(io::Error::other("the ingest ended before its last part"));
+                }
+            }
+            Next::Batch(batch) => {
+                hasher = super::pool::run(move || {
+                    for chunk in batch.iter() {
+                        hasher.update(chunk);
+                    }
+                    hasher
+                })
+                .await?;
+            }
+            Next::File { at, len } => {
+                let f = file.clone();
+                (hasher, buf) = super::pool::run(move || -> io::Result<(Sha256, Vec<u8>)> {
+                    buf.resize(len, 0);
+                    f.read_exact_at(&mut buf, at)?;
+                    hasher.update(&buf);
+                    Ok((hasher, buf))
+                })
+                .await??;
             }
         }
-        let batch = Arc::new(batch);
-        let (f, to_write, to_hash) = (file.clone(), batch.clone(), batch);
-        let write = super::pool::run(move || write_all_vectored(&f, &to_write));
-        let hash = super::pool::run(move || {
-            for chunk in to_hash.iter() {
-                hasher.update(chunk);
-            }
-            hasher
-        });
-        let (wrote, hashed) = tokio::join!(write, hash);
-        wrote??;
-        hasher = hashed?;
-        written += batched as u64;
-        progress.send_modify(|p| p.written = written);
     }
-    Ok((file, written, Digest::from_hasher(hasher)))
-}
-
-fn write_all_vectored(file: &File, chunks: &[Bytes]) -> io::Result<()> {
-    let mut file = file;
-    let mut slices: Vec<io::IoSlice<'_>> = chunks.iter().map(|c| io::IoSlice::new(c)).collect();
-    let mut rest = &mut slices[..];
-    while !rest.is_empty() {
-        match file.write_vectored(rest) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => io::IoSlice::advance_slices(&mut rest, n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

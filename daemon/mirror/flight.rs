@@ -19,8 +19,8 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 
 use super::limit::Limits;
-use super::parallel;
-use crate::cache::ingest::{Ingest, IngestError, Phase, Progress, Pump};
+use super::transfer;
+use crate::cache::ingest::{Ingest, IngestError, Phase, Progress};
 use crate::cache::Store;
 use crate::oci::{content_length, Content};
 use crate::reference::{Digest, Namespace, Repository};
@@ -133,9 +133,9 @@ impl Flights {
         Ok(Source::Flight(flight, Some(leader_rx)))
     }
 
-    /// Find an endpoint, reserve the space, pump the body (over several
-    /// connections when it is big and the endpoint honours `Range`),
-    /// verify, commit.
+    /// Find an endpoint, reserve the space, move the body in
+    /// ([`transfer`]: resumed where it breaks, over several connections
+    /// when it is big and slow), verify, commit.
     async fn fetch(
         &self,
         snap: &Snapshot,
@@ -154,26 +154,27 @@ impl Flights {
             return Phase::Failed(why.into());
         }
         let readers = || self.store.holders(digest).saturating_sub(1);
-        let started = Instant::now();
         let ctx = Ctx {
             flights: self,
             cfg,
             req,
             digest,
             readers: &readers,
-            started,
+            started: Instant::now(),
         };
-        let (verified, sources) = match parallel::plan(&ep, &cfg.settings, resp.headers(), total) {
-            // The leader reads the file like any follower: parts arrive out
-            // of order.
-            Some(plan) => parallel::fetch(&ctx, ingest, ep, resp.into_body(), plan).await,
-            None => match self
-                .serial(&ctx, ingest, ep, resp.into_body(), total, leader)
-                .await
-            {
-                Ok(done) => done,
-                Err(failed) => return failed,
-            },
+        let parts = match ingest.parts(total) {
+            Ok(p) => p,
+            Err(e) => return Phase::Failed(e.to_string().into()),
+        };
+        let plan = transfer::plan(&ep, &cfg.settings, resp.headers(), total);
+        let (moved, sources) =
+            transfer::run(&ctx, &parts, ep, resp.into_body(), total, plan, leader).await;
+        let verified = match moved {
+            Ok(len) => ingest.verify(parts, len).await,
+            Err(why) => {
+                parts.stop();
+                return Phase::Failed(why.into());
+            }
         };
         let len = match verified {
             Ok(len) => len,
@@ -195,63 +196,6 @@ impl Flights {
         let endpoints: Vec<&str> = sources.iter().map(|ep| ep.key()).collect();
         tracing::info!(%digest, bytes = len, endpoint = endpoints.join(" "), "blob cached");
         Phase::Done
-    }
-
-    /// One stream, the first connection's body, resumed where it broke.
-    /// The leader gets the frames from memory while it keeps up.
-    async fn serial(
-        &self,
-        ctx: &Ctx<'_>,
-        ingest: &mut Ingest,
-        ep: Arc<Endpoint>,
-        body: Incoming,
-        total: Option<u64>,
-        leader: mpsc::Sender<Bytes>,
-    ) -> Result<(Result<u64, IngestError>, Vec<Arc<Endpoint>>), Phase> {
-        let cfg = ctx.cfg;
-        let pump = match ingest.pump() {
-            Ok(p) => p,
-            Err(e) => return Err(Phase::Failed(e.to_string().into())),
-        };
-        let mut leader = Some(leader);
-        let mut t = Transfer::default();
-        let (mut ep, mut body) = (ep, body);
-        let mut resumes = 0;
-        let mut progress_at_cut = None;
-        loop {
-            let cut = match pump_body(body, &pump, &mut leader, ctx, &mut t).await {
-                Ok(()) => break,
-                Err(cut) => cut,
-            };
-            self.upstream.report_failure(cfg, &ep, cut.why());
-            // A broken or crawling connection of a blob someone reads is
-            // resumed from where it stopped, on the endpoints in plan
-            // order (healthy ones first: the next endpoint, or this one
-            // as a last resort); the clients see one uninterrupted body.
-            // A resumed connection that brought nothing new ends it.
-            let progressed = progress_at_cut != Some(t.received);
-            progress_at_cut = Some(t.received);
-            let resumable =
-                cut.resumable() && progressed && resumes < MAX_RESUMES && total.is_some();
-            let range = ByteRange {
-                start: t.received,
-                end: None,
-            };
-            let resumed = match resumable {
-                true => self.ranged(cfg, ctx.req, range, total, true).await.ok(),
-                false => None,
-            };
-            let Some((next, next_body, skip)) = resumed else {
-                pump.stop().await;
-                return Err(Phase::Failed(cut.why().into()));
-            };
-            resumes += 1;
-            resumed_metric(&next);
-            tracing::info!(digest = %ctx.digest, from = t.received, endpoint = next.key(),
-                after = cut.why(), "resuming the blob where the transfer stopped");
-            (ep, body, t.skip) = (next, next_body, skip);
-        }
-        Ok((ingest.verify(pump, total).await, vec![ep]))
     }
 
     /// The blob's bytes `range`: a 206 whose `Content-Range` starts there
@@ -349,16 +293,6 @@ const ABANDONED_WINDOW: Duration = Duration::from_secs(5);
 /// Resumes of one blob before giving up.
 pub(super) const MAX_RESUMES: u32 = 5;
 
-/// Where a blob transfer stands across connections.
-#[derive(Default)]
-struct Transfer {
-    /// Bytes of the blob pushed into the ingest.
-    received: u64,
-    /// Bytes still to drop from the current body (an endpoint that ignored
-    /// `Range` resends the start).
-    skip: u64,
-}
-
 /// Why a transfer stopped before its end.
 pub(super) enum Cut {
     /// The connection broke or went silent.
@@ -381,42 +315,6 @@ impl Cut {
     pub fn resumable(&self) -> bool {
         matches!(self, Cut::Broken(_) | Cut::Slow(_))
     }
-}
-
-/// Moves the upstream body into the ingest, and to the leader while it
-/// keeps up. Ends at the body's end, or with why the transfer was cut
-/// ([`Pace`]).
-async fn pump_body(
-    mut body: Incoming,
-    pump: &Pump,
-    leader: &mut Option<mpsc::Sender<Bytes>>,
-    ctx: &Ctx<'_>,
-    t: &mut Transfer,
-) -> Result<(), Cut> {
-    let mut pace = Pace::new(ctx);
-    while let Some(mut data) = pace.next(&mut body).await? {
-        if t.skip > 0 {
-            let drop = t.skip.min(data.len() as u64);
-            t.skip -= drop;
-            data = data.slice(drop as usize..);
-            if data.is_empty() {
-                continue;
-            }
-        }
-        t.received += data.len() as u64;
-        // Never wait for the leader: when it lags or has gone, it
-        // continues from the file.
-        if leader
-            .as_ref()
-            .is_some_and(|l| l.try_send(data.clone()).is_err())
-        {
-            *leader = None;
-        }
-        if !pump.push(data).await {
-            return Ok(()); // the writer failed; verify says why
-        }
-    }
-    Ok(())
 }
 
 /// What every connection of one blob fetch shares.

@@ -52,13 +52,18 @@ pub struct Behaviour {
     /// End blob bodies after this many bytes (the connection breaks: the
     /// declared length is not reached) ...
     pub truncate_after: Option<usize>,
-    /// ... for this many responses (all when `None`).
+    /// ... for this many responses (all when `None`) ...
     pub truncate_times: Option<usize>,
+    /// ... to requests for a bounded range (`bytes=A-B`) only.
+    pub truncate_pieces_only: bool,
     /// Answer ranged requests with the whole content (200), while still
     /// saying `Accept-Ranges: bytes`.
     pub ignore_range: bool,
     /// Leave out `Accept-Ranges: bytes` on blobs.
     pub no_accept_ranges: bool,
+    /// Send each blob answer at most this many bytes per second (a
+    /// per-connection cap, as CDNs and object storage have).
+    pub rate: Option<u64>,
 }
 
 /// A request the fake saw.
@@ -385,8 +390,14 @@ async fn handle(s: &Shared, addr: SocketAddr, req: Request<Incoming>) -> Respons
             if b.lie && !v.is_empty() {
                 v[0] ^= 0xff;
             }
+            let bounded = req
+                .headers()
+                .get("range")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| !v.ends_with('-'));
             let truncate = b.truncate_after.filter(|_| {
                 key.contains("/blobs/")
+                    && (bounded || !b.truncate_pieces_only)
                     && b.truncate_times.is_none_or(|n| {
                         s.truncated
                             .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
@@ -395,6 +406,18 @@ async fn handle(s: &Shared, addr: SocketAddr, req: Request<Incoming>) -> Respons
             });
             match (b.stall_after, truncate) {
                 (Some(n), _) => Stall(Some(Bytes::from(v[..n.min(v.len())].to_vec()))).boxed(),
+                (None, truncate) if b.rate.is_some() && key.contains("/blobs/") => {
+                    let limit = truncate.unwrap_or(v.len()).min(v.len());
+                    Paced {
+                        data: Bytes::from(v).slice(..limit),
+                        short: limit < end - start,
+                        per_chunk: std::time::Duration::from_secs_f64(
+                            PACED_CHUNK as f64 / b.rate.unwrap_or(1) as f64,
+                        ),
+                        sleep: None,
+                    }
+                    .boxed()
+                }
                 (None, Some(n)) => Truncated(
                     Some(Bytes::from(v[..n.min(v.len())].to_vec())),
                     Box::pin(tokio::time::sleep(std::time::Duration::from_millis(100))),
@@ -459,6 +482,45 @@ impl Body for Truncated {
             return Poll::Ready(Some(Ok(Frame::data(b))));
         }
         std::future::Future::poll(self.1.as_mut(), cx).map(|_| None)
+    }
+}
+
+/// Bytes a [`Paced`] body sends at a time.
+const PACED_CHUNK: usize = 32 << 10;
+
+/// `data` in chunks with a pause before each (a rate cap); ending short
+/// of the declared length when `short` (the connection breaks).
+struct Paced {
+    data: Bytes,
+    short: bool,
+    per_chunk: std::time::Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Body for Paced {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.data.is_empty() && !self.short {
+            return Poll::Ready(None);
+        }
+        let d = self.per_chunk;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(d)));
+        if std::future::Future::poll(sleep.as_mut(), cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.sleep = None;
+        if self.data.is_empty() {
+            return Poll::Ready(None); // short: the paused end breaks it
+        }
+        let n = PACED_CHUNK.min(self.data.len());
+        let chunk = self.data.split_to(n);
+        Poll::Ready(Some(Ok(Frame::data(chunk))))
     }
 }
 
