@@ -106,6 +106,12 @@ pub struct Ingest {
 /// Written batches kept in memory for the hash, per ingest.
 const RETAINED: usize = 8 << 20;
 
+/// How far a write that extends the blob's readable start may run ahead
+/// of the hash: past it, receiving waits for the hash (which is what the
+/// last byte waits for anyway), so the hash takes batches from memory
+/// instead of reading them back from the file.
+const HASH_LAG: u64 = RETAINED as u64;
+
 /// Bytes hashed per job when the hash reads the file.
 const HASH_STEP: usize = 4 << 20;
 
@@ -283,11 +289,33 @@ struct Shared {
     retained_bytes: usize,
     /// How far the hash is.
     hashed: u64,
+    /// Writes waiting for the hash to catch up.
+    caught_up: Arc<tokio::sync::Notify>,
     /// The blob's length, once every byte is written.
     end: Option<u64>,
 }
 
 impl Parts {
+    /// Waits, before a write at `offset` that extends the readable start,
+    /// until the hash is less than [`HASH_LAG`] behind it. Writes further
+    /// on (a piece ahead of others) never wait.
+    pub async fn hash_room(&self, offset: u64) {
+        loop {
+            let (hashed, notify) = {
+                let s = self.shared.lock();
+                if s.done.prefix() != offset || offset.saturating_sub(s.hashed) <= HASH_LAG {
+                    return;
+                }
+                (s.hashed, s.caught_up.clone())
+            };
+            let woken = notify.notified();
+            if self.shared.lock().hashed != hashed {
+                continue;
+            }
+            woken.await;
+        }
+    }
+
     /// Starts writing `chunks` at `offset` on the disk pool at once (the
     /// caller may go on receiving meanwhile), then publishes the readable
     /// start of the blob when it grew.
@@ -378,6 +406,11 @@ impl Done {
             self.ranges.remove(&s);
         }
         self.ranges.insert(start, end);
+        self.prefix()
+    }
+
+    /// How long the contiguous start is.
+    fn prefix(&self) -> u64 {
         self.ranges.get(&0).copied().unwrap_or(0)
     }
 }
@@ -433,6 +466,9 @@ async fn hash_in_order(
                 Next::Wait
             }
         };
+        if !matches!(next, Next::Wait) {
+            shared.lock().caught_up.notify_waiters();
+        }
         match next {
             Next::Finished => return Ok(Digest::from_hasher(hasher)),
             Next::Wait => {

@@ -25,7 +25,7 @@
 //! the step that cannot overlap with itself, and several connections only
 //! add work there. That is why a fast single stream is left alone.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -54,6 +54,10 @@ pub struct Plan {
 
 /// Pieces are at most this big, so that a slow connection holds up little.
 const MAX_PIECE: u64 = 64 << 20;
+
+/// A piece is halved for an idle connection while at least twice this
+/// much of it is left.
+const MIN_STEAL: u64 = 1 << 20;
 
 /// Bytes a connection gathers before writing them.
 const WRITE_BATCH: usize = 1 << 20;
@@ -91,15 +95,15 @@ fn split_plan(connections: usize, threshold: u64, headers: &HeaderMap, total: u6
     Some(Plan {
         total,
         connections,
-        min_piece: (threshold / 4).max(1),
+        min_piece: (threshold / 32).max(1),
     })
 }
 
 impl Plan {
-    /// Pieces for the `rest` bytes left: two per connection, so a fast
-    /// connection takes over the rest of a slow one's share.
+    /// Pieces for the `rest` bytes left: one per connection (a connection
+    /// that runs out of work takes half of the biggest piece left).
     fn piece(&self, rest: u64) -> u64 {
-        rest.div_ceil(2 * self.connections as u64)
+        rest.div_ceil(self.connections as u64)
             .max(self.min_piece)
             .clamp(1, MAX_PIECE)
     }
@@ -119,9 +123,53 @@ struct Pieces {
     changed: Notify,
 }
 
+/// Where a piece's connection is, and where it must stop.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    pos: u64,
+    end: u64,
+}
+
+/// A piece handed to a connection.
+#[derive(Debug, PartialEq, Eq)]
+struct Claimed {
+    id: u64,
+    start: u64,
+    end: u64,
+}
+
+impl State {
+    fn activate(&mut self, start: u64, end: u64) -> Claimed {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.active.insert(id, Span { pos: start, end });
+        Claimed { id, start, end }
+    }
+
+    /// The second half of the piece with the most left, if that is at
+    /// least twice [`MIN_STEAL`].
+    fn steal(&mut self) -> Option<Claimed> {
+        let (&id, span) = self
+            .active
+            .iter()
+            .max_by_key(|(_, span)| span.end.saturating_sub(span.pos))?;
+        let left = span.end.saturating_sub(span.pos);
+        if left < 2 * MIN_STEAL {
+            return None;
+        }
+        let (mid, end) = (span.pos + left / 2, span.end);
+        self.active.get_mut(&id)?.end = mid;
+        Some(self.activate(mid, end))
+    }
+}
+
 struct State {
     /// start → end of each piece nobody is fetching.
     pending: BTreeMap<u64, u64>,
+    /// Pieces being fetched, by id: where their connection is and where
+    /// it must stop (moved up when an idle connection takes the rest).
+    active: HashMap<u64, Span>,
+    next_id: u64,
     ranges: Ranges,
     /// Whether the rest of the blob was cut into pieces.
     split: bool,
@@ -142,6 +190,8 @@ impl Pieces {
         Pieces {
             state: Mutex::new(State {
                 pending: BTreeMap::new(),
+                active: HashMap::new(),
+                next_id: 0,
                 ranges: Ranges::Unknown,
                 split: false,
                 head_done: false,
@@ -174,9 +224,10 @@ impl Pieces {
         });
     }
 
-    /// The lowest piece nobody fetches, for a ranged connection; waits
-    /// while the blob is not split. `None`: nothing (more) to do.
-    async fn claim(&self) -> Option<(u64, u64)> {
+    /// The lowest piece nobody fetches, for a ranged connection, or the
+    /// second half of the piece with the most left; waits while the blob
+    /// is not split. `None`: nothing (more) to do.
+    async fn claim(&self) -> Option<Claimed> {
         loop {
             let changed = self.changed.notified();
             {
@@ -184,15 +235,44 @@ impl Pieces {
                 if s.ranges == Ranges::Ignored {
                     return None;
                 }
-                if let Some(p) = s.pending.pop_first() {
-                    return Some(p);
+                if let Some((start, end)) = s.pending.pop_first() {
+                    return Some(s.activate(start, end));
                 }
-                if s.split || s.head_done {
+                if s.split {
+                    return s.steal();
+                }
+                if s.head_done {
                     return None;
                 }
             }
             changed.await;
         }
+    }
+
+    /// A piece's connection reached `pos`: where it must stop now.
+    fn advance(&self, id: u64, pos: u64) -> u64 {
+        let mut s = self.state.lock();
+        match s.active.get_mut(&id) {
+            Some(span) => {
+                span.pos = pos;
+                span.end
+            }
+            None => pos,
+        }
+    }
+
+    /// A piece is done, or given up (its rest goes back, with why).
+    fn finish(&self, id: u64, gave_up: Option<&str>) {
+        self.update(|s| {
+            if let Some(span) = s.active.remove(&id) {
+                if let Some(why) = gave_up {
+                    if span.pos < span.end {
+                        s.pending.insert(span.pos, span.end);
+                    }
+                    s.last_cut = Some(why.to_string());
+                }
+            }
+        });
     }
 
     /// For the first connection, at `pos` of its whole-blob body: the next
@@ -381,7 +461,17 @@ async fn head(
                         end = next_end;
                         continue;
                     }
-                    None => return Ok(end),
+                    None => {
+                        // Pieces are answered: this connection's whole-blob
+                        // body is done with; it takes pieces like the others.
+                        drop((body, leader));
+                        if pieces.state.lock().ranges == Ranges::Honoured {
+                            if let Some(e) = ranged_pieces(ctx, pieces, parts).await {
+                                return Err(Stop::Write(e));
+                            }
+                        }
+                        return Ok(end);
+                    }
                 }
             }
             Ok(None) if total.is_none() => {
@@ -450,35 +540,47 @@ fn worth_splitting(plan: &Plan, pos: u64, begun: Instant) -> Option<u64> {
 /// are left, each fetched with `Range` and continued where it broke. A
 /// write error comes back.
 async fn worker(ctx: &Ctx<'_>, pieces: &Pieces, parts: &Parts) -> Option<io::Error> {
-    let mut error = None;
-    while let Some((start, end)) = pieces.claim().await {
-        match piece(ctx, pieces, parts, start, end).await {
-            Ok(()) => {}
-            Err(Stop::Write(e)) => {
-                error = Some(e);
-                break;
-            }
-            Err(Stop::Cut(_)) => break,
-        }
-    }
+    let error = ranged_pieces(ctx, pieces, parts).await;
     pieces.update(|s| s.workers -= 1);
     error
 }
 
-/// Fetches `start..end`, continuing where a connection broke while it
-/// brings something new and resumes are left. On giving up, what is left
-/// goes back to the pending pieces.
+/// Takes pieces until none are left or one could not be fetched.
+async fn ranged_pieces(ctx: &Ctx<'_>, pieces: &Pieces, parts: &Parts) -> Option<io::Error> {
+    while let Some(claimed) = pieces.claim().await {
+        let id = claimed.id;
+        match piece(ctx, pieces, parts, claimed).await {
+            Ok(()) => pieces.finish(id, None),
+            Err(Stop::Write(e)) => {
+                pieces.finish(id, Some(&e.to_string()));
+                return Some(e);
+            }
+            Err(Stop::Cut(cut)) => {
+                pieces.finish(id, Some(cut.why()));
+                return None;
+            }
+        }
+    }
+    None
+}
+
+/// Fetches a piece, continuing where a connection broke while it brings
+/// something new and resumes are left. Its end may move up meanwhile (an
+/// idle connection took the rest).
 async fn piece(
     ctx: &Ctx<'_>,
     pieces: &Pieces,
     parts: &Parts,
-    start: u64,
-    end: u64,
+    claimed: Claimed,
 ) -> Result<(), Stop> {
     let total = parts.total();
-    let mut w = Writer::new(parts, start);
+    let mut w = Writer::new(parts, claimed.start);
     let mut resumed = false;
     loop {
+        let end = pieces.advance(claimed.id, w.position());
+        if w.position() >= end {
+            return w.drain().await.map_err(Stop::Write);
+        }
         let range = ByteRange {
             start: w.position(),
             end: Some(end),
@@ -501,7 +603,6 @@ async fn piece(
                     }
                     Unranged::Failed(why) => why,
                 };
-                pieces.give_back(w.position(), end, &why);
                 return Err(Stop::Cut(Cut::Broken(why)));
             }
         };
@@ -512,32 +613,34 @@ async fn piece(
         }
         let mut pace = Pace::new(ctx);
         let at_cut = w.position();
-        let cut = match stream(&mut body, &mut pace, &mut w, end).await {
+        let cut = match stream(&mut body, &mut pace, &mut w, pieces, claimed.id).await {
             Ok(()) => return w.drain().await.map_err(Stop::Write),
             Err(Stop::Write(e)) => return Err(Stop::Write(e)),
             Err(Stop::Cut(cut)) => cut,
         };
         ctx.report_failure(&ep, cut.why());
         w.drain().await.map_err(Stop::Write)?;
+        pieces.advance(claimed.id, w.position());
         let progressed = w.position() > at_cut;
         if !(cut.resumable() && progressed && pieces.resume_allowed()) {
-            pieces.give_back(w.position(), end, cut.why());
             return Err(Stop::Cut(cut));
         }
-        tracing::info!(digest = %ctx.digest, from = w.position(), to = end,
+        tracing::info!(digest = %ctx.digest, from = w.position(),
             after = cut.why(), "continuing a piece where its transfer stopped");
         resumed = true;
     }
 }
 
-/// Streams `body` into the blob from `w.position()` up to `end`; bytes
-/// beyond `end` are dropped.
+/// Streams `body` into the blob from `w.position()` up to the piece's end
+/// (which may move up while it streams); bytes beyond are dropped.
 async fn stream(
     body: &mut Incoming,
     pace: &mut Pace<'_>,
     w: &mut Writer<'_>,
-    end: u64,
+    pieces: &Pieces,
+    id: u64,
 ) -> Result<(), Stop> {
+    let mut end = pieces.advance(id, w.position());
     while w.position() < end {
         let Some(mut data) = pace.next(body).await.map_err(Stop::Cut)? else {
             return Err(Stop::Cut(Cut::Broken(format!(
@@ -550,6 +653,7 @@ async fn stream(
             data = data.slice(..room as usize);
         }
         w.push(data).await?;
+        end = pieces.advance(id, w.position());
     }
     Ok(())
 }
@@ -598,6 +702,7 @@ impl<'a> Writer<'a> {
             w.await?;
         }
         if self.batched > 0 {
+            self.parts.hash_room(self.at).await;
             let chunks = std::mem::take(&mut self.batch);
             let at = self.at;
             self.at += self.batched as u64;
@@ -641,11 +746,11 @@ mod tests {
         assert!(plan(&headers(Some("none, Bytes")), 1 << 30).is_some());
         let p = plan(&bytes, 256 << 20).unwrap();
         assert_eq!(p.connections, 6);
-        assert_eq!(p.piece(240 << 20), 20 << 20);
+        assert_eq!(p.piece(240 << 20), 40 << 20, "one piece per connection");
         assert_eq!(
-            p.piece(32 << 20),
-            8 << 20,
-            "a quarter of the threshold at least"
+            p.piece(3 << 20),
+            1 << 20,
+            "a 32nd of the threshold at least"
         );
         assert_eq!(p.piece(8 << 30), MAX_PIECE);
         assert_eq!(split_plan(1, 1, &bytes, 1 << 30), None, "one connection");
@@ -667,5 +772,41 @@ mod tests {
         );
         // 900 MiB in a second: the last 124 MiB take well under 0.5 s.
         assert_eq!(worth_splitting(&p, 900 << 20, begun), None);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_take_half_of_the_biggest_piece_left() {
+        let ep = crate::upstream::Endpoint::for_tests("http://127.0.0.1:9/v2");
+        let pieces = Pieces::new(2, ep);
+        let plan = Plan {
+            total: 20 << 20,
+            connections: 2,
+            min_piece: 1,
+        };
+        pieces.split(&plan, 4 << 20);
+        let a = pieces.claim().await.unwrap();
+        let b = pieces.claim().await.unwrap();
+        assert_eq!(
+            (a.start, a.end, b.start, b.end),
+            (4 << 20, 12 << 20, 12 << 20, 20 << 20)
+        );
+        // `a` is 2 MiB in, `b` 7 MiB: `a` has the most left.
+        pieces.advance(a.id, 6 << 20);
+        pieces.advance(b.id, 19 << 20);
+        let c = pieces.claim().await.unwrap();
+        assert_eq!((c.start, c.end), (9 << 20, 12 << 20));
+        assert_eq!(
+            pieces.advance(a.id, 7 << 20),
+            9 << 20,
+            "a stops where c starts"
+        );
+        // Nothing is left worth halving.
+        pieces.advance(c.id, 11 << 20);
+        pieces.advance(a.id, (9 << 20) - 1);
+        assert_eq!(pieces.claim().await, None);
+        // A piece given up goes back from where it stopped.
+        pieces.finish(c.id, Some("broke"));
+        let d = pieces.claim().await.unwrap();
+        assert_eq!((d.start, d.end), (11 << 20, 12 << 20));
     }
 }

@@ -254,3 +254,28 @@ fn endpoint(
         }
     }
 }
+
+#[cfg(test)]
+impl Endpoint {
+    /// A plain endpoint at `base`, for unit tests.
+    pub fn for_tests(base: &str) -> Arc<Endpoint> {
+        let mut pool = ClientPool::load();
+        let settings = HostSettings::default();
+        let client = pool
+            .client(&settings, Duration::from_secs(1), false)
+            .expect("a client");
+        Arc::new(Endpoint {
+            base: base.parse().expect("a URL"),
+            mirror: false,
+            capabilities: Capabilities::ALL,
+            headers: Vec::new(),
+            public_client: client.clone(),
+            client,
+            implicit: false,
+            public_only: false,
+            origin: "test".into(),
+            parallel_fetches: None,
+            parallel_threshold: None,
+        })
+    }
+}
