@@ -2,6 +2,7 @@
 //! command-line flags (flags win), validated into [`Settings`]; and the
 //! upstream routes under `hosts.d` ([`hosts`]).
 
+pub mod cluster;
 pub(crate) mod hosts;
 mod source;
 
@@ -134,6 +135,8 @@ pub struct Settings {
     pub auth_file: Option<PathBuf>,
     pub upstream: UpstreamSettings,
     pub cache: CacheSettings,
+    /// Cluster mode, when `[cluster]` is present.
+    pub cluster: Option<cluster::ClusterSettings>,
     /// Where these settings came from, to load them again on reload;
     /// `None` for settings built in code, which reload keeps as they are.
     pub origin: Option<Origin>,
@@ -216,6 +219,7 @@ impl Settings {
             auth_file: Some(PathBuf::from(DEFAULT_AUTH_FILE)).filter(|p| p.exists()),
             upstream: UpstreamSettings::default(),
             cache: CacheSettings::default(),
+            cluster: None,
             origin: None,
         }
     }
@@ -316,6 +320,7 @@ impl Settings {
                         Ok(())
                     })?;
                 }
+                "cluster" => self.cluster = Some(cluster::parse(&f, &base)?),
                 "cache" => {
                     let c = &mut self.cache;
                     f.section(|f| {

@@ -27,6 +27,7 @@
 
 mod atomic;
 pub mod cache;
+pub mod cluster;
 pub mod config;
 mod memory;
 mod metrics;
@@ -69,13 +70,15 @@ pub enum StartError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("cluster: {0}")]
+    Cluster(String),
 }
 
 impl StartError {
     /// The process exit code: 64 (EX_USAGE) for bad configuration.
     pub fn exit_code(&self) -> i32 {
         match self {
-            StartError::Config(_) => 64,
+            StartError::Config(_) | StartError::Cluster(_) => 64,
             StartError::CacheDir { .. } => 73,
         }
     }
@@ -90,12 +93,22 @@ pub fn build(settings: &Settings) -> Result<Arc<App>, StartError> {
         source,
     })?;
     let limits = Arc::new(mirror::Limits::default());
+    let cluster = match &settings.cluster {
+        Some(c) => Some(cluster::Cluster::start(c).map_err(StartError::Cluster)?),
+        None => None,
+    };
     Ok(Arc::new(App {
         mirror: Mirror {
-            flights: Flights::new(store.clone(), upstream.clone(), limits.clone()),
+            flights: Flights::new(
+                store.clone(),
+                upstream.clone(),
+                limits.clone(),
+                cluster.clone(),
+            ),
             upstream,
             store,
             limits,
+            cluster,
         },
         live: Live::new(snapshot),
         draining: std::sync::atomic::AtomicBool::new(false),
@@ -122,6 +135,20 @@ pub async fn run(
         Ok(s) => format!("{} blobs, {} MiB cached", s.blobs, s.blob_bytes >> 20),
         Err(e) => format!("cache scan failed: {e}"),
     };
+    let peers = match &app.mirror.cluster {
+        Some(c) => {
+            let listener = TcpListener::bind(c.listen)
+                .await
+                .map_err(|e| StartError::Cluster(format!("listening on {}: {e}", c.listen)))?;
+            tracing::info!(listen = %c.listen, advertise = %c.me(), "cluster peer listener");
+            Some(tokio::spawn(server::serve_peers(
+                listener,
+                app.clone(),
+                c.clone(),
+            )))
+        }
+        None => None,
+    };
     let reloader = reload::spawn(app.clone());
     let gc = tokio::spawn(collect_periodically(app.clone()));
     let listen = listener
@@ -142,6 +169,9 @@ pub async fn run(
         systemd::stopping();
     };
     server::serve(listener, app.clone(), shutdown).await;
+    if let Some(p) = peers {
+        p.abort();
+    }
     reloader.stop();
     gc.abort();
     if let Some(w) = watchdog {

@@ -55,6 +55,11 @@ enum Command {
         #[command(flatten)]
         args: ServeArgs,
     },
+    /// Cluster mode: make the cluster's certificates; show the members.
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
     /// Pull an image through the running daemon so it is cached.
     Prefetch {
         /// Image reference, e.g. `busybox`, `quay.io/org/app:v1`, `reg/x@sha256:...`
@@ -122,6 +127,40 @@ enum CrioAction {
     Uninstall {
         #[arg(long, default_value = "/var/lib/nodemirror")]
         state_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterAction {
+    /// Write a new cluster CA: DIR/ca.pem and DIR/ca-key.pem (keep the key off the nodes).
+    Ca {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Write a node's certificate, signed by the CA in --ca: DIR/NAME.pem and DIR/NAME-key.pem.
+    Cert {
+        /// The folder with ca.pem and ca-key.pem.
+        #[arg(long)]
+        ca: PathBuf,
+        /// The node's name (file names, and the certificate's common name).
+        #[arg(long)]
+        name: String,
+        /// An address peers reach the node at (repeatable); peers check it against the members.
+        #[arg(long, required = true)]
+        ip: Vec<std::net::IpAddr>,
+        /// A DNS name for the node (repeatable).
+        #[arg(long)]
+        dns: Vec<String>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Show the members as the running daemon sees them, their health, and its share of the digests.
+    Status {
+        /// Daemon to ask [default: http://<listen address from the configuration>]
+        #[arg(long)]
+        server: Option<String>,
+        #[command(flatten)]
+        args: ServeArgs,
     },
 }
 
@@ -265,6 +304,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             mirror,
             args,
         }) => registries_command(merge, mirror, &args),
+        Some(Command::Cluster { action }) => cluster_command(action),
         Some(Command::Prefetch {
             image,
             server,
@@ -381,6 +421,45 @@ fn mirror_url(mirror: Option<String>, args: &ServeArgs) -> Result<String, CliErr
     match mirror {
         Some(m) => Ok(m),
         None => Ok(format!("http://{}", args.settings()?.listen)),
+    }
+}
+
+fn cluster_command(action: ClusterAction) -> Result<(), CliError> {
+    use nodemirror::cluster::certs;
+    match action {
+        ClusterAction::Ca { out } => {
+            certs::write_ca(&out).map_err(CliError::Failed)?;
+            println!(
+                "wrote {0}/ca.pem and {0}/ca-key.pem; copy ca.pem to every node, keep ca-key.pem off them",
+                out.display()
+            );
+            Ok(())
+        }
+        ClusterAction::Cert {
+            ca,
+            name,
+            ip,
+            dns,
+            out,
+        } => {
+            certs::write_cert(&ca, &name, &ip, &dns, &out).map_err(CliError::Failed)?;
+            println!("wrote {0}/{name}.pem and {0}/{name}-key.pem", out.display());
+            Ok(())
+        }
+        ClusterAction::Status { server, args } => {
+            let server = mirror_url(server, &args)?;
+            let url = format!("{}/cluster/status", server.trim_end_matches('/'));
+            let (status, body) = runtime()?
+                .block_on(nodemirror::cluster::fetch_status(&url))
+                .map_err(|e| CliError::Failed(format!("{url}: {e}")))?;
+            if status == 404 {
+                return Err(CliError::Failed(format!(
+                    "{server} is not in cluster mode (no [cluster] in its configuration)"
+                )));
+            }
+            print!("{}", nodemirror::cluster::render_status(&body));
+            Ok(())
+        }
     }
 }
 

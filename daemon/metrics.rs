@@ -93,6 +93,14 @@ pub struct Metrics {
     /// Blob transfers resumed with Range after a connection broke, by the
     /// endpoint that took over.
     pub resumes: Family,
+    /// Blobs fetched into the cache, by where they came from (`peer`,
+    /// `upstream`): the upstream count over the blobs pulled is the
+    /// cluster's amplification.
+    pub blob_fetches: Family,
+    /// Cluster mode: blob bytes received from peers and sent to them.
+    pub peer_bytes: Family,
+    /// Cluster mode: requests on the peer port, by role and status.
+    pub peer_requests: Family,
     /// Blobs fetched over several connections in ranges, by the endpoint
     /// of the first answer.
     pub parallel: Family,
@@ -132,6 +140,18 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "nodemirror_upstream_resumes_total",
         "Blob transfers resumed with Range after a connection broke or crawled, by the endpoint that took over.",
     ),
+    blob_fetches: Family::new(
+        "nodemirror_blob_fetches_total",
+        "Blobs fetched into the cache, by source (peer, upstream).",
+    ),
+    peer_bytes: Family::new(
+        "nodemirror_peer_bytes_total",
+        "Cluster mode: blob bytes received from peers and sent to them, by direction.",
+    ),
+    peer_requests: Family::new(
+        "nodemirror_peer_requests_total",
+        "Cluster mode: requests answered on the peer port, by role and status.",
+    ),
     parallel: Family::new(
         "nodemirror_upstream_parallel_fetches_total",
         "Blobs fetched over several connections in ranges, by the endpoint of the first answer.",
@@ -157,6 +177,9 @@ impl Metrics {
             &self.upstream_bytes,
             &self.resumes,
             &self.parallel,
+            &self.blob_fetches,
+            &self.peer_bytes,
+            &self.peer_requests,
             &self.evictions,
         ] {
             f.render(&mut out);

@@ -24,6 +24,7 @@ use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::cache::Store;
+use crate::cluster::{Cluster, PeerRole};
 use crate::metrics::METRICS;
 use crate::oci::{
     content_length, full, media, Accept, Content, ResponseBody, ServeError, Verdict, API_VERSION,
@@ -47,6 +48,8 @@ pub struct Mirror {
     pub flights: Arc<Flights>,
     /// Slots of upstream fetches under way, shared with `flights`.
     pub limits: Arc<Limits>,
+    /// Cluster mode: the peers, when `[cluster]` is configured.
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 /// One client request, as the mirror needs it: the configuration it
@@ -61,6 +64,8 @@ pub struct Pull<'a> {
     pub head: bool,
     pub headers: &'a HeaderMap,
     pub zero_copy: Option<&'a Arc<Mappings>>,
+    /// Cluster mode: the request came from a peer, asking as this.
+    pub peer: Option<PeerRole>,
 }
 
 /// A manifest as fetched or cached.
@@ -88,7 +93,7 @@ impl Mirror {
         let accept = Accept::from_headers(pull.headers);
         let m = match &reference {
             Reference::Digest(d) => {
-                self.manifest_by_digest(snap, ns, &repository, d, &accept)
+                self.manifest_by_digest(snap, ns, &repository, d, &accept, pull.peer)
                     .await?
             }
             Reference::Tag(tag) => {
@@ -108,6 +113,7 @@ impl Mirror {
         repository: &Repository,
         d: &Digest,
         accept: &Accept,
+        peer: Option<PeerRole>,
     ) -> Result<Manifest, ServeError> {
         if let Some(m) = self
             .cached_manifest(d)
@@ -118,12 +124,21 @@ impl Mirror {
                 .inc(&[("kind", "manifest"), ("result", "hit")]);
             return Ok(m);
         }
+        if peer == Some(PeerRole::Holder) {
+            return Err(ServeError::NotHeld(Content::Manifest));
+        }
         METRICS
             .cache
             .inc(&[("kind", "manifest"), ("result", "miss")]);
         let reference = Reference::Digest(d.clone());
+        // Asked by a peer as the owner: from the upstreams, never from
+        // other peers.
+        let peers = match (peer, &self.cluster) {
+            (None, Some(c)) => c.plan(&snap.upstream, ns, d),
+            _ => None,
+        };
         let m = self
-            .fetch_manifest(snap, Method::GET, ns, repository, &reference, accept)
+            .fetch_manifest(snap, Method::GET, ns, repository, &reference, accept, peers)
             .await?;
         self.keep(&m);
         Ok(m)
@@ -171,7 +186,7 @@ impl Mirror {
         };
         let reference = Reference::Tag(tag.to_string());
         let fetched = match self
-            .fetch_manifest(snap, method, ns, repository, &reference, accept)
+            .fetch_manifest(snap, method, ns, repository, &reference, accept, None)
             .await
         {
             Ok(m) => m,
@@ -216,8 +231,10 @@ impl Mirror {
             return Ok(m);
         }
         let by_digest = Reference::Digest(fetched.digest.clone());
+        let peers =
+            (self.cluster.as_ref()).and_then(|c| c.plan(&snap.upstream, ns, &fetched.digest));
         let m = self
-            .fetch_manifest(snap, Method::GET, ns, repository, &by_digest, accept)
+            .fetch_manifest(snap, Method::GET, ns, repository, &by_digest, accept, peers)
             .await?;
         self.keep(&m);
         Ok(m)
@@ -252,6 +269,7 @@ impl Mirror {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn fetch_manifest(
         &self,
         snap: &Snapshot,
@@ -260,6 +278,7 @@ impl Mirror {
         repository: &Repository,
         reference: &Reference,
         accept: &Accept,
+        peers: Option<Arc<upstream::PeerPlan>>,
     ) -> Result<Manifest, ServeError> {
         let req = UpstreamRequest {
             method,
@@ -270,6 +289,7 @@ impl Mirror {
             needs_resolve: matches!(reference, Reference::Tag(_)),
             accept: Some(accept.upstream_value()),
             range: None,
+            peers,
         };
         let want = reference.digest();
         let _slot = self.limits.acquire(&snap.upstream.settings, ns).await?;

@@ -40,6 +40,17 @@ pub fn apply(app: &App) -> String {
     if new.hosts_dir != current.hosts_dir {
         tracing::info!(dir = %new.hosts_dir.display(), "hosts_dir changed: read now; restart to watch it for changes");
     }
+    match (&app.mirror.cluster, &new.cluster) {
+        (Some(c), Some(s)) => {
+            if let Err(e) = c.reload(s) {
+                tracing::error!(error = %e, "cluster reload failed; keeping its last good settings");
+            }
+        }
+        (None, Some(_)) | (Some(_), None) => {
+            tracing::warn!("[cluster] added or removed: restart to apply")
+        }
+        (None, None) => {}
+    }
     let status = format!("reloaded {}", new.hosts_dir.display());
     app.live.publish(next);
     tracing::info!("configuration reloaded");

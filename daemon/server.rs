@@ -23,6 +23,7 @@ pub use route::{parse, PullRequest, Route, Rules};
 
 use crate::oci::{content_length, full, ResponseBody, ServeError, API_VERSION};
 
+use crate::cluster::{Cluster, PeerRole, PEER_HEADER};
 use crate::metrics::METRICS;
 use crate::mirror::{List, Mirror, Pull};
 use crate::snapshot::{Live, Snapshot};
@@ -77,25 +78,14 @@ impl App {
             }
             _ => {}
         }
+        if req.uri().path() == "/cluster/status" {
+            return self.cluster_status();
+        }
         let snap = self.live.load();
-        let (labels, parsed) = {
-            let configured = |name: &str| snap.upstream.configures(name);
-            let rules = Rules {
-                default_ns: &snap.settings.default_namespace,
-                configured: &configured,
-                own_via: crate::upstream::via(),
-            };
-            let incoming = route::Incoming {
-                method: req.method(),
-                path: req.uri().path(),
-                query: req.uri().query(),
-                headers: req.headers(),
-            };
-            parse(incoming, &rules)
-        };
+        let (labels, parsed) = parse_request(&snap, &req, crate::upstream::via());
         let head = req.method() == Method::HEAD;
         let resp = match parsed {
-            Ok(pull) => self.dispatch(snap, pull, &req).await,
+            Ok(pull) => self.dispatch(snap, pull, &req, None).await,
             Err(e) => Err(e),
         };
         let resp = resp.unwrap_or_else(|e| {
@@ -120,6 +110,7 @@ impl App {
         snap: Arc<Snapshot>,
         request: PullRequest,
         req: &Request<Incoming>,
+        peer: Option<PeerRole>,
     ) -> Result<Response<ResponseBody>, ServeError> {
         tracing::Span::current().record("ns", tracing::field::display(&request.ns));
         let pull = Pull {
@@ -130,6 +121,7 @@ impl App {
             head: request.head,
             headers: req.headers(),
             zero_copy: req.extensions().get::<Arc<crate::sendfile::Mappings>>(),
+            peer,
         };
         match request.route {
             Route::Base => {
@@ -150,6 +142,172 @@ impl App {
             }
             Route::Catalog => self.mirror.list(&pull, List::Catalog).await,
         }
+    }
+}
+
+/// The request parsed once, with its metric labels.
+/// `own_via` detects loops; the peer port passes one that never matches
+/// (peers' requests never go on to peers, and in-process test clusters
+/// share one `Via`).
+fn parse_request(
+    snap: &Snapshot,
+    req: &Request<Incoming>,
+    own_via: &str,
+) -> (route::Labels, Result<PullRequest, ServeError>) {
+    let configured = |name: &str| snap.upstream.configures(name);
+    let rules = Rules {
+        default_ns: &snap.settings.default_namespace,
+        configured: &configured,
+        own_via,
+    };
+    let incoming = route::Incoming {
+        method: req.method(),
+        path: req.uri().path(),
+        query: req.uri().query(),
+        headers: req.headers(),
+    };
+    parse(incoming, &rules)
+}
+
+impl App {
+    /// A request on the cluster's peer port: blobs and manifests by digest
+    /// of shared namespaces, asked as owner or holder; nothing else.
+    pub async fn handle_peer(&self, req: Request<Incoming>) -> Response<ResponseBody> {
+        let role = PeerRole::from_header(req.headers().get(PEER_HEADER));
+        let snap = self.live.load();
+        let (_, parsed) = parse_request(&snap, &req, "\0");
+        let head = req.method() == Method::HEAD;
+        let resp = match parsed {
+            Ok(pull) => {
+                let digest_only = matches!(
+                    &pull.route,
+                    Route::Blob(..) | Route::Manifest(_, crate::reference::Reference::Digest(_))
+                );
+                if !digest_only {
+                    Err(ServeError::NotShared(
+                        "peers are answered blobs and manifests by digest only".into(),
+                    ))
+                } else if !snap.upstream.shareable(&pull.ns) {
+                    Err(ServeError::NotShared(format!(
+                        "namespace {} is private (credentials or `private = true`)",
+                        pull.ns
+                    )))
+                } else {
+                    self.dispatch(snap.clone(), pull, &req, Some(role)).await
+                }
+            }
+            Err(e) => Err(e),
+        };
+        let resp = resp.unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "peer request refused");
+            e.into_response(head)
+        });
+        if resp.status().is_success() && !head {
+            if let Some(len) = content_length(resp.headers()) {
+                METRICS.peer_bytes.add(&[("direction", "sent")], len);
+            }
+        }
+        let role = match role {
+            PeerRole::Owner => "owner",
+            PeerRole::Holder => "holder",
+        };
+        METRICS
+            .peer_requests
+            .inc(&[("role", role), ("status", resp.status().as_str())]);
+        resp
+    }
+
+    /// `/cluster/status`: the members as this node sees them, each one's
+    /// health, and this node's share of the digests.
+    fn cluster_status(&self) -> Response<ResponseBody> {
+        let Some(c) = &self.mirror.cluster else {
+            return plain(
+                StatusCode::NOT_FOUND,
+                "application/json",
+                "{\"cluster\":false}\n".into(),
+            );
+        };
+        let members: Vec<_> = c
+            .members()
+            .iter()
+            .map(|m| {
+                let key = format!("https://{m}/v2");
+                let health = if *m == c.me() {
+                    "self".to_string()
+                } else {
+                    match self.mirror.upstream.health.backing_off_for(&key) {
+                        Some(left) => format!("failing (retried in {}s)", left.as_secs().max(1)),
+                        None => "ok".into(),
+                    }
+                };
+                serde_json::json!({ "address": m.to_string(), "health": health })
+            })
+            .collect();
+        let body = serde_json::json!({
+            "cluster": true,
+            "self": c.me().to_string(),
+            "listen": c.listen.to_string(),
+            "members": members,
+            "ownership_share": (c.ownership_share() * 1000.0).round() / 1000.0,
+        });
+        plain(StatusCode::OK, "application/json", format!("{body:#}\n"))
+    }
+}
+
+/// Serves the cluster's peer port: mutual TLS against the cluster's CA,
+/// and a client certificate that names a current member's address; then
+/// [`App::handle_peer`] for each request.
+pub async fn serve_peers(listener: TcpListener, app: Arc<App>, cluster: Arc<Cluster>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "peer accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (app, cluster) = (app.clone(), cluster.clone());
+        tokio::spawn(async move {
+            let acceptor = tokio_rustls::TlsAcceptor::from(cluster.server_config());
+            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+                .await
+            {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::warn!(%peer, error = %e, "peer TLS handshake refused");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let named = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .is_some_and(|cert| {
+                    cluster
+                        .members()
+                        .iter()
+                        .any(|m| crate::cluster::cert_names_ip(cert, m.ip()))
+                });
+            if !named {
+                tracing::warn!(%peer, "peer certificate names no current member; connection closed");
+                return;
+            }
+            let service = service_fn(move |req: Request<Incoming>| {
+                let app = app.clone();
+                async move { Ok::<_, Infallible>(app.handle_peer(req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30))
+                .serve_connection(TokioIo::new(tls), service);
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, %peer, "peer connection ended with an error");
+            }
+        });
     }
 }
 

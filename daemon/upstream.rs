@@ -68,6 +68,16 @@ pub struct UpstreamRequest {
     pub accept: Option<HeaderValue>,
     /// `Range`: part of a blob (a resumed or parallel fetch).
     pub range: Option<ByteRange>,
+    /// Cluster mode: peers asked before and after the namespace's chain.
+    pub peers: Option<Arc<PeerPlan>>,
+}
+
+/// The cluster's peers for one request: the digest's owner before the
+/// upstreams, other nodes that may hold it after them.
+#[derive(Debug, Default)]
+pub struct PeerPlan {
+    pub first: Vec<Arc<Endpoint>>,
+    pub last: Vec<Arc<Endpoint>>,
 }
 
 /// Bytes `start..end` of a blob (`end: None`: to its end).
@@ -250,7 +260,7 @@ impl std::error::Error for Exhausted {}
 pub struct Upstream {
     /// Clients are shared across reloads, so connections stay pooled.
     pool: Mutex<ClientPool>,
-    health: Health,
+    pub health: Health,
     auth: Auth,
 }
 
@@ -298,6 +308,22 @@ impl Config {
     pub fn configures(&self, name: &str) -> bool {
         self.routes.configures(name)
     }
+
+    /// Cluster mode: whether the namespace's content may go to peers. Not
+    /// when its hosts.toml says `private = true` or one of its endpoints
+    /// has credentials, unless it says `share = true`.
+    pub fn shareable(&self, ns: &Namespace) -> bool {
+        let s = self.routes.sharing(ns);
+        if s.share {
+            return true;
+        }
+        !s.private
+            && !self
+                .routes
+                .chain(ns)
+                .iter()
+                .any(|ep| self.credentials.for_url(&ep.base).is_some())
+    }
 }
 
 impl Default for Upstream {
@@ -344,9 +370,18 @@ impl Upstream {
     /// The endpoints to try for `req`, capable ones only: healthy first in
     /// configured order, then those backing off as a last resort.
     pub fn plan(&self, cfg: &Config, req: &UpstreamRequest) -> Vec<Arc<Endpoint>> {
-        let (mut ready, backing_off): (Vec<_>, Vec<_>) = cfg
-            .routes
-            .chain(&req.namespace)
+        let chain = cfg.routes.chain(&req.namespace);
+        let chain = match &req.peers {
+            Some(p) => p
+                .first
+                .iter()
+                .cloned()
+                .chain(chain)
+                .chain(p.last.iter().cloned())
+                .collect(),
+            None => chain,
+        };
+        let (mut ready, backing_off): (Vec<_>, Vec<_>) = chain
             .into_iter()
             .filter(|ep| {
                 if req.needs_resolve {

@@ -5,6 +5,7 @@ mod support;
 mod cache;
 mod cli;
 mod clients;
+mod cluster;
 mod e2e;
 mod hostile;
 mod node;

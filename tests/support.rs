@@ -18,6 +18,7 @@ use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use nodemirror::config::cluster::ClusterSettings;
 use nodemirror::config::{CacheSettings, MinFree, Settings, UpstreamSettings};
 use sha2::Digest as _;
 use tempfile::TempDir;
@@ -262,6 +263,7 @@ pub struct DaemonBuilder {
     cache: Option<CacheSettings>,
     cache_dir: Option<PathBuf>,
     upstream: Option<UpstreamSettings>,
+    cluster: Option<ClusterSettings>,
 }
 
 impl DaemonBuilder {
@@ -287,6 +289,12 @@ impl DaemonBuilder {
     /// Upstream settings other than [`quick_upstream`].
     pub fn upstream(mut self, u: UpstreamSettings) -> Self {
         self.upstream = Some(u);
+        self
+    }
+
+    /// Cluster mode with these settings.
+    pub fn cluster(mut self, c: ClusterSettings) -> Self {
+        self.cluster = Some(c);
         self
     }
 
@@ -322,6 +330,7 @@ impl DaemonBuilder {
             auth_file,
             upstream: self.upstream.unwrap_or_else(quick_upstream),
             cache: self.cache.unwrap_or_else(test_cache),
+            cluster: self.cluster,
             origin: None,
         };
         let (tx, rx) = oneshot::channel();
@@ -421,4 +430,72 @@ pub async fn capped_front(
         }
     });
     (addr, task)
+}
+
+/// A DNS server on loopback UDP that answers A queries for any name with
+/// the addresses set (AAAA and others: no records). TTL 1 s.
+pub struct Dns {
+    pub addr: SocketAddr,
+    answers: std::sync::Arc<parking_lot::Mutex<Vec<std::net::Ipv4Addr>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Dns {
+    pub async fn start() -> Dns {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let answers: std::sync::Arc<parking_lot::Mutex<Vec<std::net::Ipv4Addr>>> =
+            std::sync::Arc::default();
+        let shared = answers.clone();
+        let task = tokio::spawn(async move {
+            let mut buf = [0u8; 1500];
+            while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+                let reply = dns_reply(&buf[..n], &shared.lock());
+                if let Some(reply) = reply {
+                    let _ = socket.send_to(&reply, from).await;
+                }
+            }
+        });
+        Dns {
+            addr,
+            answers,
+            task,
+        }
+    }
+
+    pub fn set(&self, ips: &[std::net::Ipv4Addr]) {
+        *self.answers.lock() = ips.to_vec();
+    }
+}
+
+impl Drop for Dns {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The answer to one query: the question echoed, then an A record per
+/// address if it asked for A.
+fn dns_reply(q: &[u8], ips: &[std::net::Ipv4Addr]) -> Option<Vec<u8>> {
+    if q.len() < 12 {
+        return None;
+    }
+    let mut i = 12;
+    while *q.get(i)? != 0 {
+        i += 1 + *q.get(i)? as usize;
+    }
+    let question_end = i + 5;
+    let qtype = u16::from_be_bytes([*q.get(i + 1)?, *q.get(i + 2)?]);
+    let answers: &[std::net::Ipv4Addr] = if qtype == 1 { ips } else { &[] };
+    let mut r = Vec::new();
+    r.extend_from_slice(&q[..2]);
+    r.extend_from_slice(&[0x85, 0x80, 0, 1]);
+    r.extend_from_slice(&(answers.len() as u16).to_be_bytes());
+    r.extend_from_slice(&[0, 0, 0, 0]);
+    r.extend_from_slice(q.get(12..question_end)?);
+    for ip in answers {
+        r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 1, 0, 4]);
+        r.extend_from_slice(&ip.octets());
+    }
+    Some(r)
 }

@@ -2,6 +2,8 @@
 //!
 //! ```toml
 //! server = "https://registry.example"        # tried last, without ?ns=
+//! private = true                              # cluster mode: not shared
+//! share = true                                #   ... or shared all the same
 //! [host."http://mirror-a:5000"]               # tried in file order, with ?ns=
 //!   capabilities = ["pull", "resolve"]
 //!   ca = "ca.pem"                             # relative to this file's folder
@@ -86,6 +88,16 @@ pub struct HostsFile {
     pub server: Option<Url>,
     pub server_settings: HostSettings,
     pub server_origin: String,
+    /// Cluster mode: whether this namespace's content may go to peers.
+    pub sharing: Sharing,
+}
+
+/// `private = true` keeps a namespace's content from the cluster's peers
+/// (as credentials do); `share = true` shares it all the same.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Sharing {
+    pub private: bool,
+    pub share: bool,
 }
 
 /// Everything under a hosts.d folder.
@@ -177,6 +189,14 @@ pub fn parse_source(src: &Source) -> Result<HostsFile, Vec<ConfigError>> {
             Ok(())
         }
         "host" => Ok(()),
+        "private" => {
+            file.sharing.private = f.bool()?;
+            Ok(())
+        }
+        "share" => {
+            file.sharing.share = f.bool()?;
+            Ok(())
+        }
         _ => visit_host_key(&mut top, &f, dir),
     });
     // The server's path rule follows the top-level override_path, which may

@@ -16,14 +16,14 @@ use super::range::{self, RangeSpec};
 use super::{internal, Mirror, Pull};
 use crate::cache::ingest::{Phase, Progress};
 use crate::cache::{read, InUse};
+use crate::cluster::PeerRole;
 use crate::metrics::METRICS;
 use crate::oci::{
     boxed, content_length, full, Content, ResponseBody, ServeError, API_VERSION,
     DOCKER_CONTENT_DIGEST,
 };
-use crate::reference::{Digest, Namespace, Repository};
+use crate::reference::{Digest, Repository};
 use crate::sendfile::{self, Mappings};
-use crate::snapshot::Snapshot;
 use crate::upstream::{AttemptError, UpstreamRequest};
 
 /// Where a blob's bytes come from, once a source has answered.
@@ -52,9 +52,7 @@ impl Mirror {
         digest: Digest,
     ) -> Result<Response<ResponseBody>, ServeError> {
         if pull.head {
-            return self
-                .blob_head(&pull.snap, &pull.ns, repository, digest)
-                .await;
+            return self.blob_head(pull, repository, digest).await;
         }
         let held = self.store.hold(&digest);
         let opened = self.open_source(pull, &repository, &digest).await?;
@@ -78,7 +76,7 @@ impl Mirror {
     ) -> Result<Opened, ServeError> {
         let source = self
             .flights
-            .get_or_start(&pull.snap, &pull.ns, repository, digest)
+            .get_or_start(&pull.snap, &pull.ns, repository, digest, pull.peer)
             .map_err(internal)?;
         let (f, leader) = match source {
             Source::Cached(file, len) => {
@@ -92,6 +90,7 @@ impl Mirror {
                 });
             }
             Source::Flight(f, leader) => (f, leader),
+            Source::NotHeld => return Err(ServeError::NotHeld(Content::Blob)),
         };
         let result = if leader.is_some() {
             "miss"
@@ -128,11 +127,11 @@ impl Mirror {
     /// else from the upstream (without fetching the content).
     async fn blob_head(
         &self,
-        snap: &Snapshot,
-        ns: &Namespace,
+        pull: &Pull<'_>,
         repository: Repository,
         digest: Digest,
     ) -> Result<Response<ResponseBody>, ServeError> {
+        let (snap, ns) = (&pull.snap, &pull.ns);
         let known = match self.store.open_blob(&digest).map_err(internal)? {
             Some((_, len)) => Some(len),
             None => self
@@ -142,6 +141,9 @@ impl Mirror {
         };
         let len = match known {
             Some(len) => len,
+            None if pull.peer == Some(PeerRole::Holder) => {
+                return Err(ServeError::NotHeld(Content::Blob))
+            }
             None => {
                 let req = UpstreamRequest {
                     method: Method::HEAD,
@@ -152,6 +154,7 @@ impl Mirror {
                     needs_resolve: false,
                     accept: None,
                     range: None,
+                    peers: None,
                 };
                 let (len, _) = self
                     .upstream

@@ -22,6 +22,7 @@ use super::limit::Limits;
 use super::transfer;
 use crate::cache::ingest::{Ingest, IngestError, Phase, Progress};
 use crate::cache::Store;
+use crate::cluster::{Cluster, PeerRole};
 use crate::oci::{content_length, Content};
 use crate::reference::{Digest, Namespace, Repository};
 use crate::snapshot::Snapshot;
@@ -40,6 +41,8 @@ pub enum Source {
     /// A fetch under way. The request that started it also gets the
     /// upstream's frames straight from memory (see [`crate::cache::read::tee`]).
     Flight(Arc<Flight>, Option<mpsc::Receiver<Bytes>>),
+    /// A peer asked as a holder, and this node has nothing.
+    NotHeld,
 }
 
 /// Frames the starting request may lag behind before it is switched to
@@ -51,15 +54,22 @@ pub struct Flights {
     store: Arc<Store>,
     upstream: Arc<Upstream>,
     limits: Arc<Limits>,
+    cluster: Option<Arc<Cluster>>,
     map: Mutex<HashMap<Digest, Arc<Flight>>>,
 }
 
 impl Flights {
-    pub fn new(store: Arc<Store>, upstream: Arc<Upstream>, limits: Arc<Limits>) -> Arc<Flights> {
+    pub fn new(
+        store: Arc<Store>,
+        upstream: Arc<Upstream>,
+        limits: Arc<Limits>,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Arc<Flights> {
         Arc::new(Flights {
             store,
             upstream,
             limits,
+            cluster,
             map: Mutex::default(),
         })
     }
@@ -78,13 +88,17 @@ impl Flights {
         self.map.lock().get(digest).cloned()
     }
 
-    /// The cached blob, the fetch under way, or a new fetch.
+    /// The cached blob, the fetch under way, or a new fetch. A new fetch
+    /// for a local client asks the cluster's peers (when configured); one
+    /// for a peer asking as the owner goes to the upstreams only; a peer
+    /// asking as a holder gets what is here or nothing.
     pub fn get_or_start(
         self: &Arc<Self>,
         snap: &Arc<Snapshot>,
         ns: &Namespace,
         repository: &Repository,
         digest: &Digest,
+        peer: Option<PeerRole>,
     ) -> io::Result<Source> {
         let mut map = self.map.lock();
         if let Some(f) = map.get(digest) {
@@ -96,6 +110,13 @@ impl Flights {
         if let Some((file, len)) = self.store.open_blob(digest)? {
             return Ok(Source::Cached(file, len));
         }
+        if peer == Some(PeerRole::Holder) {
+            return Ok(Source::NotHeld);
+        }
+        let peers = match (peer, &self.cluster) {
+            (None, Some(c)) => c.plan(&snap.upstream, ns, digest),
+            _ => None,
+        };
         let ingest = Ingest::start(&self.store, digest)?;
         let flight = Arc::new(Flight {
             progress: ingest.subscribe(),
@@ -112,6 +133,7 @@ impl Flights {
             needs_resolve: false,
             accept: None,
             range: None,
+            peers,
         };
         let this = self.clone();
         let digest = digest.clone();
@@ -191,8 +213,16 @@ impl Flights {
             tracing::warn!(%digest, error = %e, "verified blob could not be stored");
             return Phase::Verified;
         }
-        crate::metrics::METRICS.upstream_bytes.add(&[], len);
-        crate::metrics::METRICS.blob_committed(len);
+        let from_peer = sources.first().is_some_and(|ep| ep.is_peer());
+        let source = if from_peer { "peer" } else { "upstream" };
+        let m = &crate::metrics::METRICS;
+        m.blob_fetches.inc(&[("source", source)]);
+        if from_peer {
+            m.peer_bytes.add(&[("direction", "received")], len);
+        } else {
+            m.upstream_bytes.add(&[], len);
+        }
+        m.blob_committed(len);
         let endpoints: Vec<&str> = sources.iter().map(|ep| ep.key()).collect();
         tracing::info!(%digest, bytes = len, endpoint = endpoints.join(" "), "blob cached");
         Phase::Done

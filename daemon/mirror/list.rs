@@ -86,6 +86,7 @@ impl Mirror {
             needs_resolve,
             accept: Some(HeaderValue::from_static(accept)),
             range: None,
+            peers: None,
         };
         let idle = pull.snap.upstream.settings.idle_timeout;
         let _slot = self

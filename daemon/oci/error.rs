@@ -93,6 +93,13 @@ pub enum ServeError {
     /// Every upstream fetch slot is taken: come back after `retry_after`.
     #[error("too many upstream fetches under way; retry later")]
     Busy { retry_after: std::time::Duration },
+    /// Cluster mode: a peer asked for what is not shared with peers.
+    #[error("not shared with the cluster's peers: {0}")]
+    NotShared(String),
+    /// Cluster mode: a peer asked as a holder for content this node does
+    /// not hold.
+    #[error("{0} not held by this node")]
+    NotHeld(Content),
     /// A fault of the daemon itself.
     #[error("internal error: {0}")]
     Internal(String),
@@ -152,6 +159,8 @@ impl ServeError {
             }
             | ServeError::Unavailable(_)
             | ServeError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ServeError::NotShared(_) => StatusCode::FORBIDDEN,
+            ServeError::NotHeld(_) => StatusCode::NOT_FOUND,
             ServeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -180,6 +189,8 @@ impl ServeError {
             ServeError::Upstream { .. } | ServeError::Unavailable(_) | ServeError::Busy { .. } => {
                 "UNAVAILABLE"
             }
+            ServeError::NotShared(_) => "DENIED",
+            ServeError::NotHeld(what) => what.unknown_code(),
             ServeError::Internal(_) => "UNKNOWN",
         }
     }

@@ -104,25 +104,28 @@ impl ClientPool {
         if let Some(c) = self.clients.get(&key) {
             return Ok(c.clone());
         }
-        let tls = self.tls_config(settings)?;
-        let mut http = HttpConnector::new_with_resolver(Resolver { public_only });
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(dial));
-        http.set_nodelay(true);
-        let https = HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(https);
+        let tls = self.tls_config(settings, true)?;
+        let client = build_client(tls, dial, public_only);
         self.clients.insert(key, client.clone());
         Ok(client)
     }
 
-    fn tls_config(&self, settings: &HostSettings) -> Result<ClientConfig, String> {
+    /// A client that trusts `settings.ca` only (not the system's roots),
+    /// for the cluster's peers; not pooled.
+    pub fn client_only_roots(
+        &self,
+        settings: &HostSettings,
+        dial: Duration,
+    ) -> Result<HttpClient, String> {
+        let tls = self.tls_config(settings, false)?;
+        Ok(build_client(tls, dial, false))
+    }
+
+    fn tls_config(
+        &self,
+        settings: &HostSettings,
+        system_roots: bool,
+    ) -> Result<ClientConfig, String> {
         let builder = ClientConfig::builder_with_provider(self.provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("TLS setup: {e}"))?;
@@ -131,7 +134,10 @@ impl ClientPool {
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(NoVerification(self.provider.clone())))
         } else {
-            let mut roots = self.system_roots.clone();
+            let mut roots = match system_roots {
+                true => self.system_roots.clone(),
+                false => RootCertStore::empty(),
+            };
             for ca in &settings.ca {
                 roots
                     .add(ca.clone())
@@ -146,6 +152,22 @@ impl ClientPool {
             None => Ok(builder.with_no_client_auth()),
         }
     }
+}
+
+fn build_client(tls: ClientConfig, dial: Duration, public_only: bool) -> HttpClient {
+    let mut http = HttpConnector::new_with_resolver(Resolver { public_only });
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(dial));
+    http.set_nodelay(true);
+    let https = HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build(https)
 }
 
 /// `skip_verify = true`: accept any server certificate, but still check

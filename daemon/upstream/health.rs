@@ -34,6 +34,12 @@ impl Health {
             .is_some_and(|s| s.until > Instant::now())
     }
 
+    /// How much longer `endpoint` is skipped, if it is.
+    pub fn backing_off_for(&self, endpoint: &str) -> Option<Duration> {
+        let until = self.state.lock().get(endpoint)?.until;
+        until.checked_duration_since(Instant::now())
+    }
+
     /// Records a failure; returns how long the endpoint is now skipped.
     pub fn failure(&self, endpoint: &str, settings: &UpstreamSettings) -> Duration {
         let mut state = self.state.lock();

@@ -43,6 +43,11 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    /// Whether this is one of the cluster's peers.
+    pub fn is_peer(&self) -> bool {
+        self.origin.starts_with("cluster peer")
+    }
+
     /// Identifies the endpoint in logs, health state and the auth cache.
     pub fn key(&self) -> &str {
         self.base.as_str()
@@ -91,6 +96,9 @@ pub struct Routes {
     /// Whether implicit servers may be at any address.
     implicit_any: bool,
     default_capabilities: Capabilities,
+    /// Cluster mode: what may go to peers, by namespace and for the rest.
+    sharing: HashMap<Namespace, hosts::Sharing>,
+    default_sharing: hosts::Sharing,
 }
 
 impl Routes {
@@ -102,7 +110,9 @@ impl Routes {
     ) -> Result<Routes, Vec<ConfigError>> {
         let mut errors = Vec::new();
         let mut namespaces = HashMap::new();
+        let mut sharing = HashMap::new();
         for (ns, file) in &dir.namespaces {
+            sharing.insert(ns.clone(), file.sharing);
             let mut chain = endpoints(file, pool, connect_timeout, &mut errors);
             let server = file.server.clone().unwrap_or_else(|| implicit_server(ns));
             if let Some(ep) = endpoint(
@@ -140,7 +150,18 @@ impl Routes {
                 .server_settings
                 .capabilities
                 .unwrap_or(Capabilities::ALL),
+            sharing,
+            default_sharing: default.sharing,
         })
+    }
+
+    /// `private` and `share` of the namespace's hosts.toml (`_default`'s
+    /// for namespaces without a folder).
+    pub fn sharing(&self, ns: &Namespace) -> hosts::Sharing {
+        self.sharing
+            .get(ns)
+            .copied()
+            .unwrap_or(self.default_sharing)
     }
 
     /// Whether hosts.d has a folder for the namespace `name`.

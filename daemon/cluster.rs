@@ -1,0 +1,387 @@
+//! Cluster mode: the nodes share their caches, so a cluster fetches each
+//! blob from its upstream once.
+//!
+//! Every digest has an owner: the member ranked first by rendezvous
+//! (highest random weight) hashing of the digest over the current members
+//! ([`rank`]). A node that misses a blob (or a manifest by digest) asks the
+//! owner first; the owner answers from its cache or fetches the blob once
+//! for the whole cluster with its own single-flight, streaming it while it
+//! arrives. Peers are endpoints like any other: they come before the
+//! namespace's own chain (the owner) and after it (the next candidates,
+//! asked only for what they hold), so fallback, the circuit breaker
+//! (health back-off), resume with `Range` and digest verification are the
+//! upstreams' own. A peer that fails costs a connect timeout
+//! (`peer_timeout`) once, then sits out its back-off; when every peer
+//! fails the namespace's chain still runs, so cluster mode never makes a
+//! pull fail that would have worked without it.
+//!
+//! Peers talk HTTPS with mutual TLS against the cluster's CA; a client's
+//! certificate must name the address of a current member. The peer port
+//! answers blobs and manifests by digest of shareable namespaces only
+//! ([`crate::upstream::Config::shareable`]); tags are never answered by
+//! peers, each node resolves them itself.
+
+pub mod certs;
+mod members;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::{HeaderName, HeaderValue};
+use parking_lot::Mutex;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use sha2::{Digest as _, Sha256};
+
+pub use members::Members;
+
+use crate::config::cluster::ClusterSettings;
+use crate::config::hosts::{Capabilities, ClientIdentity, HostSettings};
+use crate::reference::{Digest, Namespace};
+use crate::upstream::client::{ClientPool, HttpClient};
+use crate::upstream::{Config, Endpoint, PeerPlan};
+
+/// The header that tells a peer what it is asked as.
+pub const PEER_HEADER: &str = "x-nodemirror-peer";
+
+/// Candidates after the owner asked for what they hold, when the owner
+/// and the upstreams fail.
+const HOLDERS_ASKED: usize = 3;
+
+/// How a request reached this node's peer port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PeerRole {
+    /// As the digest's owner: answer from the cache, a fetch under way,
+    /// or fetch it from the upstreams (never from other peers).
+    Owner,
+    /// As a possible holder: answer from the cache or a fetch under way
+    /// only.
+    Holder,
+}
+
+impl PeerRole {
+    fn header(self) -> &'static str {
+        match self {
+            PeerRole::Owner => "owner",
+            PeerRole::Holder => "holder",
+        }
+    }
+
+    pub fn from_header(v: Option<&HeaderValue>) -> PeerRole {
+        match v.and_then(|v| v.to_str().ok()) {
+            Some("owner") => PeerRole::Owner,
+            _ => PeerRole::Holder,
+        }
+    }
+}
+
+/// The TLS material of one configuration.
+struct Tls {
+    server: Arc<ServerConfig>,
+    client: HttpClient,
+}
+
+/// This node's view of the cluster.
+pub struct Cluster {
+    pub listen: SocketAddr,
+    members: Arc<Members>,
+    tls: ArcSwap<Tls>,
+    /// Endpoints for peers, by address and role; rebuilt with the TLS.
+    endpoints: Mutex<HashMap<(SocketAddr, PeerRole), Arc<Endpoint>>>,
+    peer_timeout: Mutex<Duration>,
+}
+
+impl Cluster {
+    /// Reads the certificates and starts following `peers_dns`.
+    pub fn start(s: &ClusterSettings) -> Result<Arc<Cluster>, String> {
+        let tls = load_tls(s)?;
+        let members = Arc::new(Members::new(s.advertise, s.peers.clone()));
+        if let Some((name, port)) = &s.peers_dns {
+            let resolver = members::resolver(s.dns_server)?;
+            tokio::spawn(members::follow_dns(
+                members.clone(),
+                resolver,
+                name.clone(),
+                *port,
+                s.refresh,
+            ));
+        }
+        Ok(Arc::new(Cluster {
+            listen: s.listen,
+            members,
+            tls: ArcSwap::from_pointee(tls),
+            endpoints: Mutex::default(),
+            peer_timeout: Mutex::new(s.peer_timeout),
+        }))
+    }
+
+    /// A reload: the static members, the certificates and the timeout take
+    /// effect; `listen`, `advertise` and `peers_dns` need a restart.
+    pub fn reload(&self, s: &ClusterSettings) -> Result<(), String> {
+        let tls = load_tls(s)?;
+        self.tls.store(Arc::new(tls));
+        self.endpoints.lock().clear();
+        *self.peer_timeout.lock() = s.peer_timeout;
+        self.members.set_listed(s.peers.clone());
+        if s.listen != self.listen || s.advertise != self.members.me() {
+            tracing::warn!("cluster listen and advertise changes take effect after a restart");
+        }
+        Ok(())
+    }
+
+    pub fn members(&self) -> Arc<Vec<SocketAddr>> {
+        self.members.current()
+    }
+
+    pub fn me(&self) -> SocketAddr {
+        self.members.me()
+    }
+
+    /// Whether `ip` belongs to a current member (checked against the
+    /// certificate of every peer connection).
+    pub fn is_member_ip(&self, ip: IpAddr) -> bool {
+        self.members.has_ip(ip)
+    }
+
+    pub fn server_config(&self) -> Arc<ServerConfig> {
+        self.tls.load().server.clone()
+    }
+
+    /// The peers for a request of `digest` in `ns`: the owner before the
+    /// namespace's chain (unless this node owns it), the next candidates
+    /// after it. `None` when the namespace is not shared.
+    pub fn plan(&self, cfg: &Config, ns: &Namespace, digest: &Digest) -> Option<Arc<PeerPlan>> {
+        if !cfg.shareable(ns) {
+            return None;
+        }
+        let me = self.me();
+        let ranked = rank(&self.members(), digest);
+        let (owner, rest) = ranked.split_first()?;
+        let first = match *owner == me {
+            true => Vec::new(),
+            false => vec![self.endpoint(*owner, PeerRole::Owner)],
+        };
+        let last = rest
+            .iter()
+            .filter(|m| **m != me)
+            .take(HOLDERS_ASKED)
+            .map(|m| self.endpoint(*m, PeerRole::Holder))
+            .collect();
+        Some(Arc::new(PeerPlan { first, last }))
+    }
+
+    /// This node's share of the digest space: the fraction of a fixed
+    /// sample of digests it owns.
+    pub fn ownership_share(&self) -> f64 {
+        const SAMPLE: u32 = 4096;
+        let members = self.members();
+        let me = self.me();
+        let owned = (0..SAMPLE)
+            .filter(|i| {
+                let d = Digest::of(&i.to_be_bytes());
+                rank(&members, &d).first() == Some(&me)
+            })
+            .count();
+        owned as f64 / SAMPLE as f64
+    }
+
+    fn endpoint(&self, addr: SocketAddr, role: PeerRole) -> Arc<Endpoint> {
+        let mut map = self.endpoints.lock();
+        if let Some(ep) = map.get(&(addr, role)) {
+            return ep.clone();
+        }
+        let client = self.tls.load().client.clone();
+        // Both parse: a socket address and a fixed header.
+        let base = format!("https://{addr}/v2")
+            .parse()
+            .expect("a peer URL from a socket address");
+        let ep = Arc::new(Endpoint {
+            base,
+            mirror: true,
+            capabilities: Capabilities {
+                pull: true,
+                resolve: false,
+            },
+            headers: vec![(
+                HeaderName::from_static(PEER_HEADER),
+                HeaderValue::from_static(role.header()),
+            )],
+            public_client: client.clone(),
+            client,
+            implicit: false,
+            public_only: false,
+            origin: format!("cluster peer ({})", role.header()),
+            parallel_fetches: Some(1),
+            parallel_threshold: None,
+        });
+        map.insert((addr, role), ep.clone());
+        ep
+    }
+}
+
+/// The members ranked for `digest`, highest random weight first: each
+/// member's weight is a hash of its address and the digest, so every node
+/// that sees the same members picks the same owner, and a member joining
+/// or leaving moves only the digests it wins or held.
+pub fn rank(members: &[SocketAddr], digest: &Digest) -> Vec<SocketAddr> {
+    let mut scored: Vec<(u64, SocketAddr)> = members
+        .iter()
+        .map(|m| {
+            let mut h = Sha256::new();
+            h.update(m.to_string().as_bytes());
+            h.update(b"\n");
+            h.update(digest.to_string().as_bytes());
+            let out = h.finalize();
+            let mut first = [0u8; 8];
+            first.copy_from_slice(&out[..8]);
+            (u64::from_be_bytes(first), *m)
+        })
+        .collect();
+    scored.sort_by(|a, b| b.cmp(a));
+    scored.into_iter().map(|(_, m)| m).collect()
+}
+
+fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate", path.display()));
+    }
+    Ok(certs)
+}
+
+/// The peer listener's mutual-TLS configuration and the peer client.
+fn load_tls(s: &ClusterSettings) -> Result<Tls, String> {
+    let ca = read_pem_certs(&s.ca)?;
+    let chain = read_pem_certs(&s.cert)?;
+    let key =
+        PrivateKeyDer::from_pem_file(&s.key).map_err(|e| format!("{}: {e}", s.key.display()))?;
+    let mut roots = RootCertStore::empty();
+    for c in &ca {
+        roots
+            .add(c.clone())
+            .map_err(|e| format!("{}: {e}", s.ca.display()))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| format!("cluster CA: {e}"))?;
+    let mut server = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup: {e}"))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain.clone(), key.clone_key())
+        .map_err(|e| format!("{}: {e}", s.cert.display()))?;
+    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let host = HostSettings {
+        ca,
+        client: Some(ClientIdentity { chain, key }),
+        dial_timeout: Some(s.peer_timeout),
+        ..HostSettings::default()
+    };
+    let client = ClientPool::load()
+        .client_only_roots(&host, s.peer_timeout)
+        .map_err(|e| format!("cluster client: {e}"))?;
+    Ok(Tls {
+        server: Arc::new(server),
+        client,
+    })
+}
+
+/// GETs `url` (the daemon's `/cluster/status`): its status and body.
+pub async fn fetch_status(url: &str) -> Result<(u16, String), String> {
+    use http_body_util::BodyExt;
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let uri: http::Uri = url.parse().map_err(|e| format!("{e}"))?;
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.get(uri))
+        .await
+        .map_err(|_| "no answer within 10s".to_string())?
+        .map_err(|e| crate::upstream::error_chain(&e))?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// `/cluster/status` as a table for people.
+pub fn render_status(json: &str) -> String {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
+        return json.to_string();
+    };
+    let mut out = format!(
+        "self {}  (peer port {}), owns {:.1}% of digests\n",
+        v["self"].as_str().unwrap_or("?"),
+        v["listen"].as_str().unwrap_or("?"),
+        v["ownership_share"].as_f64().unwrap_or(0.0) * 100.0
+    );
+    out.push_str(&format!("{:<28} {}\n", "MEMBER", "HEALTH"));
+    for m in v["members"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "{:<28} {}\n",
+            m["address"].as_str().unwrap_or("?"),
+            m["health"].as_str().unwrap_or("?")
+        ));
+    }
+    out
+}
+
+/// Whether the end-entity certificate `der` names `ip` (a subject
+/// alternative name), as a member's certificate must.
+pub fn cert_names_ip(der: &CertificateDer<'_>, ip: IpAddr) -> bool {
+    let Ok(cert) = webpki::EndEntityCert::try_from(der) else {
+        return false;
+    };
+    let name = rustls_pki_types::ServerName::IpAddress(ip.into());
+    cert.verify_is_valid_for_subject_name(&name).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(i: u8) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, i], 5781))
+    }
+
+    #[test]
+    fn owners_are_spread_and_move_little_when_a_member_joins() {
+        let eight: Vec<_> = (2..10).map(addr).collect();
+        let nine: Vec<_> = (2..11).map(addr).collect();
+        let mut owned = HashMap::new();
+        let mut moved = 0;
+        for i in 0..4000u32 {
+            let d = Digest::of(&i.to_be_bytes());
+            let before = rank(&eight, &d)[0];
+            *owned.entry(before).or_insert(0) += 1;
+            let after = rank(&nine, &d)[0];
+            if after != before {
+                // Only to the newcomer.
+                assert_eq!(after, addr(10));
+                moved += 1;
+            }
+            // The same ranking whatever the order of the list.
+            let mut reversed = eight.clone();
+            reversed.reverse();
+            assert_eq!(rank(&reversed, &d), rank(&eight, &d));
+        }
+        for (m, n) in &owned {
+            assert!((350..650).contains(n), "{m} owns {n} of 4000");
+        }
+        // A ninth of the digests move, to the new member only.
+        assert!((300..600).contains(&moved), "{moved}");
+    }
+}

@@ -1,0 +1,458 @@
+//! Cluster mode: nodes share their caches, each blob comes from its
+//! upstream once; peers talk mutual TLS; dead, corrupt and private cases;
+//! membership from a DNS name served on loopback.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+use nodemirror::cluster::certs;
+use nodemirror::config::cluster::ClusterSettings;
+
+use crate::proxy::hosts_toml;
+use crate::support::fake::{Behaviour, Fake};
+use crate::support::{get, http_client, stream_on, wait_until, Daemon, Dns};
+
+/// The cluster's CA and node certificates, in one folder.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        certs::write_ca(dir.path()).unwrap();
+        Pki { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A node certificate naming `ip`: (cert, key).
+    fn node(&self, name: &str, ip: IpAddr) -> (PathBuf, PathBuf) {
+        certs::write_cert(self.path(), name, &[ip], &[], self.path()).unwrap();
+        (
+            self.path().join(format!("{name}.pem")),
+            self.path().join(format!("{name}-key.pem")),
+        )
+    }
+}
+
+/// A free port on `ip`.
+fn port_on(ip: Ipv4Addr) -> SocketAddr {
+    let l = std::net::TcpListener::bind((ip, 0)).unwrap();
+    l.local_addr().unwrap()
+}
+
+fn settings(pki: &Pki, name: &str, at: SocketAddr, peers: &[SocketAddr]) -> ClusterSettings {
+    let (cert, key) = pki.node(name, at.ip());
+    ClusterSettings {
+        listen: at,
+        advertise: at,
+        peers: peers.to_vec(),
+        peers_dns: None,
+        dns_server: None,
+        refresh: Duration::from_secs(1),
+        peer_timeout: Duration::from_millis(300),
+        ca: pki.path().join("ca.pem"),
+        cert,
+        key,
+    }
+}
+
+/// `n` nodes on 127.0.<net>.1 …, each with its own cache, all with
+/// `hosts` and each other as static peers.
+async fn cluster(
+    pki: &Pki,
+    net: u8,
+    n: u8,
+    hosts: &[(&str, String)],
+) -> (Vec<Daemon>, Vec<SocketAddr>) {
+    let addrs: Vec<SocketAddr> = (1..=n)
+        .map(|i| port_on(Ipv4Addr::new(127, 0, net, i)))
+        .collect();
+    let mut nodes = Vec::new();
+    for (i, at) in addrs.iter().enumerate() {
+        let mut b = Daemon::builder().cluster(settings(pki, &format!("node{i}"), *at, &addrs));
+        for (ns, text) in hosts {
+            b = b.hosts(ns, text.clone());
+        }
+        nodes.push(b.start().await);
+    }
+    (nodes, addrs)
+}
+
+/// 1 MiB of seeded noise.
+fn blob(seed: u64) -> Vec<u8> {
+    let mut x = 0x2545_F491_4F6C_DD1Du64 ^ seed;
+    (0..1 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn url(d: &Daemon, ns: &str, digest: &str) -> String {
+    d.url(&format!("/v2/app/blobs/{digest}?ns={ns}"))
+}
+
+async fn metric(d: &Daemon, line_start: &str) -> u64 {
+    let text = String::from_utf8_lossy(get(&d.url("/metrics")).await.bytes()).to_string();
+    text.lines()
+        .filter(|l| l.starts_with(line_start))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Three nodes pull the same eight blobs at the same moment, cold: every
+/// pull is right, and the upstream sends each blob once.
+#[tokio::test]
+async fn a_cluster_fetches_each_blob_from_its_upstream_once() {
+    let up = Fake::start(Behaviour::default()).await;
+    let blobs: Vec<Vec<u8>> = (0..8).map(blob).collect();
+    let digests: Vec<String> = blobs.iter().map(|b| up.put_blob("app", b)).collect();
+    let pki = Pki::new();
+    let hosts = [("shared.test", hosts_toml(&[], Some(&up.url())))];
+    let (nodes, _) = cluster(&pki, 61, 3, &hosts).await;
+    let client = http_client();
+    for (content, digest) in blobs.iter().zip(&digests) {
+        let urls: Vec<String> = nodes
+            .iter()
+            .map(|d| url(d, "shared.test", digest))
+            .collect();
+        let pulls = urls.iter().map(|u| stream_on(&client, u, None, None));
+        for (status, body) in futures_util::future::join_all(pulls).await {
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(body.unwrap(), (content.len() as u64, digest.clone()));
+        }
+    }
+    for digest in &digests {
+        assert_eq!(up.hits(&format!("/blobs/{digest}")), 1, "{digest}");
+    }
+    // (Metrics are the process's, shared by the in-process nodes and the
+    // other tests: the upstream's own count is the measure here.)
+    // The status lists every member and a share of the digests.
+    let status = get(&nodes[0].url("/cluster/status")).await;
+    let v: serde_json::Value = serde_json::from_slice(status.bytes()).unwrap();
+    assert_eq!(v["members"].as_array().unwrap().len(), 3, "{v}");
+    let share = v["ownership_share"].as_f64().unwrap();
+    assert!((0.2..0.5).contains(&share), "{v}");
+    for d in nodes {
+        d.stop().await;
+    }
+}
+
+/// The owner of a digest is down (its port closed): the blob comes from
+/// the upstream, and the dead peer is not asked again for a while.
+#[tokio::test]
+async fn a_dead_owner_costs_one_refused_connect_then_is_skipped() {
+    let up = Fake::start(Behaviour::default()).await;
+    let pki = Pki::new();
+    let alive = port_on(Ipv4Addr::new(127, 0, 62, 1));
+    let dead = port_on(Ipv4Addr::new(127, 0, 62, 2));
+    let members = [alive, dead];
+    // Blobs the dead node owns.
+    let mut owned = Vec::new();
+    let mut seed = 100;
+    while owned.len() < 3 {
+        let b = blob(seed);
+        let d: nodemirror::reference::Digest = crate::support::sha256(&b).parse().unwrap();
+        if nodemirror::cluster::rank(&members, &d)[0] == dead {
+            up.put_blob("app", &b);
+            owned.push((b, d.to_string()));
+        }
+        seed += 1;
+    }
+    let node = Daemon::builder()
+        .hosts("shared.test", hosts_toml(&[], Some(&up.url())))
+        .cluster(settings(&pki, "alive", alive, &members))
+        .start()
+        .await;
+    for (content, digest) in &owned {
+        let (status, body) = stream_on(
+            &http_client(),
+            &url(&node, "shared.test", digest),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body.unwrap(), (content.len() as u64, digest.clone()));
+    }
+    let status = get(&node.url("/cluster/status")).await;
+    let text = String::from_utf8_lossy(status.bytes()).to_string();
+    assert!(text.contains("failing"), "{text}");
+    // One failed connect; the next blobs did not ask the dead peer first.
+    let errors = metric(
+        &node,
+        &format!("nodemirror_upstream_errors_total{{endpoint=\"https://{dead}/v2\""),
+    )
+    .await;
+    assert_eq!(errors, 1, "dead peer tried once");
+    node.stop().await;
+}
+
+/// The owner serves a corrupt copy (its disk flipped a byte): the node
+/// that asked keeps nothing corrupt, marks the owner bad, and gets the
+/// blob from the upstream.
+#[tokio::test]
+async fn a_corrupt_peer_is_marked_bad_and_the_upstream_serves() {
+    let up = Fake::start(Behaviour::default()).await;
+    let pki = Pki::new();
+    let hosts = [("shared.test", hosts_toml(&[], Some(&up.url())))];
+    let (nodes, addrs) = cluster(&pki, 63, 2, &hosts).await;
+    // A blob owned by node 1, cached there with a byte changed.
+    let mut seed = 200;
+    let (content, digest) = loop {
+        let b = blob(seed);
+        let d: nodemirror::reference::Digest = crate::support::sha256(&b).parse().unwrap();
+        if nodemirror::cluster::rank(&addrs, &d)[0] == addrs[1] {
+            break (b, d.to_string());
+        }
+        seed += 1;
+    };
+    up.put_blob("app", &content);
+    let mut bad = content.clone();
+    bad[1000] ^= 0xff;
+    let path = nodes[1].blob_path(&digest);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, &bad).unwrap();
+    let u = url(&nodes[0], "shared.test", &digest);
+    let (status, body) = stream_on(&http_client(), &u, None, None).await;
+    assert!(
+        status != StatusCode::OK || body.is_err(),
+        "corrupt bytes were delivered whole"
+    );
+    assert!(!nodes[0].blob_path(&digest).exists());
+    let (status, body) = stream_on(&http_client(), &u, None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body.unwrap(), (content.len() as u64, digest.clone()));
+    assert_eq!(up.hits(&format!("/blobs/{digest}")), 1);
+    wait_until("the good copy stored", Duration::from_secs(10), || {
+        std::fs::read(nodes[0].blob_path(&digest)).is_ok_and(|b| b == content)
+    })
+    .await;
+    for d in nodes {
+        d.stop().await;
+    }
+}
+
+/// Namespaces with credentials or `private = true` are not shared: each
+/// node fetches for itself, and the peer port refuses them.
+#[tokio::test]
+async fn private_namespaces_are_not_shared() {
+    let up = Fake::start(Behaviour::default()).await;
+    let pki = Pki::new();
+    let private = format!("private = true\n{}", hosts_toml(&[], Some(&up.url())));
+    let shared_anyway = format!(
+        "private = true\nshare = true\n{}",
+        hosts_toml(&[], Some(&up.url()))
+    );
+    let hosts = [("private.test", private), ("shared.test", shared_anyway)];
+    let (nodes, addrs) = cluster(&pki, 64, 2, &hosts).await;
+    let (a, b) = (blob(300), blob(301));
+    let (da, db) = (up.put_blob("app", &a), up.put_blob("app", &b));
+    for d in &nodes {
+        for (ns, content, digest) in [("private.test", &a, &da), ("shared.test", &b, &db)] {
+            let (status, body) = stream_on(&http_client(), &url(d, ns, digest), None, None).await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(body.unwrap(), (content.len() as u64, digest.clone()));
+        }
+    }
+    assert_eq!(
+        up.hits(&format!("/blobs/{da}")),
+        2,
+        "private: each node fetched"
+    );
+    assert_eq!(
+        up.hits(&format!("/blobs/{db}")),
+        1,
+        "share = true: fetched once"
+    );
+    // Asked directly with a member's certificate, the peer port refuses
+    // the private namespace and tags, and answers the shared blob.
+    let (cert, key) = pki.node("asker", addrs[0].ip());
+    let client = mtls_client(&pki.path().join("ca.pem"), Some((&cert, &key)));
+    let peer = |path: &str| format!("https://{}{path}", addrs[1]);
+    let (status, _) = peer_get(
+        &client,
+        &peer(&format!("/v2/app/blobs/{da}?ns=private.test")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = peer_get(&client, &peer("/v2/app/manifests/latest?ns=shared.test"))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, len) = peer_get(
+        &client,
+        &peer(&format!("/v2/app/blobs/{db}?ns=shared.test")),
+    )
+    .await
+    .unwrap();
+    assert_eq!((status, len), (StatusCode::OK, b.len()));
+    for d in nodes {
+        d.stop().await;
+    }
+}
+
+/// The peer port answers nothing without a certificate from the cluster's
+/// CA that names a member's address.
+#[tokio::test]
+async fn the_peer_port_wants_a_members_certificate() {
+    let up = Fake::start(Behaviour::default()).await;
+    let content = blob(400);
+    let digest = up.put_blob("app", &content);
+    let pki = Pki::new();
+    let hosts = [("shared.test", hosts_toml(&[], Some(&up.url())))];
+    let (nodes, addrs) = cluster(&pki, 65, 1, &hosts).await;
+    let ca = pki.path().join("ca.pem");
+    let target = format!("https://{}/v2/app/blobs/{digest}?ns=shared.test", addrs[0]);
+    // No client certificate.
+    let none = mtls_client(&ca, None);
+    assert!(peer_get(&none, &target).await.is_err());
+    // A certificate from another CA.
+    let other = Pki::new();
+    let (cert, key) = other.node("stranger", IpAddr::V4(Ipv4Addr::new(127, 0, 65, 1)));
+    let stranger = mtls_client(&ca, Some((&cert, &key)));
+    assert!(peer_get(&stranger, &target).await.is_err());
+    // The right CA, but an address that is not a member.
+    let (cert, key) = pki.node("outsider", IpAddr::V4(Ipv4Addr::new(127, 0, 65, 99)));
+    let outsider = mtls_client(&ca, Some((&cert, &key)));
+    assert!(peer_get(&outsider, &target).await.is_err());
+    // A member's certificate.
+    let (cert, key) = pki.node("member", addrs[0].ip());
+    let member = mtls_client(&ca, Some((&cert, &key)));
+    let (status, len) = peer_get(&member, &target).await.unwrap();
+    assert_eq!((status, len), (StatusCode::OK, content.len()));
+    for d in nodes {
+        d.stop().await;
+    }
+}
+
+/// Members come from a DNS name, asked of a server on loopback: a node
+/// joins and leaves as the records change.
+#[tokio::test]
+async fn members_follow_the_dns_name() {
+    let dns = Dns::start().await;
+    let pki = Pki::new();
+    let port = port_on(Ipv4Addr::new(127, 0, 66, 1)).port();
+    let me = SocketAddr::from(([127, 0, 66, 1], port));
+    let (cert, key) = pki.node("dns-node", me.ip());
+    let ip = |i| Ipv4Addr::new(127, 0, 66, i);
+    dns.set(&[ip(1), ip(2)]);
+    let node = Daemon::builder()
+        .cluster(ClusterSettings {
+            peers: Vec::new(),
+            peers_dns: Some(("peers.cluster.test".into(), port)),
+            dns_server: Some(dns.addr),
+            cert,
+            key,
+            ..settings(&pki, "unused", me, &[])
+        })
+        .start()
+        .await;
+    let members = || {
+        let url = node.url("/cluster/status");
+        async move {
+            let v: serde_json::Value = serde_json::from_slice(get(&url).await.bytes()).unwrap();
+            let mut m: Vec<String> = v["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["address"].as_str().unwrap().to_string())
+                .collect();
+            m.sort();
+            m
+        }
+    };
+    let want = |ips: &[u8]| -> Vec<String> {
+        ips.iter().map(|i| format!("127.0.66.{i}:{port}")).collect()
+    };
+    for (records, expect) in [
+        (vec![ip(1), ip(2)], want(&[1, 2])),
+        (vec![ip(1), ip(2), ip(3)], want(&[1, 2, 3])),
+        (vec![ip(3)], want(&[1, 3])),
+    ] {
+        dns.set(&records);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = members().await;
+            if got == expect {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "members {got:?}, want {expect:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    node.stop().await;
+}
+
+type PeerClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    http_body_util::Empty<bytes::Bytes>,
+>;
+
+/// An HTTPS client trusting `ca`, with a client certificate if given.
+fn mtls_client(ca: &Path, identity: Option<(&PathBuf, &PathBuf)>) -> PeerClient {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match identity {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_file_iter(cert)
+                    .unwrap()
+                    .map(|c| c.unwrap())
+                    .collect(),
+                PrivateKeyDer::from_pem_file(key).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_only()
+        .enable_http1()
+        .build();
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https)
+}
+
+/// GET through the peer port: the status and the body's length.
+async fn peer_get(client: &PeerClient, url: &str) -> Result<(StatusCode, usize), String> {
+    use http_body_util::BodyExt;
+    let req = http::Request::get(url)
+        .header("x-nodemirror-peer", "owner")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .map_err(|_| "timeout".to_string())?
+        .map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, body.len()))
+}
