@@ -456,3 +456,225 @@ async fn peer_get(client: &PeerClient, url: &str) -> Result<(StatusCode, usize),
         .to_bytes();
     Ok((status, body.len()))
 }
+
+/// A node as its own process (the binary), so it can be stopped and
+/// killed: `[cluster]` at `at` with `members`.
+async fn binary_node(
+    pki: &Pki,
+    name: &str,
+    at: SocketAddr,
+    members: &[SocketAddr],
+    hosts: &Path,
+    extra: &str,
+) -> crate::support::real::Binary {
+    let (cert, key) = pki.node(name, at.ip());
+    let peers: Vec<String> = members.iter().map(|m| format!("\"{m}\"")).collect();
+    let config = format!(
+        "{extra}\n[cluster]\nlisten = \"{at}\"\npeers = [{}]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        peers.join(", "),
+        pki.path().join("ca.pem").display(),
+        cert.display(),
+        key.display()
+    );
+    crate::support::real::Binary::start_in(hosts, None, &config, &[]).await
+}
+
+/// A blob of `size` bytes whose owner among `members` is `owner`.
+fn owned_by(
+    members: &[SocketAddr],
+    owner: SocketAddr,
+    size: usize,
+    mut seed: u64,
+) -> (Vec<u8>, String) {
+    loop {
+        let mut b = blob(seed);
+        b.resize(size, (seed % 251) as u8);
+        let d: nodemirror::reference::Digest = crate::support::sha256(&b).parse().unwrap();
+        if nodemirror::cluster::rank(members, &d)[0] == owner {
+            return (b, d.to_string());
+        }
+        seed += 1;
+    }
+}
+
+/// The owner streams a blob it is still fetching from a slow upstream,
+/// then stops answering (`kill -STOP`), or dies (`kill -9`): the node that
+/// asked resumes from the upstream where the owner's stream stopped, and
+/// its client gets one right body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_that_stops_or_dies_mid_stream_is_resumed_from_the_upstream() {
+    let up = Fake::start(Behaviour {
+        rate: Some(1 << 20),
+        ..Behaviour::default()
+    })
+    .await;
+    let pki = Pki::new();
+    let me = port_on(Ipv4Addr::new(127, 0, 67, 1));
+    let owner = port_on(Ipv4Addr::new(127, 0, 67, 2));
+    let members = [me, owner];
+    let hosts = tempfile::tempdir().unwrap();
+    crate::support::write_hosts(
+        hosts.path(),
+        &[("slow.test", hosts_toml(&[], Some(&up.url())))],
+    );
+    for (signal, seed) in [("-STOP", 500), ("-KILL", 600)] {
+        // A fresh node each time: the last round's failure keeps the owner
+        // out of this node's plans for its back-off.
+        let node = Daemon::builder()
+            .hosts("slow.test", hosts_toml(&[], Some(&up.url())))
+            .cluster(settings(&pki, &format!("me{seed}"), me, &members))
+            .start()
+            .await;
+        let (content, digest) = owned_by(&members, owner, 3 << 20, seed);
+        up.put_blob("app", &content);
+        let b = binary_node(
+            &pki,
+            &format!("owner{seed}"),
+            owner,
+            &members,
+            hosts.path(),
+            "",
+        )
+        .await;
+        let client = http_client();
+        let u = url(&node, "slow.test", &digest);
+        let pull = tokio::spawn(async move { stream_on(&client, &u, None, None).await });
+        // Mid-stream: about a third has come through the owner.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let pid = b.proc.child.id().to_string();
+        assert!(std::process::Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .unwrap()
+            .success());
+        let (status, body) = pull.await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{signal}");
+        assert_eq!(
+            body.unwrap(),
+            (content.len() as u64, digest.clone()),
+            "{signal}"
+        );
+        // The owner's one whole GET, then this node's Range from where the
+        // owner's stream stopped.
+        let ranges: Vec<String> = up
+            .seen()
+            .iter()
+            .filter(|s| s.uri.contains(&digest))
+            .filter_map(|s| Some(s.headers.get("range")?.to_str().ok()?.to_string()))
+            .collect();
+        assert_eq!(ranges.len(), 1, "{signal}: {ranges:?}");
+        let from: u64 = ranges[0]
+            .strip_prefix("bytes=")
+            .and_then(|r| r.strip_suffix('-'))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{ranges:?}"));
+        assert!(
+            from > 0 && from < content.len() as u64,
+            "{signal}: resumed from {from}"
+        );
+        if signal == "-STOP" {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid])
+                .status();
+        }
+        drop(b);
+        node.stop().await;
+    }
+}
+
+/// The whole path: a real containerd on one node of a two-node cluster
+/// pulls an image from a real registry; the blobs the other node owns come
+/// through it, and the image is right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_pulls_through_a_cluster_node() {
+    use crate::support::real::{require, Containerd, Registry};
+    if !require(&["containerd", "ctr", "docker-registry"]) {
+        return;
+    }
+    let reg = Registry::start().await;
+    let img = crate::support::image::Image::build(&[
+        ("a.bin", &blob(700)),
+        ("b.bin", &blob(701)),
+        ("c.bin", &blob(702)),
+        ("d.txt", b"through the cluster"),
+    ]);
+    reg.push("team/app", "v1", &img).await;
+    let hosts = tempfile::tempdir().unwrap();
+    crate::support::write_hosts(
+        hosts.path(),
+        &[(
+            "registry.cluster.test",
+            format!("server = \"{}\"\n", reg.url()),
+        )],
+    );
+    let pki = Pki::new();
+    let a = port_on(Ipv4Addr::new(127, 0, 68, 1));
+    let b = port_on(Ipv4Addr::new(127, 0, 68, 2));
+    let members = [a, b];
+    let node_b = binary_node(&pki, "b", b, &members, hosts.path(), "").await;
+    let node_a = binary_node(&pki, "a", a, &members, hosts.path(), "").await;
+    let certs = tempfile::tempdir().unwrap();
+    crate::support::write_hosts(
+        certs.path(),
+        &[(
+            "_default",
+            format!(
+                "server = \"http://127.0.0.1:9\"\n\n[host.\"http://127.0.0.1:{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+                node_a.port
+            ),
+        )],
+    );
+    let ctrd = Containerd::start().await;
+    crate::e2e::pull(
+        &ctrd,
+        certs.path().to_str().unwrap(),
+        "registry.cluster.test/team/app:v1",
+        &img.digest,
+        &node_a,
+    );
+    // The blobs node b owns came to node a from b, which fetched them.
+    let owned_by_b = img
+        .blobs()
+        .filter(|blob| {
+            let d: nodemirror::reference::Digest = crate::support::sha256(blob).parse().unwrap();
+            nodemirror::cluster::rank(&members, &d)[0] == b
+        })
+        .count() as u64;
+    let metric_of = |port: u16, line: &'static str| async move {
+        let text = String::from_utf8_lossy(
+            get(&format!("http://127.0.0.1:{port}/metrics"))
+                .await
+                .bytes(),
+        )
+        .to_string();
+        text.lines()
+            .filter(|l| l.starts_with(line))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    assert_eq!(
+        metric_of(
+            node_a.port,
+            "nodemirror_blob_fetches_total{source=\"peer\"}"
+        )
+        .await,
+        owned_by_b
+    );
+    assert_eq!(
+        metric_of(
+            node_b.port,
+            "nodemirror_blob_fetches_total{source=\"upstream\"}"
+        )
+        .await,
+        owned_by_b
+    );
+    let total = img.blobs().count() as u64;
+    assert_eq!(
+        metric_of(
+            node_a.port,
+            "nodemirror_blob_fetches_total{source=\"upstream\"}"
+        )
+        .await,
+        total - owned_by_b
+    );
+}

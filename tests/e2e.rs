@@ -112,7 +112,7 @@ async fn containerd_pulls_from_two_registries_through_the_mirror() {
 
 /// `ctr images pull` of `reference` through `certs_dir`; asserts success and
 /// the digest `ctr images ls` shows. Returns how long the pull took.
-fn pull(
+pub fn pull(
     ctrd: &Containerd,
     certs_dir: &str,
     reference: &str,
