@@ -50,8 +50,11 @@ use crate::upstream::{Config, Endpoint, PeerPlan};
 /// The header that tells a peer what it is asked as.
 pub const PEER_HEADER: &str = "x-nodemirror-peer";
 
-/// Candidates after the owner asked for what they hold, when the owner
-/// and the upstreams fail.
+/// Members asked as owners, in rank order: the owner and the runner-up.
+const OWNERS: usize = 2;
+
+/// Candidates after those asked for what they hold, when the owners and
+/// the upstreams fail.
 const HOLDERS_ASKED: usize = 3;
 
 /// How a request reached this node's peer port.
@@ -153,20 +156,27 @@ impl Cluster {
         self.tls.load().server.clone()
     }
 
-    /// The peers for a request of `digest` in `ns`: the owner before the
-    /// namespace's chain (unless this node owns it), the next candidates
-    /// after it. `None` when the namespace is not shared.
+    /// The peers for a request of `digest` in `ns`: before the namespace's
+    /// chain, the owner and the runner-up (asked as owners: either fetches
+    /// once for the cluster; the runner-up takes over when the owner is
+    /// down, stalls or lies, so the other nodes still fetch once between
+    /// them), never this node itself; after the chain, the next candidates,
+    /// asked only for what they hold. `None` when the namespace is not
+    /// shared.
     pub fn plan(&self, cfg: &Config, ns: &Namespace, digest: &Digest) -> Option<Arc<PeerPlan>> {
         if !cfg.shareable(ns) {
             return None;
         }
         let me = self.me();
         let ranked = rank(&self.members(), digest);
-        let (owner, rest) = ranked.split_first()?;
-        let first = match *owner == me {
-            true => Vec::new(),
-            false => vec![self.endpoint(*owner, PeerRole::Owner)],
-        };
+        let owners = ranked.len().min(OWNERS);
+        let (first, rest) = ranked.split_at(owners);
+        // Up to this node: the ones ranked above it own the digest before it.
+        let first = first
+            .iter()
+            .take_while(|m| **m != me)
+            .map(|m| self.endpoint(*m, PeerRole::Owner))
+            .collect();
         let last = rest
             .iter()
             .filter(|m| **m != me)

@@ -678,3 +678,41 @@ async fn containerd_pulls_through_a_cluster_node() {
         total - owned_by_b
     );
 }
+
+/// The owner is down: the runner-up fetches for the others, so the
+/// cluster still fetches the blob once.
+#[tokio::test]
+async fn with_the_owner_down_the_runner_up_fetches_for_the_cluster() {
+    let up = Fake::start(Behaviour::default()).await;
+    let pki = Pki::new();
+    let a = port_on(Ipv4Addr::new(127, 0, 69, 1));
+    let b = port_on(Ipv4Addr::new(127, 0, 69, 2));
+    let dead = port_on(Ipv4Addr::new(127, 0, 69, 3));
+    let members = [a, b, dead];
+    let (content, digest) = owned_by(&members, dead, 1 << 20, 900);
+    up.put_blob("app", &content);
+    let mut nodes = Vec::new();
+    for (name, at) in [("a", a), ("b", b)] {
+        nodes.push(
+            Daemon::builder()
+                .hosts("shared.test", hosts_toml(&[], Some(&up.url())))
+                .cluster(settings(&pki, name, at, &members))
+                .start()
+                .await,
+        );
+    }
+    let client = http_client();
+    let urls: Vec<String> = nodes
+        .iter()
+        .map(|d| url(d, "shared.test", &digest))
+        .collect();
+    let pulls = urls.iter().map(|u| stream_on(&client, u, None, None));
+    for (status, body) in futures_util::future::join_all(pulls).await {
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body.unwrap(), (content.len() as u64, digest.clone()));
+    }
+    assert_eq!(up.hits(&format!("/blobs/{digest}")), 1);
+    for d in nodes {
+        d.stop().await;
+    }
+}
