@@ -84,6 +84,8 @@ pub struct Metrics {
     pub served_from_upstream: AtomicU64,
     /// Of the bytes from the cache, those sent with sendfile(2).
     pub sent_by_sendfile: AtomicU64,
+    /// Of those, bytes of blobs still being fetched (handed out as parts).
+    pub sent_in_flight: AtomicU64,
     /// Failed attempts, by endpoint and reason.
     pub upstream_errors: Family,
     /// Moves to the next endpoint after a failure, by the endpoint left.
@@ -124,6 +126,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     served_from_cache: AtomicU64::new(0),
     served_from_upstream: AtomicU64::new(0),
     sent_by_sendfile: AtomicU64::new(0),
+    sent_in_flight: AtomicU64::new(0),
     upstream_errors: Family::new(
         "nodemirror_upstream_errors_total",
         "Failed upstream attempts by endpoint and reason.",
@@ -199,6 +202,13 @@ impl Metrics {
              # TYPE nodemirror_sendfile_bytes_total counter\n\
              nodemirror_sendfile_bytes_total {}",
             self.sent_by_sendfile.load(Ordering::Relaxed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP nodemirror_sendfile_in_flight_bytes_total Of those, bytes of blobs still being fetched (clients following a download).\n\
+             # TYPE nodemirror_sendfile_in_flight_bytes_total counter\n\
+             nodemirror_sendfile_in_flight_bytes_total {}",
+            self.sent_in_flight.load(Ordering::Relaxed),
         );
         for (name, help, v) in [
             (

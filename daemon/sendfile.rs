@@ -51,6 +51,8 @@ struct Region {
     start: usize,
     len: usize,
     file: Arc<File>,
+    /// The file offset of the mapping's first byte.
+    offset: u64,
 }
 
 impl Mappings {
@@ -64,7 +66,7 @@ impl Mappings {
         self.lock()
             .iter()
             .find(|r| at >= r.start && at + slice.len() <= r.start + r.len)
-            .map(|r| (r.file.clone(), (at - r.start) as u64))
+            .map(|r| (r.file.clone(), r.offset + (at - r.start) as u64))
     }
 
     /// Bytes `start..end` of a complete cached blob of `len` bytes, as a
@@ -79,22 +81,54 @@ impl Mappings {
         end: u64,
         held: InUse,
     ) -> Result<Bytes, (io::Error, InUse)> {
-        let mapped = map_read_only(file, len).and_then(|map| Ok((map, file.try_clone()?)));
+        let mapped = map_read_only(file, 0, len).and_then(|map| Ok((map, file.try_clone()?)));
         let (map, file) = match mapped {
             Ok(m) => m,
             Err(e) => return Err((e, held)),
         };
+        let whole = self.register(map, Arc::new(file), 0, Arc::new(held));
+        Ok(whole.slice(start as usize..end as usize))
+    }
+
+    /// Bytes `start..end` of a blob still being fetched, as a frame this
+    /// connection's writer sends with sendfile: only bytes already written
+    /// (`end` at most the ingest's published `written`), which the ingest
+    /// never writes again. `held` keeps the blob from eviction.
+    pub fn part(
+        self: &Arc<Self>,
+        file: &Arc<File>,
+        start: u64,
+        end: u64,
+        held: &Arc<InUse>,
+    ) -> io::Result<Bytes> {
+        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .map_or(4096, |p| p as u64);
+        let aligned = start - start % page;
+        let map = map_read_only(file, aligned, end - aligned)?;
+        let frame = self.register(map, file.clone(), aligned, held.clone());
+        Ok(frame.slice((start - aligned) as usize..))
+    }
+
+    fn register(
+        self: &Arc<Self>,
+        map: memmap2::Mmap,
+        file: Arc<File>,
+        offset: u64,
+        held: Arc<InUse>,
+    ) -> Bytes {
         self.lock().push(Region {
             start: map.as_ptr() as usize,
             len: map.len(),
-            file: Arc::new(file),
+            file,
+            offset,
         });
-        let owner = Mapped {
+        Bytes::from_owner(Mapped {
             map,
             mappings: self.clone(),
             _held: held,
-        };
-        Ok(Bytes::from_owner(owner).slice(start as usize..end as usize))
+        })
     }
 }
 
@@ -102,7 +136,7 @@ impl Mappings {
 struct Mapped {
     map: memmap2::Mmap,
     mappings: Arc<Mappings>,
-    _held: InUse,
+    _held: Arc<InUse>,
 }
 
 impl AsRef<[u8]> for Mapped {
@@ -122,15 +156,23 @@ impl Drop for Mapped {
 }
 
 #[allow(unsafe_code)]
-fn map_read_only(file: &File, len: u64) -> io::Result<memmap2::Mmap> {
-    // SAFETY: the mapping is of a cache file that is complete and verified:
-    // the store never writes to such a file again (blobs are written to a
-    // temp file and renamed into place; eviction and quarantine unlink or
-    // rename), and the mapping is read-only. Its pages are normally never
-    // read at all (the writer sends the file instead); if another process
-    // truncated the file anyway, sendfile would come up short and the
-    // connection would be cut.
-    unsafe { memmap2::MmapOptions::new().len(len as usize).map(file) }
+fn map_read_only(file: &File, offset: u64, len: u64) -> io::Result<memmap2::Mmap> {
+    // SAFETY: the mapped bytes are never written again while mapped: either
+    // the file is a complete, verified cache file (the store never writes
+    // to such a file again: blobs are written to a temp file and renamed
+    // into place; eviction and quarantine unlink or rename), or the range
+    // is the already-written start of a blob being fetched, and the ingest
+    // writes each offset once (its writers resume past what they wrote;
+    // `written` counts only bytes on disk). The mapping is read-only and
+    // its pages are normally never read at all (the writer sends the file
+    // instead); if another process truncated the file anyway, sendfile
+    // would come up short and the connection would be cut.
+    unsafe {
+        memmap2::MmapOptions::new()
+            .offset(offset)
+            .len(len as usize)
+            .map(file)
+    }
 }
 
 /// A plain-TCP connection whose writer sends mapped blob frames with

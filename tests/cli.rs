@@ -162,13 +162,19 @@ async fn a_1gib_blob_streams_in_bounded_memory_and_is_then_sent_from_the_file() 
         "peak RSS {peak_mib} MiB: the blob was buffered"
     );
 
+    // Bytes of cached blobs sent with sendfile: all of them, less those of
+    // blobs still being fetched (a leader that lagged goes on from the file).
     let sent_by_sendfile = || async {
         let text = crate::support::get(&format!("http://127.0.0.1:{}/metrics", bin.port)).await;
         let text = String::from_utf8(text.bytes().to_vec()).unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix("nodemirror_sendfile_bytes_total "))
-            .and_then(|v| v.parse::<u64>().ok())
-            .expect("nodemirror_sendfile_bytes_total in /metrics")
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("{name} in /metrics"))
+        };
+        value("nodemirror_sendfile_bytes_total")
+            - value("nodemirror_sendfile_in_flight_bytes_total")
     };
     assert_eq!(sent_by_sendfile().await, 0, "nothing was cached yet");
     crate::support::wait_until("the blob to be committed", Duration::from_secs(30), || {
@@ -425,4 +431,49 @@ async fn prefetch_then_cache_stats_gc_and_verify() {
     );
     let text = String::from_utf8_lossy(&run(&["cache", "stats"]).stdout).to_string();
     assert!(text.contains("blobs:           0 (0 bytes)"), "{text}");
+}
+
+/// A client that follows a blob still being fetched gets it with sendfile
+/// from the growing file (no copy through the daemon), and right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_of_a_fetch_get_the_growing_file_by_sendfile() {
+    let up = Fake::start(Behaviour {
+        rate: Some(4 << 20),
+        ..Behaviour::default()
+    })
+    .await;
+    let content: Vec<u8> = (0..(3u32 << 20))
+        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+        .collect();
+    let digest = up.put_blob("app", &content);
+    let hosts = tempfile::tempdir().unwrap();
+    crate::support::write_hosts(
+        hosts.path(),
+        &[("slow.test", format!("server = \"{}\"\n", up.url()))],
+    );
+    let bin = Binary::start(hosts.path(), &[]).await;
+    let url = format!(
+        "http://127.0.0.1:{}/v2/app/blobs/{digest}?ns=slow.test",
+        bin.port
+    );
+    let (leader, follower) = (crate::support::http_client(), crate::support::http_client());
+    let first = stream_on(&leader, &url, None, None);
+    let second = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stream_on(&follower, &url, None, None).await
+    };
+    let (a, b) = tokio::join!(first, second);
+    let whole = (StatusCode::OK, Ok((content.len() as u64, digest.clone())));
+    assert_eq!(a, whole);
+    assert_eq!(b, whole);
+    let text = crate::support::get(&format!("http://127.0.0.1:{}/metrics", bin.port)).await;
+    let text = String::from_utf8(text.bytes().to_vec()).unwrap();
+    let in_flight: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("nodemirror_sendfile_in_flight_bytes_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    // The follower's body but its last byte (held until the digest matched).
+    assert!(in_flight >= content.len() as u64 - 1, "{in_flight}");
+    assert_eq!(up.hits("/blobs/"), 1);
 }

@@ -77,6 +77,8 @@ pub struct TeeBody {
     held: Option<InUse>,
     total: u64,
     received: u64,
+    /// For the rest from the file, once detached.
+    zero_copy: Option<Part>,
 }
 
 type Verified = Pin<Box<dyn std::future::Future<Output = Result<(), BoxError>> + Send + Sync>>;
@@ -96,6 +98,7 @@ pub fn tee(
     progress: watch::Receiver<Progress>,
     total: u64,
     held: InUse,
+    zero_copy: Option<Part>,
 ) -> TeeBody {
     TeeBody {
         state: Tee::Memory(frames),
@@ -104,6 +107,7 @@ pub fn tee(
         held: Some(held),
         total,
         received: 0,
+        zero_copy,
     }
 }
 
@@ -156,6 +160,7 @@ impl Body for TeeBody {
                             this.received,
                             Some(this.total),
                             held,
+                            this.zero_copy.take(),
                         );
                         this.state = Tee::File(rest);
                     }
@@ -205,11 +210,17 @@ pub fn stream(
     start: u64,
     end: Option<u64>,
     held: InUse,
+    zero_copy: Option<Part>,
 ) -> FileBody {
     let (tx, rx) = mpsc::channel(AHEAD);
     tokio::spawn(async move {
-        let _held = held;
-        if let Err(e) = feed(Arc::new(file), progress, start, end, &tx).await {
+        let held = Arc::new(held);
+        let read = Read {
+            file: Arc::new(file),
+            held,
+            zero_copy,
+        };
+        if let Err(e) = feed(&read, progress, start, end, &tx).await {
             let _ = tx.send(Err(e)).await;
         }
     });
@@ -219,10 +230,26 @@ pub fn stream(
     }
 }
 
+/// Makes a frame of bytes `start..end` of a file that the connection
+/// sends without copying them through the daemon (sendfile), when it can;
+/// the blob stays held while the frame lives.
+pub type Part =
+    Box<dyn Fn(&Arc<File>, u64, u64, &Arc<InUse>) -> std::io::Result<Bytes> + Send + Sync>;
+
+/// What one response reads from.
+struct Read {
+    file: Arc<File>,
+    held: Arc<InUse>,
+    zero_copy: Option<Part>,
+}
+
+/// Bytes the zero-copy path hands out per frame.
+const PART_CHUNK: u64 = 8 << 20;
+
 /// Sends the readable bytes as they become readable; returns when done,
 /// when the client is gone (`Ok`), or with the error to pass on.
 async fn feed(
-    file: Arc<File>,
+    read: &Read,
     mut progress: watch::Receiver<Progress>,
     mut pos: u64,
     end: Option<u64>,
@@ -245,8 +272,18 @@ async fn feed(
         let stop = end.or(p.total);
         let upto = stop.map_or(readable, |s| s.min(readable));
         while pos < upto {
+            if let Some(part) = &read.zero_copy {
+                let to = upto.min(pos + PART_CHUNK);
+                if let Ok(frame) = part(&read.file, pos, to, &read.held) {
+                    pos = to;
+                    if tx.send(Ok(frame)).await.is_err() {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            }
             let len = (upto - pos).min(CHUNK as u64) as usize;
-            let (f, at) = (file.clone(), pos);
+            let (f, at) = (read.file.clone(), pos);
             let buf = pool::run(move || {
                 let mut buf = BytesMut::zeroed(len);
                 f.read_exact_at(&mut buf, at).map(|_| buf.freeze())

@@ -226,13 +226,24 @@ fn body(
         leader,
         cached,
     } = opened;
+    // A blob still being fetched: its written start goes out with sendfile
+    // too, in parts, on connections that can.
+    let part = zero_copy.cloned().map(|mappings| -> read::Part {
+        Box::new(move |file, start, end, held| {
+            let frame = mappings.part(file, start, end, held)?;
+            METRICS
+                .sent_in_flight
+                .fetch_add(end - start, Ordering::Relaxed);
+            Ok(frame)
+        })
+    });
     if let (Some(frames), RangeSpec::Full, Some(t)) = (leader, &w.spec, total) {
-        return boxed(read::tee(frames, file, progress, t, held));
+        return boxed(read::tee(frames, file, progress, t, held, part));
     }
-    let zero_copy = zero_copy.filter(|_| cached);
-    match sendfile_frame(zero_copy, &file, total, w.start, w.end, held) {
+    let whole = zero_copy.filter(|_| cached);
+    match sendfile_frame(whole, &file, total, w.start, w.end, held) {
         Ok(frame) => full(frame),
-        Err(held) => boxed(read::stream(file, progress, w.start, w.end, held)),
+        Err(held) => boxed(read::stream(file, progress, w.start, w.end, held, part)),
     }
 }
 
