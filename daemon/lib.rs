@@ -21,7 +21,8 @@
 //! `main` only parses the command line.
 
 // Three audited exceptions: adopting a socket passed by systemd (systemd.rs),
-// mapping a complete cache file to send it with sendfile (sendfile.rs), and
+// mapping a cache file (complete, or the written start of one being fetched)
+// to send it with sendfile (sendfile.rs), and
 // setting glibc's allocator parameters (memory.rs).
 #![deny(unsafe_code)]
 

@@ -134,3 +134,27 @@ pub async fn follow_dns(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(i: u8) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, i], 5781))
+    }
+
+    #[test]
+    fn members_are_the_list_the_records_and_this_node() {
+        let m = Members::new(a(1), vec![a(2), a(3)]);
+        assert_eq!(*m.current(), [a(1), a(2), a(3)]);
+        // A reload drops one and adds one; DNS adds two, one of them listed.
+        m.set_listed(vec![a(3), a(4)]);
+        m.set_resolved(vec![a(4), a(5)]);
+        assert_eq!(*m.current(), [a(1), a(3), a(4), a(5)]);
+        // The records go; this node stays, whatever the sources say.
+        m.set_resolved(Vec::new());
+        m.set_listed(Vec::new());
+        assert_eq!(*m.current(), [a(1)]);
+        assert!(m.has_ip(a(1).ip()) && !m.has_ip(a(5).ip()));
+    }
+}
