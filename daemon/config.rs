@@ -481,6 +481,47 @@ mod tests {
     }
 
     #[test]
+    fn cluster_settings_and_their_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "[cluster]\nlisten = \"10.0.0.5:5781\"\npeers = [\"10.0.0.6:5781\"]\npeers_dns = \"peers.svc:5781\"\nca = \"c/ca.pem\"\ncert = \"c/n.pem\"\nkey = \"c/n-key.pem\"\n",
+        );
+        let c = Settings::load(Some(&p), Overrides::default())
+            .unwrap()
+            .cluster
+            .unwrap();
+        assert_eq!(c.advertise, c.listen, "advertise defaults to listen");
+        assert_eq!(c.peers_dns, Some(("peers.svc".to_string(), 5781)));
+        assert_eq!(c.ca, dir.path().join("c/ca.pem"));
+        assert_eq!(c.peer_timeout, Duration::from_millis(300));
+        for (text, line, says) in [
+            ("[cluster]\nlisten = \"10.0.0.5\"\n", 2, "is not IP:PORT"),
+            (
+                "[cluster]\nlisten = \"10.0.0.5:1\"\npeers_dns = \"name\"\n",
+                3,
+                "is not NAME:PORT",
+            ),
+            (
+                "[cluster]\nlisten = \"10.0.0.5:1\"\npeers = [\"10.0.0.6:1\"]\n",
+                1,
+                "needs `ca`",
+            ),
+            (
+                "[cluster]\nlisten = \"10.0.0.5:1\"\n",
+                1,
+                "needs `peers or peers_dns`",
+            ),
+            ("[cluster]\nlisen = 1\n", 2, "unknown key `lisen`"),
+        ] {
+            let p = write(dir.path(), text);
+            let e = Settings::load(Some(&p), Overrides::default()).unwrap_err();
+            assert_eq!(e.0[0].line, line, "{e}");
+            assert!(e.to_string().contains(says), "{e}");
+        }
+    }
+
+    #[test]
     fn every_error_inside_a_section_is_reported() {
         let dir = tempfile::tempdir().unwrap();
         let p = write(

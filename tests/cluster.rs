@@ -716,3 +716,80 @@ async fn with_the_owner_down_the_runner_up_fetches_for_the_cluster() {
         d.stop().await;
     }
 }
+
+/// `nodemirror cluster ca|cert|status` as an operator runs them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_commands_make_certificates_and_show_the_members() {
+    let bin = env!("CARGO_BIN_EXE_nodemirror");
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| std::process::Command::new(bin).args(args).output().unwrap();
+    let ca = dir.path().join("ca");
+    let out = run(&["cluster", "ca", "--out", ca.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    // Not overwritten by a second run.
+    assert!(!run(&["cluster", "ca", "--out", ca.to_str().unwrap()])
+        .status
+        .success());
+    let me = port_on(Ipv4Addr::new(127, 0, 70, 1));
+    let other = SocketAddr::from(([127, 0, 70, 2], me.port()));
+    let node = dir.path().join("node");
+    let out = run(&[
+        "cluster",
+        "cert",
+        "--ca",
+        ca.to_str().unwrap(),
+        "--name",
+        "n1",
+        "--ip",
+        "127.0.70.1",
+        "--out",
+        node.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(node.join("n1-key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // Without --ip: refused with a reason.
+    let out = run(&[
+        "cluster",
+        "cert",
+        "--ca",
+        ca.to_str().unwrap(),
+        "--name",
+        "n2",
+        "--out",
+        node.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let hosts = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[cluster]\nlisten = \"{me}\"\npeers = [\"{me}\", \"{other}\"]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        ca.join("ca.pem").display(),
+        node.join("n1.pem").display(),
+        node.join("n1-key.pem").display()
+    );
+    let daemon = crate::support::real::Binary::start_in(hosts.path(), None, &config, &[]).await;
+    let server = format!("http://127.0.0.1:{}", daemon.port);
+    let out = run(&["cluster", "status", "--server", &server]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(text.contains(&format!("self {me}")), "{text}");
+    assert!(text.contains(&format!("{other}")), "{text}");
+    assert!(text.contains("% of digests"), "{text}");
+    // A daemon without [cluster] says so.
+    let plain = crate::support::real::Binary::start(hosts.path(), &[]).await;
+    let out = run(&[
+        "cluster",
+        "status",
+        "--server",
+        &format!("http://127.0.0.1:{}", plain.port),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not in cluster mode"),
+        "{out:?}"
+    );
+}
