@@ -43,9 +43,10 @@ pub use members::Members;
 
 use crate::config::cluster::ClusterSettings;
 use crate::config::hosts::{Capabilities, ClientIdentity, HostSettings};
+use crate::config::UpstreamSettings;
 use crate::reference::{Digest, Namespace};
 use crate::upstream::client::{ClientPool, HttpClient};
-use crate::upstream::{Config, Endpoint, PeerPlan};
+use crate::upstream::{Config, Endpoint, PeerPlan, Upstream};
 
 /// The header that tells a peer what it is asked as.
 pub const PEER_HEADER: &str = "x-nodemirror-peer";
@@ -98,11 +99,19 @@ pub struct Cluster {
     /// Endpoints for peers, by address and role; rebuilt with the TLS.
     endpoints: Mutex<HashMap<(SocketAddr, PeerRole), Arc<Endpoint>>>,
     peer_timeout: Mutex<Duration>,
+    /// Members the probe marked failing; it clears its own marks when
+    /// they answer again.
+    probed_down: Mutex<std::collections::HashSet<SocketAddr>>,
 }
 
 impl Cluster {
-    /// Reads the certificates and starts following `peers_dns`.
-    pub fn start(s: &ClusterSettings) -> Result<Arc<Cluster>, String> {
+    /// Reads the certificates, starts following `peers_dns` and probing
+    /// the members (see [`probe`]).
+    pub fn start(
+        s: &ClusterSettings,
+        upstream: Arc<Upstream>,
+        settings: UpstreamSettings,
+    ) -> Result<Arc<Cluster>, String> {
         let tls = load_tls(s)?;
         let members = Arc::new(Members::new(s.advertise, s.peers.clone()));
         if let Some((name, port)) = &s.peers_dns {
@@ -115,13 +124,16 @@ impl Cluster {
                 s.refresh,
             ));
         }
-        Ok(Arc::new(Cluster {
+        let cluster = Arc::new(Cluster {
             listen: s.listen,
             members,
             tls: ArcSwap::from_pointee(tls),
             endpoints: Mutex::default(),
             peer_timeout: Mutex::new(s.peer_timeout),
-        }))
+            probed_down: Mutex::default(),
+        });
+        tokio::spawn(probe(Arc::downgrade(&cluster), upstream, settings));
+        Ok(cluster)
     }
 
     /// A reload: the static members, the certificates and the timeout take
@@ -232,6 +244,63 @@ impl Cluster {
         });
         map.insert((addr, role), ep.clone());
         ep
+    }
+}
+
+/// How often every member is probed.
+const PROBE_EVERY: Duration = Duration::from_secs(2);
+
+/// Asks every other member for `/v2/` every [`PROBE_EVERY`], with a short
+/// timeout (three `peer_timeout`s, at least a second): one that does not
+/// answer (dead, or a stopped process whose kernel still accepts
+/// connections but never completes a handshake) is marked failing, so
+/// requests skip it and a stream from it that went silent is cut at once
+/// (`mirror::flight::Pace`) instead of after `idle_timeout`. When it
+/// answers again, the probe clears its own mark (not one a failed request
+/// made: a peer that sent wrong bytes sits out its back-off).
+async fn probe(
+    cluster: std::sync::Weak<Cluster>,
+    upstream: Arc<Upstream>,
+    settings: UpstreamSettings,
+) {
+    // The first round after one period: nodes started together get that
+    // long to come up.
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + PROBE_EVERY, PROBE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(c) = cluster.upgrade() else { return };
+        let timeout = (*c.peer_timeout.lock() * 3).max(Duration::from_secs(1));
+        let me = c.me();
+        let members = c.members();
+        let asks = members.iter().filter(|m| **m != me).map(|m| {
+            let m = *m;
+            let ep = c.endpoint(m, PeerRole::Holder);
+            let client = ep.client.clone();
+            let (upstream, settings, c) = (upstream.clone(), settings.clone(), c.clone());
+            async move {
+                let Ok(req) = http::Request::get(format!("https://{m}/v2/"))
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                else {
+                    return;
+                };
+                let alive = matches!(
+                    tokio::time::timeout(timeout, client.request(req)).await,
+                    Ok(Ok(_))
+                );
+                if alive {
+                    if c.probed_down.lock().remove(&m) {
+                        upstream.health.success(ep.key());
+                        tracing::info!(peer = %m, "cluster peer answers again");
+                    }
+                } else if c.probed_down.lock().insert(m) || !upstream.health.backing_off(ep.key()) {
+                    let wait = upstream.health.failure(ep.key(), &settings);
+                    tracing::warn!(peer = %m, backoff = ?wait, "cluster peer does not answer its probe");
+                }
+            }
+        });
+        let asks: Vec<_> = asks.collect();
+        futures_util::future::join_all(asks).await;
     }
 }
 

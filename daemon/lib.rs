@@ -95,7 +95,10 @@ pub fn build(settings: &Settings) -> Result<Arc<App>, StartError> {
     })?;
     let limits = Arc::new(mirror::Limits::default());
     let cluster = match &settings.cluster {
-        Some(c) => Some(cluster::Cluster::start(c).map_err(StartError::Cluster)?),
+        Some(c) => Some(
+            cluster::Cluster::start(c, upstream.clone(), settings.upstream.clone())
+                .map_err(StartError::Cluster)?,
+        ),
         None => None,
     };
     Ok(Arc::new(App {

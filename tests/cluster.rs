@@ -87,15 +87,7 @@ async fn cluster(
 
 /// 1 MiB of seeded noise.
 fn blob(seed: u64) -> Vec<u8> {
-    let mut x = 0x2545_F491_4F6C_DD1Du64 ^ seed;
-    (0..1 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    crate::support::noise(1 << 20, seed)
 }
 
 fn url(d: &Daemon, ns: &str, digest: &str) -> String {
@@ -499,8 +491,9 @@ fn owned_by(
 
 /// The owner streams a blob it is still fetching from a slow upstream,
 /// then stops answering (`kill -STOP`), or dies (`kill -9`): the node that
-/// asked resumes from the upstream where the owner's stream stopped, and
-/// its client gets one right body.
+/// asked resumes from the upstream where the owner's stream stopped (the
+/// stopped one found by the cluster's probe, not by a timeout), and its
+/// client gets one right body.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_owner_that_stops_or_dies_mid_stream_is_resumed_from_the_upstream() {
     let up = Fake::start(Behaviour {
@@ -518,15 +511,10 @@ async fn an_owner_that_stops_or_dies_mid_stream_is_resumed_from_the_upstream() {
         &[("slow.test", hosts_toml(&[], Some(&up.url())))],
     );
     for (signal, seed) in [("-STOP", 500), ("-KILL", 600)] {
-        // A fresh node each time: the last round's failure keeps the owner
-        // out of this node's plans for its back-off.
-        let node = Daemon::builder()
-            .hosts("slow.test", hosts_toml(&[], Some(&up.url())))
-            .cluster(settings(&pki, &format!("me{seed}"), me, &members))
-            .start()
-            .await;
         let (content, digest) = owned_by(&members, owner, 3 << 20, seed);
         up.put_blob("app", &content);
+        // The owner first: a member that does not answer a node's first
+        // probe sits out a back-off.
         let b = binary_node(
             &pki,
             &format!("owner{seed}"),
@@ -536,6 +524,22 @@ async fn an_owner_that_stops_or_dies_mid_stream_is_resumed_from_the_upstream() {
             "",
         )
         .await;
+        // A fresh node each time: the last round's failure keeps the owner
+        // out of this node's plans for its back-off.
+        // Timeouts far longer than the test may take: a stopped owner keeps
+        // its sockets open, and only the cluster's probe of its members
+        // tells it is gone.
+        let patient = nodemirror::config::UpstreamSettings {
+            idle_timeout: Duration::from_secs(600),
+            first_byte_timeout: Duration::from_secs(600),
+            ..crate::support::quick_upstream()
+        };
+        let node = Daemon::builder()
+            .hosts("slow.test", hosts_toml(&[], Some(&up.url())))
+            .upstream(patient)
+            .cluster(settings(&pki, &format!("me{seed}"), me, &members))
+            .start()
+            .await;
         let client = http_client();
         let u = url(&node, "slow.test", &digest);
         let pull = tokio::spawn(async move { stream_on(&client, &u, None, None).await });
@@ -547,7 +551,10 @@ async fn an_owner_that_stops_or_dies_mid_stream_is_resumed_from_the_upstream() {
             .status()
             .unwrap()
             .success());
-        let (status, body) = pull.await.unwrap();
+        let (status, body) = tokio::time::timeout(Duration::from_secs(60), pull)
+            .await
+            .unwrap_or_else(|_| panic!("{signal}: the pull waited on the stopped owner"))
+            .unwrap();
         assert_eq!(status, StatusCode::OK, "{signal}");
         assert_eq!(
             body.unwrap(),
@@ -792,4 +799,46 @@ async fn cluster_commands_make_certificates_and_show_the_members() {
         String::from_utf8_lossy(&out.stderr).contains("not in cluster mode"),
         "{out:?}"
     );
+}
+
+/// The probe marks a member that does not answer as failing, and clears
+/// the mark once it answers (a node restarted for an upgrade is used again
+/// within seconds, not after a long back-off).
+#[tokio::test]
+async fn a_member_that_comes_back_is_used_again() {
+    let pki = Pki::new();
+    let a = port_on(Ipv4Addr::new(127, 0, 71, 1));
+    let b = port_on(Ipv4Addr::new(127, 0, 71, 2));
+    let members = [a, b];
+    let node = Daemon::builder()
+        .cluster(settings(&pki, "a", a, &members))
+        .start()
+        .await;
+    let health_of_b = || {
+        let url = node.url("/cluster/status");
+        async move {
+            let v: serde_json::Value = serde_json::from_slice(get(&url).await.bytes()).unwrap();
+            v["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["address"] == b.to_string())
+                .map(|m| m["health"].as_str().unwrap().to_string())
+                .unwrap()
+        }
+    };
+    crate::support::wait_for("b marked failing", Duration::from_secs(15), || async {
+        health_of_b().await.starts_with("failing")
+    })
+    .await;
+    let other = Daemon::builder()
+        .cluster(settings(&pki, "b", b, &members))
+        .start()
+        .await;
+    crate::support::wait_for("b ok again", Duration::from_secs(15), || async {
+        health_of_b().await == "ok"
+    })
+    .await;
+    other.stop().await;
+    node.stop().await;
 }

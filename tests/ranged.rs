@@ -13,15 +13,7 @@ use crate::support::{capped_front, get, http_client, stream_on, wait_until, Daem
 
 /// 3 MiB of seeded noise (gzip cannot shrink it below the threshold).
 fn blob(seed: u64) -> Vec<u8> {
-    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ seed;
-    (0..3 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    crate::support::noise(3 << 20, seed)
 }
 
 /// hosts.toml whose endpoints fetch blobs of 1 MiB and more over four

@@ -28,6 +28,19 @@ pub fn sha256(b: &[u8]) -> String {
     format!("sha256:{}", hex::encode(sha2::Sha256::digest(b)))
 }
 
+/// `len` bytes of seeded noise (xorshift): gzip cannot shrink them.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ seed;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 pub fn gzip(b: &[u8]) -> Vec<u8> {
     let mut child = Command::new("gzip")
         .args(["-n", "-c"])

@@ -365,6 +365,9 @@ pub(super) struct Ctx<'a> {
 /// seconds once nobody reads the blob any more).
 pub(super) struct Pace<'a> {
     ctx: &'a Ctx<'a>,
+    /// A peer's stream is also cut once it is silent and the cluster's
+    /// probe found the peer down (a stopped process keeps its sockets).
+    peer: Option<Arc<Endpoint>>,
     last_data: Instant,
     window_start: Instant,
     window_bytes: u64,
@@ -372,10 +375,11 @@ pub(super) struct Pace<'a> {
 }
 
 impl<'a> Pace<'a> {
-    pub fn new(ctx: &'a Ctx<'a>) -> Pace<'a> {
+    pub fn new(ctx: &'a Ctx<'a>, ep: &Arc<Endpoint>) -> Pace<'a> {
         let now = Instant::now();
         Pace {
             ctx,
+            peer: ep.is_peer().then(|| ep.clone()),
             last_data: now,
             window_start: now,
             window_bytes: 0,
@@ -415,6 +419,15 @@ impl<'a> Pace<'a> {
                 "upstream sent nothing for {:?}",
                 s.idle_timeout
             )));
+        }
+        if let Some(peer) = &self.peer {
+            if now - self.last_data > PACE_TICK
+                && self.ctx.flights.upstream.health.backing_off(peer.key())
+            {
+                return Err(Cut::Broken(
+                    "the peer went silent and its probe failed".into(),
+                ));
+            }
         }
         if now - self.ctx.started > s.fetch_deadline {
             return Err(Cut::Deadline(format!(

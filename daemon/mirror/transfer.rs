@@ -395,7 +395,7 @@ async fn head(
     let mut leader = Some(leader);
     let mut w = Writer::new(parts, 0);
     let mut end = total.unwrap_or(u64::MAX);
-    let mut pace = Pace::new(ctx);
+    let mut pace = Pace::new(ctx, &ep);
     let begun = Instant::now();
     let mut probe = plan.map(|p| (p, begun + PROBE));
     // Bytes received beyond the current piece, and bytes still to drop
@@ -517,7 +517,7 @@ async fn head(
         tracing::info!(digest = %ctx.digest, from = pos, endpoint = next.key(),
             after = cut.why(), "resuming the blob where the transfer stopped");
         (ep, body, skip, extra) = (next, next_body, resent, None);
-        pace = Pace::new(ctx);
+        pace = Pace::new(ctx, &ep);
     }
 }
 
@@ -611,7 +611,7 @@ async fn piece(
         if resumed {
             resumed_metric(&ep);
         }
-        let mut pace = Pace::new(ctx);
+        let mut pace = Pace::new(ctx, &ep);
         let at_cut = w.position();
         let cut = match stream(&mut body, &mut pace, &mut w, pieces, claimed.id).await {
             Ok(()) => return w.drain().await.map_err(Stop::Write),
