@@ -102,6 +102,60 @@ pub struct Cluster {
     /// Members the probe marked failing; it clears its own marks when
     /// they answer again.
     probed_down: Mutex<std::collections::HashSet<SocketAddr>>,
+    /// The task that follows `peers_dns`, and what it follows.
+    dns: Mutex<Following>,
+}
+
+/// What the DNS follower follows: `peers_dns`, `dns_server`, `refresh`.
+type DnsKey = (Option<(String, u16)>, Option<SocketAddr>, Duration);
+
+struct Following {
+    key: DnsKey,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Following {
+    /// Starts following `s.peers_dns` (when set) into `members`.
+    fn start(members: &Arc<Members>, s: &ClusterSettings) -> Result<Following, String> {
+        Ok(Following::spawn(members, s, Following::resolver(s)?))
+    }
+
+    /// The resolver `s` asks for, checked before anything is replaced.
+    fn resolver(s: &ClusterSettings) -> Result<Option<hickory_resolver::TokioResolver>, String> {
+        s.peers_dns
+            .as_ref()
+            .map(|_| members::resolver(s.dns_server))
+            .transpose()
+    }
+
+    fn spawn(
+        members: &Arc<Members>,
+        s: &ClusterSettings,
+        resolver: Option<hickory_resolver::TokioResolver>,
+    ) -> Following {
+        let task = match (&s.peers_dns, resolver) {
+            (Some((name, port)), Some(resolver)) => Some(tokio::spawn(members::follow_dns(
+                members.clone(),
+                resolver,
+                name.clone(),
+                *port,
+                s.refresh,
+            ))),
+            _ => None,
+        };
+        Following {
+            key: (s.peers_dns.clone(), s.dns_server, s.refresh),
+            task,
+        }
+    }
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
 }
 
 impl Cluster {
@@ -114,16 +168,7 @@ impl Cluster {
     ) -> Result<Arc<Cluster>, String> {
         let tls = load_tls(s)?;
         let members = Arc::new(Members::new(s.advertise, s.peers.clone()));
-        if let Some((name, port)) = &s.peers_dns {
-            let resolver = members::resolver(s.dns_server)?;
-            tokio::spawn(members::follow_dns(
-                members.clone(),
-                resolver,
-                name.clone(),
-                *port,
-                s.refresh,
-            ));
-        }
+        let dns = Following::start(&members, s)?;
         let cluster = Arc::new(Cluster {
             listen: s.listen,
             members,
@@ -131,15 +176,29 @@ impl Cluster {
             endpoints: Mutex::default(),
             peer_timeout: Mutex::new(s.peer_timeout),
             probed_down: Mutex::default(),
+            dns: Mutex::new(dns),
         });
         tokio::spawn(probe(Arc::downgrade(&cluster), upstream, settings));
         Ok(cluster)
     }
 
-    /// A reload: the static members, the certificates and the timeout take
-    /// effect; `listen`, `advertise` and `peers_dns` need a restart.
+    /// A reload: the static members, `peers_dns` (with its server and
+    /// refresh), the certificates and the timeout take effect; `listen` and
+    /// `advertise` need a restart.
     pub fn reload(&self, s: &ClusterSettings) -> Result<(), String> {
         let tls = load_tls(s)?;
+        let key: DnsKey = (s.peers_dns.clone(), s.dns_server, s.refresh);
+        if self.dns.lock().key != key {
+            let resolver = Following::resolver(s)?;
+            // The old follower stops, its answer goes, then the new one
+            // publishes its own.
+            let mut dns = self.dns.lock();
+            if let Some(t) = dns.task.take() {
+                t.abort();
+            }
+            self.members.set_resolved(Vec::new());
+            *dns = Following::spawn(&self.members, s, resolver);
+        }
         self.tls.store(Arc::new(tls));
         self.endpoints.lock().clear();
         *self.peer_timeout.lock() = s.peer_timeout;

@@ -842,3 +842,82 @@ async fn a_member_that_comes_back_is_used_again() {
     other.stop().await;
     node.stop().await;
 }
+
+/// A reload (SIGHUP) changes the static members and where the DNS members
+/// come from, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_changes_the_members() {
+    let (dns_a, dns_b) = (Dns::start().await, Dns::start().await);
+    let ip = |i| Ipv4Addr::new(127, 0, 72, i);
+    dns_a.set(&[ip(1), ip(2)]);
+    dns_b.set(&[ip(3)]);
+    let pki = Pki::new();
+    let me = port_on(ip(1));
+    let port = me.port();
+    let (cert, key) = pki.node("reloaded", me.ip());
+    let config = |members: &str| {
+        format!(
+            "[cluster]\nlisten = \"{me}\"\n{members}\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            pki.path().join("ca.pem").display(),
+            cert.display(),
+            key.display()
+        )
+    };
+    let hosts = tempfile::tempdir().unwrap();
+    let first = config(&format!(
+        "peers_dns = \"peers.cluster.test:{port}\"\ndns_server = \"{}\"\nrefresh = \"1s\"",
+        dns_a.addr
+    ));
+    let bin = crate::support::real::Binary::start_in(hosts.path(), None, &first, &[]).await;
+    let status = format!("http://127.0.0.1:{}/cluster/status", bin.port);
+    let members = || {
+        let status = status.clone();
+        async move {
+            let v: serde_json::Value = serde_json::from_slice(get(&status).await.bytes()).unwrap();
+            let mut m: Vec<String> = v["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["address"].as_str().unwrap().to_string())
+                .collect();
+            m.sort();
+            m
+        }
+    };
+    let want = |ips: &[u8]| -> Vec<String> {
+        ips.iter().map(|i| format!("127.0.72.{i}:{port}")).collect()
+    };
+    let reach = |expect: Vec<String>| {
+        let members = members;
+        async move {
+            crate::support::wait_for(
+                &format!("members {expect:?}"),
+                Duration::from_secs(15),
+                || {
+                    let (members, expect) = (members, expect.clone());
+                    async move { members().await == expect }
+                },
+            )
+            .await;
+        }
+    };
+    reach(want(&[1, 2])).await;
+    let hup = |text: String| {
+        std::fs::write(bin.config_file(), text).unwrap();
+        let pid = bin.proc.child.id().to_string();
+        assert!(std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    // A static list instead of the name.
+    hup(config(&format!("peers = [\"127.0.72.5:{port}\"]")));
+    reach(want(&[1, 5])).await;
+    // Another DNS server, whose records say otherwise.
+    hup(config(&format!(
+        "peers_dns = \"peers.cluster.test:{port}\"\ndns_server = \"{}\"\nrefresh = \"1s\"",
+        dns_b.addr
+    )));
+    reach(want(&[1, 3])).await;
+}
