@@ -888,7 +888,6 @@ async fn a_reload_changes_the_members() {
         ips.iter().map(|i| format!("127.0.72.{i}:{port}")).collect()
     };
     let reach = |expect: Vec<String>| {
-        let members = members;
         async move {
             crate::support::wait_for(
                 &format!("members {expect:?}"),
