@@ -887,18 +887,16 @@ async fn a_reload_changes_the_members() {
     let want = |ips: &[u8]| -> Vec<String> {
         ips.iter().map(|i| format!("127.0.72.{i}:{port}")).collect()
     };
-    let reach = |expect: Vec<String>| {
-        async move {
-            crate::support::wait_for(
-                &format!("members {expect:?}"),
-                Duration::from_secs(15),
-                || {
-                    let (members, expect) = (members, expect.clone());
-                    async move { members().await == expect }
-                },
-            )
-            .await;
-        }
+    let reach = |expect: Vec<String>| async move {
+        crate::support::wait_for(
+            &format!("members {expect:?}"),
+            Duration::from_secs(15),
+            || {
+                let (members, expect) = (members, expect.clone());
+                async move { members().await == expect }
+            },
+        )
+        .await;
     };
     reach(want(&[1, 2])).await;
     let hup = |text: String| {
