@@ -329,6 +329,19 @@ async fn the_peer_port_wants_a_members_certificate() {
     }
 }
 
+/// The members a node's `/cluster/status` lists, sorted.
+async fn members_at(status_url: &str) -> Vec<String> {
+    let v: serde_json::Value = serde_json::from_slice(get(status_url).await.bytes()).unwrap();
+    let mut m: Vec<String> = v["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["address"].as_str().unwrap().to_string())
+        .collect();
+    m.sort();
+    m
+}
+
 /// Members come from a DNS name, asked of a server on loopback: a node
 /// joins and leaves as the records change.
 #[tokio::test]
@@ -351,20 +364,8 @@ async fn members_follow_the_dns_name() {
         })
         .start()
         .await;
-    let members = || {
-        let url = node.url("/cluster/status");
-        async move {
-            let v: serde_json::Value = serde_json::from_slice(get(&url).await.bytes()).unwrap();
-            let mut m: Vec<String> = v["members"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|m| m["address"].as_str().unwrap().to_string())
-                .collect();
-            m.sort();
-            m
-        }
-    };
+    let url = node.url("/cluster/status");
+    let members = || members_at(&url);
     let want = |ips: &[u8]| -> Vec<String> {
         ips.iter().map(|i| format!("127.0.66.{i}:{port}")).collect()
     };
@@ -870,20 +871,7 @@ async fn a_reload_changes_the_members() {
     ));
     let bin = crate::support::real::Binary::start_in(hosts.path(), None, &first, &[]).await;
     let status = format!("http://127.0.0.1:{}/cluster/status", bin.port);
-    let members = || {
-        let status = status.clone();
-        async move {
-            let v: serde_json::Value = serde_json::from_slice(get(&status).await.bytes()).unwrap();
-            let mut m: Vec<String> = v["members"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|m| m["address"].as_str().unwrap().to_string())
-                .collect();
-            m.sort();
-            m
-        }
-    };
+    let members = || members_at(&status);
     let want = |ips: &[u8]| -> Vec<String> {
         ips.iter().map(|i| format!("127.0.72.{i}:{port}")).collect()
     };
