@@ -279,7 +279,7 @@ impl Cluster {
         }
         let client = self.tls.load().client.clone();
         // Both parse: a socket address and a fixed header.
-        let base = format!("https://{addr}/v2")
+        let base = peer_base(addr)
             .parse()
             .expect("a peer URL from a socket address");
         let ep = Arc::new(Endpoint {
@@ -304,6 +304,12 @@ impl Cluster {
         map.insert((addr, role), ep.clone());
         ep
     }
+}
+
+/// A peer's API base, `https://ADDR/v2`: its endpoints' base, and so the
+/// key of its health state.
+pub fn peer_base(addr: SocketAddr) -> String {
+    format!("https://{addr}/v2")
 }
 
 /// How often every member is probed.
@@ -338,7 +344,7 @@ async fn probe(
             let client = ep.client.clone();
             let (upstream, settings, c) = (upstream.clone(), settings.clone(), c.clone());
             async move {
-                let Ok(req) = http::Request::get(format!("https://{m}/v2/"))
+                let Ok(req) = http::Request::get(format!("{}/", peer_base(m)))
                     .body(http_body_util::Empty::<bytes::Bytes>::new())
                 else {
                     return;

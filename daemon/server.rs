@@ -231,7 +231,7 @@ impl App {
             .members()
             .iter()
             .map(|m| {
-                let key = format!("https://{m}/v2");
+                let key = crate::cluster::peer_base(*m);
                 let health = if *m == c.me() {
                     "self".to_string()
                 } else {

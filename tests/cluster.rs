@@ -149,17 +149,12 @@ async fn a_dead_owner_costs_one_refused_connect_then_is_skipped() {
     let alive = port_on(Ipv4Addr::new(127, 0, 62, 1));
     let dead = port_on(Ipv4Addr::new(127, 0, 62, 2));
     let members = [alive, dead];
-    // Blobs the dead node owns.
-    let mut owned = Vec::new();
-    let mut seed = 100;
-    while owned.len() < 3 {
-        let b = blob(seed);
-        let d: nodemirror::reference::Digest = crate::support::sha256(&b).parse().unwrap();
-        if nodemirror::cluster::rank(&members, &d)[0] == dead {
-            up.put_blob("app", &b);
-            owned.push((b, d.to_string()));
-        }
-        seed += 1;
+    // Blobs the dead node owns (searches that start far apart).
+    let owned: Vec<_> = (0..3)
+        .map(|i| owned_by(&members, dead, 1 << 20, 100 + 1000 * i))
+        .collect();
+    for (b, _) in &owned {
+        up.put_blob("app", b);
     }
     let node = Daemon::builder()
         .hosts("shared.test", hosts_toml(&[], Some(&up.url())))
@@ -200,15 +195,7 @@ async fn a_corrupt_peer_is_marked_bad_and_the_upstream_serves() {
     let hosts = [("shared.test", hosts_toml(&[], Some(&up.url())))];
     let (nodes, addrs) = cluster(&pki, 63, 2, &hosts).await;
     // A blob owned by node 1, cached there with a byte changed.
-    let mut seed = 200;
-    let (content, digest) = loop {
-        let b = blob(seed);
-        let d: nodemirror::reference::Digest = crate::support::sha256(&b).parse().unwrap();
-        if nodemirror::cluster::rank(&addrs, &d)[0] == addrs[1] {
-            break (b, d.to_string());
-        }
-        seed += 1;
-    };
+    let (content, digest) = owned_by(&addrs, addrs[1], 1 << 20, 200);
     up.put_blob("app", &content);
     let mut bad = content.clone();
     bad[1000] ^= 0xff;
@@ -480,8 +467,7 @@ fn owned_by(
     mut seed: u64,
 ) -> (Vec<u8>, String) {
     loop {
-        let mut b = blob(seed);
-        b.resize(size, (seed % 251) as u8);
+        let b = crate::support::noise(size, seed);
         let d: nodemirror::reference::Digest = crate::support::sha256(&b).parse().unwrap();
         if nodemirror::cluster::rank(members, &d)[0] == owner {
             return (b, d.to_string());

@@ -485,6 +485,21 @@ impl Body for Truncated {
     }
 }
 
+/// A pause of `d` before a body's next chunk, kept in `slot` across polls:
+/// ready once it has passed, and then cleared for the next chunk.
+fn pause(
+    slot: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    d: std::time::Duration,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    let sleep = slot.get_or_insert_with(|| Box::pin(tokio::time::sleep(d)));
+    if std::future::Future::poll(sleep.as_mut(), cx).is_pending() {
+        return Poll::Pending;
+    }
+    *slot = None;
+    Poll::Ready(())
+}
+
 /// Bytes a [`Paced`] body sends at a time.
 const PACED_CHUNK: usize = 32 << 10;
 
@@ -508,13 +523,9 @@ impl Body for Paced {
             return Poll::Ready(None);
         }
         let d = self.per_chunk;
-        let sleep = self
-            .sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(d)));
-        if std::future::Future::poll(sleep.as_mut(), cx).is_pending() {
+        if pause(&mut self.sleep, d, cx).is_pending() {
             return Poll::Pending;
         }
-        self.sleep = None;
         if self.data.is_empty() {
             return Poll::Ready(None); // short: the paused end breaks it
         }
@@ -543,13 +554,9 @@ impl Body for Repeat {
             return Poll::Ready(None);
         }
         if let Some(d) = self.delay {
-            let sleep = self
-                .sleep
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep(d)));
-            if std::future::Future::poll(sleep.as_mut(), cx).is_pending() {
+            if pause(&mut self.sleep, d, cx).is_pending() {
                 return Poll::Pending;
             }
-            self.sleep = None;
         }
         self.left -= 1;
         Poll::Ready(Some(Ok(Frame::data(self.chunk.clone()))))
