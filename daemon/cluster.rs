@@ -392,14 +392,7 @@ pub fn rank(members: &[SocketAddr], digest: &Digest) -> Vec<SocketAddr> {
 }
 
 fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{}: no certificate", path.display()));
-    }
-    Ok(certs)
+    crate::config::hosts::pem_certs(path).map_err(|why| format!("{}: {why}", path.display()))
 }
 
 /// The peer listener's mutual-TLS configuration and the peer client.

@@ -414,18 +414,22 @@ fn client_paths(f: &Field<'_>, dir: &Path) -> Result<(PathBuf, Option<PathBuf>),
 }
 
 fn read_certs(f: &Field<'_>, path: &Path) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
-    let fail = |why: String| {
+    pem_certs(path).map_err(|why| {
         f.src.error(
             f.span.clone(),
             format!("cannot read certificates from {}: {why}", path.display()),
         )
-    };
+    })
+}
+
+/// Every certificate in a PEM file, at least one; else why not.
+pub(crate) fn pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| fail(e.to_string()))?
+        .map_err(|e| e.to_string())?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| fail(e.to_string()))?;
+        .map_err(|e| e.to_string())?;
     if certs.is_empty() {
-        return Err(fail("no PEM certificate found".into()));
+        return Err("no PEM certificate found".into());
     }
     Ok(certs)
 }
