@@ -101,8 +101,12 @@ impl Flights {
         peer: Option<PeerRole>,
     ) -> io::Result<Source> {
         let mut map = self.map.lock();
+        // A flight that is Done has committed the blob and is only about
+        // to leave the map: the store answers (sendfile), not the flight.
         if let Some(f) = map.get(digest) {
-            return Ok(Source::Flight(f.clone(), None));
+            if !matches!(f.progress.borrow().phase, Phase::Done) {
+                return Ok(Source::Flight(f.clone(), None));
+            }
         }
         // Checked under the lock: a flight commits before it leaves the map,
         // so a blob is either in the map or in the store, never neither
@@ -136,6 +140,7 @@ impl Flights {
             peers,
         };
         let this = self.clone();
+        let mine = flight.clone();
         let digest = digest.clone();
         let snap = snap.clone();
         tokio::spawn(async move {
@@ -150,7 +155,12 @@ impl Flights {
                 tracing::warn!(%digest, error = %why, "blob fetch failed");
             }
             ingest.end(outcome);
-            this.map.lock().remove(&digest);
+            // Only this flight: a request may have started the next one
+            // once this one was Done.
+            let mut map = this.map.lock();
+            if map.get(&digest).is_some_and(|f| Arc::ptr_eq(f, &mine)) {
+                map.remove(&digest);
+            }
         });
         Ok(Source::Flight(flight, Some(leader_rx)))
     }
