@@ -101,18 +101,16 @@ impl Flights {
         peer: Option<PeerRole>,
     ) -> io::Result<Source> {
         let mut map = self.map.lock();
-        // A flight that is Done has committed the blob and is only about
-        // to leave the map: the store answers (sendfile), not the flight.
-        if let Some(f) = map.get(digest) {
-            if !matches!(f.progress.borrow().phase, Phase::Done) {
-                return Ok(Source::Flight(f.clone(), None));
-            }
-        }
-        // Checked under the lock: a flight commits before it leaves the map,
-        // so a blob is either in the map or in the store, never neither
-        // while it is being fetched.
+        // The store first: a blob committed by a flight still about to
+        // leave the map is answered from its file (sendfile), not by
+        // following the finished flight. Checked under the lock: a flight
+        // commits before it leaves the map, so a blob is either in the
+        // store or in the map, never neither while it is being fetched.
         if let Some((file, len)) = self.store.open_blob(digest)? {
             return Ok(Source::Cached(file, len));
+        }
+        if let Some(f) = map.get(digest) {
+            return Ok(Source::Flight(f.clone(), None));
         }
         if peer == Some(PeerRole::Holder) {
             return Ok(Source::NotHeld);
