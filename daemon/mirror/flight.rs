@@ -179,6 +179,7 @@ impl Flights {
             Ok(found) => found,
             Err(unavailable) => return unavailable,
         };
+        let answered = Instant::now();
         let total = content_length(resp.headers());
         if let Err(why) = ingest.reserve(total) {
             return Phase::Failed(why.into());
@@ -190,7 +191,7 @@ impl Flights {
             req,
             digest,
             readers: &readers,
-            started: Instant::now(),
+            started: answered,
         };
         let parts = match ingest.parts(total) {
             Ok(p) => p,
@@ -363,7 +364,9 @@ pub(super) struct Ctx<'a> {
     pub digest: &'a Digest,
     /// How many clients read the blob besides the fetch itself.
     pub readers: &'a (dyn Fn() -> usize + Sync),
-    /// When the fetch began (for `fetch_deadline`).
+    /// When the first answer's headers came in: `fetch_deadline` and the
+    /// first stream's pace count from here (bytes that waited in the
+    /// socket while the daemon was busy must not look like a fast stream).
     pub started: Instant,
 }
 

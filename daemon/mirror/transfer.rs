@@ -396,7 +396,7 @@ async fn head(
     let mut w = Writer::new(parts, 0);
     let mut end = total.unwrap_or(u64::MAX);
     let mut pace = Pace::new(ctx, &ep);
-    let begun = Instant::now();
+    let begun = ctx.started;
     let mut probe = plan.map(|p| (p, begun + PROBE));
     // Bytes received beyond the current piece, and bytes still to drop
     // (an endpoint that resent the start, a piece somebody else took).
