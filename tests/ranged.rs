@@ -362,7 +362,7 @@ async fn a_real_registry_behind_a_capped_front_serves_pieces() {
                 && l.contains(&endpoint)
                 && l.ends_with(" 1")
         ),
-        "no parallel fetch recorded for the front {front}:\n{text}"
+        "not exactly one parallel fetch counted for the front {front}:\n{text}"
     );
     d.stop().await;
 }
