@@ -155,6 +155,7 @@ pub async fn run(
     };
     let reloader = reload::spawn(app.clone());
     let gc = tokio::spawn(collect_periodically(app.clone()));
+    let release = tokio::spawn(release_memory_when_idle(app.clone()));
     let listen = listener
         .local_addr()
         .map(|a| a.to_string())
@@ -178,6 +179,7 @@ pub async fn run(
     }
     reloader.stop();
     gc.abort();
+    release.abort();
     if let Some(w) = watchdog {
         w.abort();
     }
@@ -194,6 +196,35 @@ pub async fn run(
         );
     }
     Ok(())
+}
+
+/// How long no fetch must be under way before freed memory is given back:
+/// long enough that a pull's next blob, asked for right after the last one
+/// ended, reuses it.
+const IDLE_BEFORE_RELEASE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Each time the last fetch under way ends and none has started again
+/// [`IDLE_BEFORE_RELEASE`] later, gives the allocator's freed memory back
+/// to the kernel ([`memory`]), off the async threads.
+async fn release_memory_when_idle(app: Arc<App>) {
+    let flights = &app.mirror.flights;
+    loop {
+        flights.idle().await;
+        tokio::time::sleep(IDLE_BEFORE_RELEASE).await;
+        if !flights.is_empty() {
+            continue; // the fetch under way ends with another idle()
+        }
+        let before = memory::resident_bytes();
+        match tokio::task::spawn_blocking(memory::release_free).await {
+            Ok(true) => tracing::debug!(
+                resident_before = before,
+                resident_after = memory::resident_bytes(),
+                "gave freed memory back to the kernel"
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "releasing freed memory failed"),
+        }
+    }
 }
 
 /// Evicts least-recently-used blobs now and then, off the async threads,

@@ -124,8 +124,8 @@ async fn sigterm_drains_and_exits_zero() {
     assert_eq!(status.code(), Some(0), "{}", bin.proc.log_text());
 }
 
-/// A 1 GiB blob streams through with memory bounded far below its size;
-/// once cached, it is sent from the file with sendfile, on a keep-alive
+/// A 1 GiB blob streams through with memory bounded far below its size,
+/// given back once the daemon is idle; once cached, it is sent from the file with sendfile, on a keep-alive
 /// connection, whole and as a range, without its pages ever being read
 /// into the daemon (peak RSS would grow by the blob's size).
 #[tokio::test]
@@ -181,6 +181,17 @@ async fn a_1gib_blob_streams_in_bounded_memory_and_is_then_sent_from_the_file() 
         crate::support::blob_path(cache.path(), &digest).exists()
     })
     .await;
+    // Idle again: the buffers the fetch freed go back to the kernel (two
+    // seconds after it ended), rather than stay with the allocator.
+    let anon = || bin.anon_rss_kib() / 1024;
+    eprintln!("anonymous RSS once the blob is stored: {} MiB", anon());
+    crate::support::wait_until(
+        "freed memory to be given back (anonymous RSS under 6 MiB)",
+        Duration::from_secs(10),
+        || anon() < 6,
+    )
+    .await;
+    eprintln!("anonymous RSS once idle: {} MiB", anon());
     // Twice on one keep-alive connection, then a range across a chunk
     // boundary: the client pool reuses the connection.
     for _ in 0..2 {

@@ -16,7 +16,7 @@ use http::{Method, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 
 use super::limit::Limits;
 use super::transfer;
@@ -56,6 +56,8 @@ pub struct Flights {
     limits: Arc<Limits>,
     cluster: Option<Arc<Cluster>>,
     map: Mutex<HashMap<Digest, Arc<Flight>>>,
+    /// Told each time the last fetch under way ends.
+    idle: Notify,
 }
 
 impl Flights {
@@ -71,6 +73,7 @@ impl Flights {
             limits,
             cluster,
             map: Mutex::default(),
+            idle: Notify::new(),
         })
     }
 
@@ -81,6 +84,12 @@ impl Flights {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Resolves when the last fetch under way ends. One such end that came
+    /// while nobody was waiting is remembered, so none is missed.
+    pub async fn idle(&self) {
+        self.idle.notified().await
     }
 
     /// The flight for `digest` if one is under way.
@@ -158,6 +167,9 @@ impl Flights {
             let mut map = this.map.lock();
             if map.get(&digest).is_some_and(|f| Arc::ptr_eq(f, &mine)) {
                 map.remove(&digest);
+            }
+            if map.is_empty() {
+                this.idle.notify_one();
             }
         });
         Ok(Source::Flight(flight, Some(leader_rx)))
