@@ -125,9 +125,10 @@ async fn sigterm_drains_and_exits_zero() {
 }
 
 /// A 1 GiB blob streams through with memory bounded far below its size,
-/// given back once the daemon is idle; once cached, it is sent from the file with sendfile, on a keep-alive
-/// connection, whole and as a range, without its pages ever being read
-/// into the daemon (peak RSS would grow by the blob's size).
+/// given back once the daemon is idle; once cached, it is sent from the
+/// file with sendfile, on a keep-alive connection, whole and as a range,
+/// without its pages ever being read into the daemon (peak RSS would grow
+/// by the blob's size).
 #[tokio::test]
 async fn a_1gib_blob_streams_in_bounded_memory_and_is_then_sent_from_the_file() {
     const CHUNK: usize = 1 << 20;
