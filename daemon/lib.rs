@@ -214,14 +214,16 @@ async fn release_memory_when_idle(app: Arc<App>) {
         if !flights.is_empty() {
             continue; // the fetch under way ends with another idle()
         }
-        let before = memory::resident_bytes();
+        // The figures are read only for a debug log that will be written.
+        let logged = tracing::enabled!(tracing::Level::DEBUG);
+        let before = logged.then(memory::resident_bytes);
         match tokio::task::spawn_blocking(memory::release_free).await {
-            Ok(true) => tracing::debug!(
+            Ok(true) if logged => tracing::debug!(
                 resident_before = before,
                 resident_after = memory::resident_bytes(),
                 "gave freed memory back to the kernel"
             ),
-            Ok(false) => {}
+            Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "releasing freed memory failed"),
         }
     }
