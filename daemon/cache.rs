@@ -11,11 +11,14 @@
 //! - `tmp/`: ingests in progress; emptied at start, so a `kill -9` leaves
 //!   nothing half-written that could ever be served.
 //! - `quarantine/`: files that failed `nodemirror cache verify`.
+//! - `origins/sha256/<2 hex>/<64 hex>`: the namespaces a digest was
+//!   verified through, one per line ([`origins`]).
 //!
 //! A blob's mtime is its last access, for least-recently-used eviction.
 
 pub mod gc;
 pub(crate) mod ingest;
+mod origins;
 pub(crate) mod pool;
 pub(crate) mod read;
 
@@ -43,12 +46,24 @@ pub struct Store {
     root: PathBuf,
     /// Blobs being read or written: never evicted.
     in_use: Mutex<HashMap<Digest, usize>>,
+    /// One writer of origin records at a time (read, add, replace).
+    origins_lock: Mutex<()>,
 }
 
 /// Keeps a blob from eviction while alive.
 pub struct InUse {
     store: Arc<Store>,
     digest: Digest,
+    /// Kept alive as long as the hold (a reader's count on a fetch).
+    _also: Option<Box<dyn Send + Sync>>,
+}
+
+impl InUse {
+    /// The same hold, also keeping `guard` alive until it drops.
+    pub fn keeping(mut self, guard: impl Send + Sync + 'static) -> InUse {
+        self._also = Some(Box::new(guard));
+        self
+    }
 }
 
 impl Drop for InUse {
@@ -77,6 +92,7 @@ impl Store {
             "tags",
             "tmp",
             "quarantine",
+            "origins/sha256",
         ] {
             fs::create_dir_all(root.join(sub))?;
         }
@@ -98,6 +114,7 @@ impl Store {
         Ok(Arc::new(Store {
             root: root.to_path_buf(),
             in_use: Mutex::default(),
+            origins_lock: Mutex::default(),
         }))
     }
 
@@ -109,7 +126,7 @@ impl Store {
         sharded(&self.root.join("blobs"), d)
     }
 
-    fn manifest_path(&self, d: &Digest) -> PathBuf {
+    pub(crate) fn manifest_path(&self, d: &Digest) -> PathBuf {
         sharded(&self.root.join("manifests"), d)
     }
 
@@ -137,6 +154,7 @@ impl Store {
         InUse {
             store: self.clone(),
             digest: d.clone(),
+            _also: None,
         }
     }
 

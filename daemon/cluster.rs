@@ -223,6 +223,12 @@ impl Cluster {
         self.members.has_ip(ip)
     }
 
+    /// Whether a client certificate names the address of a current
+    /// member (checked on every request of a peer connection).
+    pub fn names_member(&self, cert: &CertificateDer<'_>) -> bool {
+        self.members().iter().any(|m| cert_names_ip(cert, m.ip()))
+    }
+
     pub fn server_config(&self) -> Arc<ServerConfig> {
         self.tls.load().server.clone()
     }

@@ -34,6 +34,10 @@ pub enum ImplicitPolicy {
     Off,
 }
 
+/// How long a client following another namespace's fetch watches it
+/// fall behind `takeover_rate` (or not start) before it starts its own.
+pub const TAKEOVER_WINDOW: Duration = Duration::from_secs(3);
+
 /// The most connections one blob is fetched over.
 pub const MAX_PARALLEL_FETCHES: usize = 32;
 
@@ -65,6 +69,10 @@ pub struct UpstreamSettings {
     /// (1: one stream). hosts.toml may set both per endpoint.
     pub parallel_fetches: usize,
     pub parallel_threshold: u64,
+    /// A client following another namespace's fetch of the same blob
+    /// starts its own namespace's fetch when that one brings less than
+    /// this many bytes per second over [`TAKEOVER_WINDOW`].
+    pub takeover_rate: u64,
     /// Namespaces without a hosts.d folder.
     pub implicit_namespaces: ImplicitPolicy,
     /// When not empty, the only namespaces without a hosts.d folder served.
@@ -86,6 +94,7 @@ impl Default for UpstreamSettings {
             fetch_deadline: Duration::from_secs(3600),
             parallel_fetches: 6,
             parallel_threshold: 32 << 20,
+            takeover_rate: 1 << 20,
             implicit_namespaces: ImplicitPolicy::Public,
             allowed_namespaces: Vec::new(),
         }
@@ -123,6 +132,24 @@ impl Default for CacheSettings {
     }
 }
 
+/// Who may pull content of private namespaces (those with credentials
+/// or `private = true`): local clients whose user, or one of whose
+/// groups, is listed. Identified by the owner of the connecting socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSettings {
+    pub allowed_uids: Vec<u32>,
+    pub allowed_gids: Vec<u32>,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            allowed_uids: vec![0],
+            allowed_gids: Vec::new(),
+        }
+    }
+}
+
 /// The validated daemon configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
@@ -135,6 +162,8 @@ pub struct Settings {
     pub auth_file: Option<PathBuf>,
     pub upstream: UpstreamSettings,
     pub cache: CacheSettings,
+    /// Who may pull private namespaces.
+    pub server: ServerSettings,
     /// Cluster mode, when `[cluster]` is present.
     pub cluster: Option<cluster::ClusterSettings>,
     /// Where these settings came from, to load them again on reload;
@@ -219,6 +248,7 @@ impl Settings {
             auth_file: Some(PathBuf::from(DEFAULT_AUTH_FILE)).filter(|p| p.exists()),
             upstream: UpstreamSettings::default(),
             cache: CacheSettings::default(),
+            server: ServerSettings::default(),
             cluster: None,
             origin: None,
         }
@@ -307,6 +337,10 @@ impl Settings {
                                 u.parallel_threshold = f.size()?;
                                 return Ok(());
                             }
+                            "takeover_rate" => {
+                                u.takeover_rate = f.size()?;
+                                return Ok(());
+                            }
                             "fetch_wait" => &mut u.fetch_wait,
                             "fetch_deadline" => &mut u.fetch_deadline,
                             "connect_timeout" => &mut u.connect_timeout,
@@ -321,6 +355,17 @@ impl Settings {
                     })?;
                 }
                 "cluster" => self.cluster = Some(cluster::parse(&f, &base)?),
+                "server" => {
+                    let s = &mut self.server;
+                    f.section(|f| {
+                        match f.key {
+                            "allowed_uids" => s.allowed_uids = ids(&f, Id::User)?,
+                            "allowed_gids" => s.allowed_gids = ids(&f, Id::Group)?,
+                            _ => return Err(f.unknown()),
+                        }
+                        Ok(())
+                    })?;
+                }
                 "cache" => {
                     let c = &mut self.cache;
                     f.section(|f| {
@@ -351,6 +396,52 @@ pub fn configured_namespaces(hosts_dir: &Path) -> Result<Vec<Namespace>, ConfigE
     hosts::load_dir(hosts_dir)
         .map(|d| d.namespaces.into_keys().collect())
         .map_err(ConfigErrors)
+}
+
+/// Which kind of account a name in `[server]` is.
+#[derive(Clone, Copy)]
+enum Id {
+    User,
+    Group,
+}
+
+/// A list of numeric ids or account names (resolved now, through the
+/// system's user database).
+fn ids(f: &source::Field<'_>, kind: Id) -> Result<Vec<u32>, ConfigError> {
+    let what = match kind {
+        Id::User => "user",
+        Id::Group => "group",
+    };
+    let wrong = |why: String| f.src.error(f.span.clone(), why);
+    let Some(items) = f.item.as_array() else {
+        return Err(wrong(format!(
+            "`{}` must be an array of {what} ids or names",
+            f.key
+        )));
+    };
+    let mut out = Vec::new();
+    for v in items.iter() {
+        let id = if let Some(n) = v.as_integer() {
+            u32::try_from(n).map_err(|_| wrong(format!("{n} is not a {what} id")))?
+        } else if let Some(name) = v.as_str() {
+            let found = match kind {
+                Id::User => nix::unistd::User::from_name(name).map(|u| u.map(|u| u.uid.as_raw())),
+                Id::Group => nix::unistd::Group::from_name(name).map(|g| g.map(|g| g.gid.as_raw())),
+            };
+            match found {
+                Ok(Some(id)) => id,
+                Ok(None) => return Err(wrong(format!("no {what} named {name:?} on this system"))),
+                Err(e) => return Err(wrong(format!("looking up {what} {name:?}: {e}"))),
+            }
+        } else {
+            return Err(wrong(format!(
+                "`{}` must be an array of {what} ids or names",
+                f.key
+            )));
+        };
+        out.push(id);
+    }
+    Ok(out)
 }
 
 /// `"10%"` of the filesystem, or a size.

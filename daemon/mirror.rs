@@ -8,6 +8,7 @@
 //! Blobs go through the single-flight fetch ([`flight`]) and the cache
 //! ([`blob`]).
 
+mod access;
 mod blob;
 pub mod flight;
 mod limit;
@@ -89,40 +90,54 @@ impl Mirror {
         repository: Repository,
         reference: Reference,
     ) -> Result<Response<ResponseBody>, ServeError> {
-        let (snap, ns, head) = (&*pull.snap, &pull.ns, pull.head);
         let accept = Accept::from_headers(pull.headers);
         let m = match &reference {
             Reference::Digest(d) => {
-                self.manifest_by_digest(snap, ns, &repository, d, &accept, pull.peer)
+                self.manifest_by_digest(pull, &repository, d, &accept)
                     .await?
             }
             Reference::Tag(tag) => {
-                self.manifest_by_tag(snap, head, ns, &repository, tag, &accept)
+                self.manifest_by_tag(pull, &repository, tag, &accept)
                     .await?
             }
         };
-        respond_manifest(m, head)
+        respond_manifest(m, pull.head)
     }
 
-    /// From the cache when the client accepts the cached manifest's type;
-    /// otherwise the client gets what the upstream answers its `Accept`.
+    /// From the cache when the client accepts the cached manifest's type
+    /// and may see it; otherwise the client gets what the upstream
+    /// answers its `Accept`.
     async fn manifest_by_digest(
         &self,
-        snap: &Snapshot,
-        ns: &Namespace,
+        pull: &Pull<'_>,
         repository: &Repository,
         d: &Digest,
         accept: &Accept,
-        peer: Option<PeerRole>,
     ) -> Result<Manifest, ServeError> {
+        let (snap, ns, peer) = (&*pull.snap, &pull.ns, pull.peer);
         if let Some(m) = self
             .cached_manifest(d)
             .filter(|m| accept.admits(&m.media_type))
         {
-            METRICS
-                .cache
-                .inc(&[("kind", "manifest"), ("result", "hit")]);
-            return Ok(m);
+            let hit = || {
+                METRICS
+                    .cache
+                    .inc(&[("kind", "manifest"), ("result", "hit")])
+            };
+            if self.sees(pull, d) {
+                hit();
+                return Ok(m);
+            }
+            if peer.is_some() {
+                return Err(ServeError::NotHeld(Content::Manifest));
+            }
+            if snap.upstream.vouches_for(ns) {
+                let tail = format!("manifests/{d}");
+                let accepted = Some(accept.upstream_value());
+                self.confirm(pull, repository, &tail, d, accepted).await?;
+                hit();
+                return Ok(m);
+            }
         }
         if peer == Some(PeerRole::Holder) {
             return Err(ServeError::NotHeld(Content::Manifest));
@@ -140,19 +155,18 @@ impl Mirror {
         let m = self
             .fetch_manifest(snap, Method::GET, ns, repository, &reference, accept, peers)
             .await?;
-        self.keep(&m);
+        self.keep(&m, ns);
         Ok(m)
     }
 
     async fn manifest_by_tag(
         &self,
-        snap: &Snapshot,
-        head: bool,
-        ns: &Namespace,
+        pull: &Pull<'_>,
         repository: &Repository,
         tag: &str,
         accept: &Accept,
     ) -> Result<Manifest, ServeError> {
+        let (snap, ns, head) = (&*pull.snap, &pull.ns, pull.head);
         // A registry answers a tag by the client's Accept list: clients of
         // another class have their own record, so no client's list can
         // change what another gets.
@@ -166,7 +180,7 @@ impl Mirror {
             });
         let cached = known.and_then(|(d, confirmed)| {
             let m = self.cached_manifest(&d)?;
-            accept.admits(&m.media_type).then_some((m, confirmed))
+            (accept.admits(&m.media_type) && self.sees(pull, &d)).then_some((m, confirmed))
         });
         if let Some((m, confirmed)) = &cached {
             let age = SystemTime::now()
@@ -219,16 +233,24 @@ impl Mirror {
                 tracing::warn!(error = %e, "could not record tag");
             }
         }
-        self.keep(&fetched);
+        self.keep(&fetched, ns);
         if let Some((m, _)) = cached.filter(|(m, _)| m.digest == fetched.digest) {
             return Ok(m);
         }
         if fetched.body.is_some() || head {
             return Ok(fetched);
         }
-        // The tag moved: fetch the new content by digest.
+        // The tag moved: the new content from the cache if this namespace
+        // may see it there (its upstream just named the digest, which is
+        // believed of a namespace the operator configured), else by digest.
         if let Some(m) = self.cached_manifest(&fetched.digest) {
-            return Ok(m);
+            if self.sees(pull, &fetched.digest) {
+                return Ok(m);
+            }
+            if snap.upstream.vouches_for(ns) {
+                self.record_origin(&fetched.digest, ns).await;
+                return Ok(m);
+            }
         }
         let by_digest = Reference::Digest(fetched.digest.clone());
         let peers =
@@ -236,8 +258,113 @@ impl Mirror {
         let m = self
             .fetch_manifest(snap, Method::GET, ns, repository, &by_digest, accept, peers)
             .await?;
-        self.keep(&m);
+        self.keep(&m, ns);
         Ok(m)
+    }
+
+    /// Whether the request may see the cached content `d` (its origins).
+    fn sees(&self, pull: &Pull<'_>, d: &Digest) -> bool {
+        match self.store.origins(d) {
+            Ok(origins) => {
+                access::visible(&pull.snap.upstream, &origins, &pull.ns, pull.peer.is_some())
+            }
+            Err(e) => {
+                tracing::warn!(digest = %d, error = %e, "unreadable origins; content not served from the cache");
+                false
+            }
+        }
+    }
+
+    /// Records that `d` came through `ns` (off the async threads).
+    async fn record_origin(&self, d: &Digest, ns: &Namespace) {
+        let (store, d, ns) = (self.store.clone(), d.clone(), ns.clone());
+        let recorded = crate::cache::pool::run(move || store.add_origin(&d, &ns)).await;
+        if let Err(e) = recorded.and_then(|r| r) {
+            tracing::warn!(error = %e, "could not record where cached content came from");
+        }
+    }
+
+    /// Asks the request's namespace (its own endpoints, never peers)
+    /// whether it serves `tail` with a HEAD, and records it as an origin
+    /// of `digest` when it does: cached content is then served under it.
+    /// When it does not, the client gets what it said (404, or 503).
+    async fn confirm(
+        &self,
+        pull: &Pull<'_>,
+        repository: &Repository,
+        tail: &str,
+        digest: &Digest,
+        accept: Option<HeaderValue>,
+    ) -> Result<(), ServeError> {
+        let what = if tail.starts_with("blobs/") {
+            Content::Blob
+        } else {
+            Content::Manifest
+        };
+        let req = UpstreamRequest {
+            method: Method::HEAD,
+            namespace: pull.ns.clone(),
+            tail: tail.to_string(),
+            repository: Some(repository.clone()),
+            query: Vec::new(),
+            needs_resolve: false,
+            accept,
+            range: None,
+            peers: None,
+        };
+        let want = digest.to_string();
+        self.upstream
+            .first_success(&pull.snap.upstream, &req, |_, resp| {
+                let named = resp
+                    .headers()
+                    .get(DOCKER_CONTENT_DIGEST)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                let want = want.clone();
+                async move {
+                    match named {
+                        Some(d) if d != want => {
+                            Err(AttemptError::Invalid(format!("HEAD of {want} named {d}")))
+                        }
+                        _ => Ok(()),
+                    }
+                }
+            })
+            .await
+            .map_err(|exhausted| exhausted.into_error(what))?;
+        tracing::debug!(%digest, namespace = %pull.ns, "cached content confirmed by the namespace's upstream");
+        self.record_origin(digest, &pull.ns).await;
+        Ok(())
+    }
+
+    /// The upstream's answer to a HEAD of `tail` (a blob): its length.
+    async fn upstream_head(
+        &self,
+        pull: &Pull<'_>,
+        repository: &Repository,
+        tail: &str,
+        accept: Option<HeaderValue>,
+    ) -> Result<u64, ServeError> {
+        let req = UpstreamRequest {
+            method: Method::HEAD,
+            namespace: pull.ns.clone(),
+            tail: tail.to_string(),
+            repository: Some(repository.clone()),
+            query: Vec::new(),
+            needs_resolve: false,
+            accept,
+            range: None,
+            peers: None,
+        };
+        let (len, _) = self
+            .upstream
+            .first_success(&pull.snap.upstream, &req, |_, resp| async move {
+                content_length(resp.headers())
+                    .ok_or_else(|| AttemptError::Invalid("blob HEAD without Content-Length".into()))
+            })
+            .await
+            .map_err(|exhausted| exhausted.into_error(Content::Blob))?;
+        Ok(len)
     }
 
     fn cached_manifest(&self, d: &Digest) -> Option<Manifest> {
@@ -256,14 +383,19 @@ impl Mirror {
         }
     }
 
-    /// Stores a fetched manifest; schema 1 never (a registry's conversion
-    /// for one old client, not the image the registry holds).
-    fn keep(&self, m: &Manifest) {
+    /// Stores a fetched manifest, with `ns` as an origin; schema 1 never
+    /// (a registry's conversion for one old client, not the image the
+    /// registry holds).
+    fn keep(&self, m: &Manifest, ns: &Namespace) {
         if media::is_schema1(&m.media_type) {
             return;
         }
         if let Some(body) = &m.body {
-            if let Err(e) = self.store.put_manifest(&m.digest, &m.media_type, body) {
+            let stored = self
+                .store
+                .add_origin(&m.digest, ns)
+                .and_then(|()| self.store.put_manifest(&m.digest, &m.media_type, body));
+            if let Err(e) = stored {
                 tracing::warn!(digest = %m.digest, error = %e, "could not cache manifest");
             }
         }
@@ -292,7 +424,7 @@ impl Mirror {
             peers,
         };
         let want = reference.digest();
-        let _slot = self.limits.acquire(&snap.upstream.settings, ns).await?;
+        let _slot = self.limits.acquire(&snap.upstream, ns).await?;
         self.upstream
             .first_success(&snap.upstream, &req, |ep, resp| {
                 self.take_manifest(snap, ep, resp, &req, want, accept)

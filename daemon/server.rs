@@ -17,8 +17,10 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tracing::Instrument;
 
+mod caller;
 mod route;
 
+pub use caller::Caller;
 pub use route::{parse, PullRequest, Route, Rules};
 
 use crate::oci::{content_length, full, ResponseBody, ServeError, API_VERSION};
@@ -85,7 +87,10 @@ impl App {
         let (labels, parsed) = parse_request(&snap, &req, crate::upstream::via());
         let head = req.method() == Method::HEAD;
         let resp = match parsed {
-            Ok(pull) => self.dispatch(snap, pull, &req, None).await,
+            Ok(pull) => match self.may_use(&snap, &pull, &req).await {
+                Ok(()) => self.dispatch(snap.clone(), pull, &req, None).await,
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e),
         };
         let resp = resp.unwrap_or_else(|e| {
@@ -97,12 +102,46 @@ impl App {
             }
             e.into_response(head)
         });
+        // Namespaces named by requests alone are counted together, so no
+        // caller can grow the metrics without bound.
+        let ns = &labels.ns;
+        let configured =
+            snap.upstream.configures(ns.as_str()) || *ns == snap.settings.default_namespace;
         METRICS.requests.inc(&[
-            ("ns", labels.ns.as_str()),
+            ("ns", if configured { ns.as_str() } else { "other" }),
             ("kind", labels.kind),
             ("status", resp.status().as_str()),
         ]);
         resp
+    }
+
+    /// A private namespace (credentials or `private = true`) is served only
+    /// to local clients that `[server]` allows, identified by the owner of
+    /// their socket.
+    async fn may_use(
+        &self,
+        snap: &Snapshot,
+        pull: &PullRequest,
+        req: &Request<Incoming>,
+    ) -> Result<(), ServeError> {
+        if matches!(pull.route, Route::Base) || !snap.upstream.is_private(&pull.ns) {
+            return Ok(());
+        }
+        let caller = req.extensions().get::<Arc<Caller>>();
+        let allowed = match caller {
+            Some(c) => c.allowed(&snap.settings.server).await,
+            None => false,
+        };
+        if allowed {
+            return Ok(());
+        }
+        let uid = match caller {
+            Some(c) => c.uid().await,
+            None => None,
+        };
+        tracing::info!(namespace = %pull.ns, ?uid,
+            "private namespace refused to a user not in [server] allowed_uids/allowed_gids");
+        Err(ServeError::Private(pull.ns.to_string()))
     }
 
     async fn dispatch(
@@ -281,24 +320,40 @@ pub async fn serve_peers(listener: TcpListener, app: Arc<App>, cluster: Arc<Clus
                 }
                 Err(_) => return,
             };
-            let named = tls
+            let Some(cert) = tls
                 .get_ref()
                 .1
                 .peer_certificates()
                 .and_then(|c| c.first())
-                .is_some_and(|cert| {
-                    cluster
-                        .members()
-                        .iter()
-                        .any(|m| crate::cluster::cert_names_ip(cert, m.ip()))
-                });
-            if !named {
+                .map(|c| c.clone().into_owned())
+            else {
+                return;
+            };
+            if !cluster.names_member(&cert) {
                 tracing::warn!(%peer, "peer certificate names no current member; connection closed");
                 return;
             }
+            // Membership is checked again for every request: a member
+            // removed by a reload or by DNS loses its open connections'
+            // access at once.
+            let cert = Arc::new(cert);
             let service = service_fn(move |req: Request<Incoming>| {
-                let app = app.clone();
-                async move { Ok::<_, Infallible>(app.handle_peer(req).await) }
+                let (app, cluster, cert) = (app.clone(), cluster.clone(), cert.clone());
+                async move {
+                    if !cluster.names_member(&cert) {
+                        tracing::warn!(%peer, "peer is no longer a member; its request refused and its connection closed");
+                        let mut resp = ServeError::NotShared(
+                            "this client is no longer a member of the cluster".into(),
+                        )
+                        .into_response(req.method() == Method::HEAD);
+                        resp.headers_mut().insert(
+                            http::header::CONNECTION,
+                            http::HeaderValue::from_static("close"),
+                        );
+                        return Ok::<_, Infallible>(resp);
+                    }
+                    Ok::<_, Infallible>(app.handle_peer(req).await)
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -329,12 +384,15 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                let local = stream.local_addr().unwrap_or(peer);
+                let caller = Arc::new(Caller::new(peer, local));
                 let stream = crate::sendfile::Stream::new(stream);
                 let mappings = stream.mappings();
                 let app = app.clone();
                 let service = service_fn(move |mut req: Request<Incoming>| {
                     let app = app.clone();
                     req.extensions_mut().insert(mappings.clone());
+                    req.extensions_mut().insert(caller.clone());
                     async move { Ok::<_, Infallible>(log_request(&app, req, peer).await) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()

@@ -309,20 +309,31 @@ impl Config {
         self.routes.configures(name)
     }
 
-    /// Cluster mode: whether the namespace's content may go to peers. Not
-    /// when its hosts.toml says `private = true` or one of its endpoints
-    /// has credentials, unless it says `share = true`.
-    pub fn shareable(&self, ns: &Namespace) -> bool {
-        let s = self.routes.sharing(ns);
-        if s.share {
-            return true;
-        }
-        !s.private
-            && !self
+    /// Whether the namespace is private: its hosts.toml says `private =
+    /// true` or one of its endpoints has credentials. Its content goes
+    /// only to the local users allowed by `[server]`, and only under a
+    /// namespace it came through.
+    pub fn is_private(&self, ns: &Namespace) -> bool {
+        self.routes.sharing(ns).private
+            || self
                 .routes
                 .chain(ns)
                 .iter()
                 .any(|ep| self.credentials.for_url(&ep.base).is_some())
+    }
+
+    /// Cluster mode: whether the namespace's content may go to peers: it
+    /// is public, or its hosts.toml says `share = true`.
+    pub fn shareable(&self, ns: &Namespace) -> bool {
+        self.routes.sharing(ns).share || !self.is_private(ns)
+    }
+
+    /// Whether every endpoint of the namespace was configured by the
+    /// operator (hosts.d): then a registry's word that it has a digest (a
+    /// HEAD) is believed. Not for a registry named by a request alone,
+    /// which anyone may run.
+    pub fn vouches_for(&self, ns: &Namespace) -> bool {
+        !self.routes.chain(ns).iter().any(|ep| ep.implicit)
     }
 }
 
@@ -444,9 +455,9 @@ impl Upstream {
                 Err(e) => {
                     let m = &crate::metrics::METRICS;
                     m.upstream_errors
-                        .inc(&[("endpoint", ep.key()), ("reason", e.reason())]);
+                        .inc(&[("endpoint", ep.label()), ("reason", e.reason())]);
                     if i < last {
-                        m.fallbacks.inc(&[("endpoint", ep.key())]);
+                        m.fallbacks.inc(&[("endpoint", ep.label())]);
                     }
                     if let AttemptError::Throttled { retry_after, body } = &e {
                         let wait = self.health.throttle(ep.key(), *retry_after, body.clone());
@@ -471,7 +482,7 @@ impl Upstream {
     pub fn report_failure(&self, cfg: &Config, ep: &Endpoint, why: &str) {
         crate::metrics::METRICS
             .upstream_errors
-            .inc(&[("endpoint", ep.key()), ("reason", "transfer")]);
+            .inc(&[("endpoint", ep.label()), ("reason", "transfer")]);
         let wait = self.health.failure(ep.key(), &cfg.settings);
         tracing::warn!(endpoint = ep.key(), error = why, backoff = ?wait, "endpoint failed mid-transfer");
     }

@@ -202,6 +202,7 @@ async fn a_corrupt_peer_is_marked_bad_and_the_upstream_serves() {
     let path = nodes[1].blob_path(&digest);
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(&path, &bad).unwrap();
+    crate::support::write_origin(&nodes[1].cache_dir, &digest, "shared.test");
     let u = url(&nodes[0], "shared.test", &digest);
     let (status, body) = stream_on(&http_client(), &u, None, None).await;
     assert!(

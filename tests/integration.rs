@@ -10,6 +10,8 @@ mod e2e;
 mod hostile;
 mod node;
 mod packaging;
+mod private;
 mod proxy;
 mod ranged;
+mod routes;
 mod tls;

@@ -19,7 +19,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use nodemirror::config::cluster::ClusterSettings;
-use nodemirror::config::{CacheSettings, MinFree, Settings, UpstreamSettings};
+use nodemirror::config::{CacheSettings, MinFree, ServerSettings, Settings, UpstreamSettings};
 use sha2::Digest as _;
 use tempfile::TempDir;
 use tokio::sync::oneshot;
@@ -205,6 +205,47 @@ pub fn blob_path(cache: &Path, digest: &str) -> PathBuf {
     cache.join("blobs/sha256").join(&hex[..2]).join(hex)
 }
 
+/// A request made by another local user with curl (`runuser -u USER`):
+/// the status and the body (empty for HEAD).
+pub fn curl_as(user: &str, method: &str, url: &str) -> (u16, Vec<u8>) {
+    const MARK: &[u8] = b"\n--status:";
+    let mut cmd = Command::new("runuser");
+    cmd.args(["-u", user, "--", "curl", "-s", "--max-time", "60"]);
+    if method == "HEAD" {
+        cmd.arg("--head").args(["-o", "/dev/null"]);
+    } else {
+        cmd.args(["-X", method]);
+    }
+    let out = cmd
+        .args(["-w", "\n--status:%{http_code}", url])
+        .output()
+        .expect("runuser and curl");
+    let at = out
+        .stdout
+        .windows(MARK.len())
+        .rposition(|w| w == MARK)
+        .unwrap_or_else(|| panic!("curl as {user}: {}", String::from_utf8_lossy(&out.stderr)));
+    let status = String::from_utf8_lossy(&out.stdout[at + MARK.len()..])
+        .trim()
+        .parse()
+        .unwrap();
+    let mut body = out.stdout[..at].to_vec();
+    if method == "HEAD" {
+        body.clear();
+    }
+    (status, body)
+}
+
+/// Records in a cache that `digest` came through the namespace `ns`, as
+/// the daemon does when it stores content (for tests that put files into
+/// a cache by hand).
+pub fn write_origin(cache: &Path, digest: &str, ns: &str) {
+    let hex = digest.strip_prefix("sha256:").unwrap();
+    let dir = cache.join("origins/sha256").join(&hex[..2]);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(hex), format!("{ns}\n")).unwrap();
+}
+
 /// Files in a cache's tmp/ folder.
 pub fn temp_files(cache: &Path) -> usize {
     std::fs::read_dir(cache.join("tmp")).map_or(0, |d| d.count())
@@ -277,6 +318,7 @@ pub struct DaemonBuilder {
     cache_dir: Option<PathBuf>,
     upstream: Option<UpstreamSettings>,
     cluster: Option<ClusterSettings>,
+    server: Option<ServerSettings>,
 }
 
 impl DaemonBuilder {
@@ -302,6 +344,12 @@ impl DaemonBuilder {
     /// Upstream settings other than [`quick_upstream`].
     pub fn upstream(mut self, u: UpstreamSettings) -> Self {
         self.upstream = Some(u);
+        self
+    }
+
+    /// Who may pull private namespaces (default: root only).
+    pub fn server(mut self, s: ServerSettings) -> Self {
+        self.server = Some(s);
         self
     }
 
@@ -343,6 +391,12 @@ impl DaemonBuilder {
             auth_file,
             upstream: self.upstream.unwrap_or_else(quick_upstream),
             cache: self.cache.unwrap_or_else(test_cache),
+            // Root, and whoever runs the tests: the test client is a
+            // local user allowed to pull private namespaces.
+            server: self.server.unwrap_or_else(|| ServerSettings {
+                allowed_uids: vec![0, nix::unistd::getuid().as_raw()],
+                allowed_gids: Vec::new(),
+            }),
             cluster: self.cluster,
             origin: None,
         };

@@ -172,6 +172,7 @@ impl Store {
             }
             match fs::remove_file(&e.path) {
                 Ok(()) => {
+                    self.content_gone(&e.digest);
                     size -= e.size;
                     free += e.size;
                     report.evicted += 1;
@@ -184,6 +185,14 @@ impl Store {
         }
         report.bytes_after = size;
         Ok(report)
+    }
+
+    /// Drops the origin record of `d` once neither a blob nor a manifest
+    /// of that digest is left.
+    fn content_gone(&self, d: &Digest) {
+        if !self.blob_path(d).exists() && !self.manifest_path(d).exists() {
+            self.remove_origins(d);
+        }
     }
 
     /// Re-hashes every blob and manifest; a file that does not match its
@@ -204,6 +213,7 @@ impl Store {
                         .join("quarantine")
                         .join(format!("{kind}-{}", digest.hex()));
                     fs::rename(&path, &dest)?;
+                    self.content_gone(&digest);
                     tracing::warn!(path = %path.display(), moved_to = %dest.display(), "corrupt cache file quarantined");
                     bad.push(dest);
                 }

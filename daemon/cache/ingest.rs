@@ -28,7 +28,7 @@ use tokio::task::JoinHandle;
 
 use super::Store;
 use crate::oci::ServeError;
-use crate::reference::Digest;
+use crate::reference::{Digest, Namespace};
 
 /// Where an ingest stands.
 #[derive(Clone, Debug)]
@@ -236,16 +236,23 @@ impl Ingest {
         Ok(len)
     }
 
-    /// Syncs the verified file and renames it into the store. On failure
-    /// readers still finish from their open file; only caching failed.
-    pub async fn commit(&mut self) -> io::Result<()> {
+    /// Records `origin` as a namespace the blob was verified through,
+    /// syncs the verified file and renames it into the store (or, when
+    /// another route's copy got there first, keeps that one: the bytes
+    /// are the same). On failure readers still finish from their open
+    /// file; only caching failed.
+    pub async fn commit(&mut self, origin: &Namespace) -> io::Result<()> {
         let file = self
             .file
             .take()
             .ok_or_else(|| io::Error::other("nothing verified to commit"))?;
         let store = self.store.clone();
-        let (tmp, d) = (self.tmp.clone(), self.digest.clone());
+        let (tmp, d, origin) = (self.tmp.clone(), self.digest.clone(), origin.clone());
         super::pool::run(move || {
+            store.add_origin(&d, &origin)?;
+            if store.blob_path(&d).exists() {
+                return std::fs::remove_file(&tmp);
+            }
             file.sync_all()?;
             store.commit_blob(&tmp, &d)
         })

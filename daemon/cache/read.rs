@@ -7,12 +7,23 @@
 //! The last byte of a blob in flight is released only after the flight has
 //! verified the digest: a client never receives a complete transfer of
 //! unverified bytes. If the flight fails, the client's body ends in an error.
+//!
+//! A reader may follow a fetch that runs for another route ([`Foreign`]):
+//! then it sends bytes before the verification only when its response
+//! ends at the blob's last byte (which waits for the verification), and a
+//! range that ends sooner gets nothing until the blob is verified. When
+//! that fetch fails, or falls behind a healthy rate for a while, the
+//! reader switches to a source of its own route and goes on from where it
+//! was; the bytes it already sent from the other file are compared with
+//! its own route's verified copy before the last byte goes out.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
@@ -161,6 +172,7 @@ impl Body for TeeBody {
                             Some(this.total),
                             held,
                             this.zero_copy.take(),
+                            None,
                         );
                         this.state = Tee::File(rest);
                     }
@@ -211,16 +223,20 @@ pub fn stream(
     end: Option<u64>,
     held: InUse,
     zero_copy: Option<Part>,
+    foreign: Option<Foreign>,
 ) -> FileBody {
     let (tx, rx) = mpsc::channel(AHEAD);
     tokio::spawn(async move {
         let held = Arc::new(held);
-        let read = Read {
+        let mut read = Read {
             file: Arc::new(file),
             held,
             zero_copy,
+            foreign,
+            sent_elsewhere: None,
+            _guard: None,
         };
-        if let Err(e) = feed(&read, progress, start, end, &tx).await {
+        if let Err(e) = feed(&mut read, progress, start, end, &tx).await {
             let _ = tx.send(Err(e)).await;
         }
     });
@@ -236,11 +252,131 @@ pub fn stream(
 pub type Part =
     Box<dyn Fn(&Arc<File>, u64, u64, &Arc<InUse>) -> std::io::Result<Bytes> + Send + Sync>;
 
+/// Another route's fetch of the blob, followed by a reader of another
+/// namespace (see the module's documentation).
+pub struct Foreign {
+    /// A source of the blob on the reader's own route (its own fetch,
+    /// started if need be, or the stored blob), when the followed fetch
+    /// fails or falls behind; with a guard kept while reading it.
+    pub takeover: Box<dyn FnMut() -> Option<Takeover> + Send>,
+    /// Bytes per second the followed fetch must keep up over `window`.
+    pub healthy_rate: u64,
+    pub window: Duration,
+}
+
+/// The file and progress of a reader's own route, and a guard to keep.
+pub type Takeover = (
+    File,
+    watch::Receiver<Progress>,
+    Option<Box<dyn Send + Sync>>,
+);
+
 /// What one response reads from.
 struct Read {
     file: Arc<File>,
     held: Arc<InUse>,
     zero_copy: Option<Part>,
+    /// While the bytes come from another route's fetch.
+    foreign: Option<Foreign>,
+    /// Bytes `.1..` `.2` of the blob that were sent from another route's
+    /// file (`.0`), to compare with this route's own before the end.
+    sent_elsewhere: Option<(Arc<File>, u64, u64)>,
+    /// Kept while reading the source taken over.
+    _guard: Option<Box<dyn Send + Sync>>,
+}
+
+/// Whether a followed fetch fell behind: over the last window it brought
+/// less than the healthy rate, and it is not about to finish.
+struct Lag {
+    samples: VecDeque<(Instant, u64)>,
+}
+
+impl Lag {
+    fn new() -> Lag {
+        Lag {
+            samples: VecDeque::new(),
+        }
+    }
+
+    fn behind(&mut self, p: &Progress, f: &Foreign) -> bool {
+        let now = Instant::now();
+        self.samples.push_back((now, p.written));
+        while self.samples.len() > 1 && now - self.samples[1].0 >= f.window {
+            self.samples.pop_front();
+        }
+        let Some(&(since, then)) = self.samples.front() else {
+            return false;
+        };
+        let elapsed = now - since;
+        if elapsed < f.window || matches!(p.phase, Phase::Verified | Phase::Done) {
+            return false;
+        }
+        let rate = p.written.saturating_sub(then) as f64 / elapsed.as_secs_f64();
+        if rate >= f.healthy_rate as f64 {
+            return false;
+        }
+        let finishing = p
+            .total
+            .is_some_and(|t| t.saturating_sub(p.written) as f64 <= rate * f.window.as_secs_f64());
+        !finishing
+    }
+}
+
+/// How often a followed fetch of another route is looked at.
+const LAG_TICK: Duration = Duration::from_millis(500);
+
+/// Bytes compared per pool job.
+const COMPARE_STEP: u64 = 8 << 20;
+
+/// Whether bytes `start..end` of two files are the same.
+async fn same_bytes(a: Arc<File>, b: Arc<File>, start: u64, end: u64) -> Result<bool, BoxError> {
+    let mut at = start;
+    while at < end {
+        let len = (end - at).min(COMPARE_STEP) as usize;
+        let (a, b) = (a.clone(), b.clone());
+        let same = pool::run(move || -> std::io::Result<bool> {
+            let (mut x, mut y) = (vec![0u8; len], vec![0u8; len]);
+            a.read_exact_at(&mut x, at)?;
+            b.read_exact_at(&mut y, at)?;
+            Ok(x == y)
+        })
+        .await
+        .and_then(|r| r)
+        .map_err(|e| format!("comparing the blob's copies: {e}"))?;
+        if !same {
+            return Ok(false);
+        }
+        at += len as u64;
+    }
+    Ok(true)
+}
+
+impl Read {
+    /// Switches to a source on the reader's own route: the bytes sent so
+    /// far (`start..pos`) came from the other route's file.
+    fn take_over(
+        &mut self,
+        start: u64,
+        pos: u64,
+        why: &str,
+    ) -> Result<watch::Receiver<Progress>, BoxError> {
+        let Some(mut foreign) = self.foreign.take() else {
+            return Err(why.to_string().into());
+        };
+        let Some((file, progress, guard)) = (foreign.takeover)() else {
+            return Err(format!("{why}; no fetch of the request's own route").into());
+        };
+        self._guard = guard;
+        tracing::info!(
+            at = pos,
+            "another namespace's fetch of this blob {why}: reading this namespace's own"
+        );
+        if pos > start {
+            self.sent_elsewhere = Some((self.file.clone(), start, pos));
+        }
+        self.file = Arc::new(file);
+        Ok(progress)
+    }
 }
 
 /// Bytes the zero-copy path hands out per frame.
@@ -249,17 +385,50 @@ const PART_CHUNK: u64 = 8 << 20;
 /// Sends the readable bytes as they become readable; returns when done,
 /// when the client is gone (`Ok`), or with the error to pass on.
 async fn feed(
-    read: &Read,
+    read: &mut Read,
     mut progress: watch::Receiver<Progress>,
     mut pos: u64,
     end: Option<u64>,
     tx: &mpsc::Sender<Result<Bytes, BoxError>>,
 ) -> Result<(), BoxError> {
+    let start = pos;
+    let mut sized: Option<Option<u64>> = None;
     let mut closed = false;
+    let mut lag = Lag::new();
+    let mut tick = tokio::time::interval(LAG_TICK);
     loop {
         let p = progress.borrow_and_update().clone();
         if let Some(why) = p.phase.failure() {
+            if read.foreign.is_some() {
+                progress = read.take_over(start, pos, "failed")?;
+                (lag, closed) = (Lag::new(), false);
+                continue;
+            }
             return Err(why.into());
+        }
+        let verified = matches!(p.phase, Phase::Verified | Phase::Done);
+        // The response was sized by its first source; another that says
+        // otherwise cannot finish it.
+        match (sized, p.total) {
+            (None, t) => sized = Some(t),
+            (Some(Some(was)), Some(now)) if was != now => {
+                return Err("the blob's size differs between its sources".into())
+            }
+            _ => {}
+        }
+        // What was sent from another route's file must be this route's
+        // verified bytes too, before the response may complete.
+        let compare = if verified {
+            read.sent_elsewhere.take()
+        } else {
+            None
+        };
+        if let Some((other, a, b)) = compare {
+            if !same_bytes(other, read.file.clone(), a, b).await? {
+                return Err(
+                    "bytes sent earlier from another source differ from the verified blob".into(),
+                );
+            }
         }
         let readable = match &p.phase {
             Phase::Verified | Phase::Done => p.written,
@@ -270,7 +439,13 @@ async fn feed(
             },
         };
         let stop = end.or(p.total);
-        let upto = stop.map_or(readable, |s| s.min(readable));
+        let mut upto = stop.map_or(readable, |s| s.min(readable));
+        // Another route's unverified bytes only where the response ends
+        // with the blob (its last byte waits for the verification).
+        let ends_early = end.is_some_and(|e| p.total.is_none_or(|t| e < t));
+        if read.foreign.is_some() && !verified && ends_early {
+            upto = pos;
+        }
         while pos < upto {
             if let Some(part) = &read.zero_copy {
                 let to = upto.min(pos + PART_CHUNK);
@@ -306,11 +481,31 @@ async fn feed(
             return Ok(());
         }
         if closed {
+            if read.foreign.is_some() {
+                progress = read.take_over(start, pos, "ended early")?;
+                (lag, closed) = (Lag::new(), false);
+                continue;
+            }
             return Err("blob transfer ended early".into());
         }
-        if progress.changed().await.is_err() {
-            // The flight is over; look at its final state once more.
-            closed = true;
+        if read.foreign.is_none() {
+            if progress.changed().await.is_err() {
+                // The flight is over; look at its final state once more.
+                closed = true;
+            }
+            continue;
+        }
+        tokio::select! {
+            changed = progress.changed() => closed = changed.is_err(),
+            _ = tick.tick() => {}
+        }
+        let behind = match &read.foreign {
+            Some(f) => lag.behind(&progress.borrow(), f),
+            None => false,
+        };
+        if behind {
+            progress = read.take_over(start, pos, "fell behind")?;
+            (lag, closed) = (Lag::new(), false);
         }
     }
 }

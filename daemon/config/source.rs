@@ -198,17 +198,38 @@ impl<'a> Field<'a> {
 
     /// A duration: whole seconds as an integer, or a string such as
     /// `"500ms"`, `"5s"`, `"2m"`.
+    ///
+    /// At most [`MAX_DURATION`]: every duration of the configuration ends
+    /// up added to a clock reading somewhere, and none is meant to last
+    /// longer than a year.
     pub fn duration(&self) -> Result<Duration, ConfigError> {
         let want = "a duration: seconds as an integer, or a string like \"500ms\", \"5s\", \"2m\"";
-        if let Some(n) = self.item.as_integer() {
-            return u64::try_from(n)
+        let d = if let Some(n) = self.item.as_integer() {
+            u64::try_from(n)
                 .map(Duration::from_secs)
-                .map_err(|_| self.wrong(want));
+                .map_err(|_| self.wrong(want))?
+        } else {
+            let s = self.item.as_str().ok_or_else(|| self.wrong(want))?;
+            parse_duration(s).ok_or_else(|| self.wrong(want))?
+        };
+        if d > MAX_DURATION {
+            return Err(self.wrong("at most 8784h (366 days)"));
         }
-        let s = self.item.as_str().ok_or_else(|| self.wrong(want))?;
-        parse_duration(s).ok_or_else(|| self.wrong(want))
+        Ok(d)
+    }
+
+    /// A duration of at least `min` (a zero that would make no sense).
+    pub fn duration_from(&self, min: Duration) -> Result<Duration, ConfigError> {
+        let d = self.duration()?;
+        if d < min {
+            return Err(self.wrong(&format!("at least {min:?}")));
+        }
+        Ok(d)
     }
 }
+
+/// The longest duration any setting may have.
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 
 /// Parses a size: bytes as an integer or a string like `"512MiB"`, `"20GiB"`,
 /// `"1.5TB"` (`K`/`KiB`… are binary, `KB`… decimal).

@@ -1,6 +1,14 @@
 //! Answering blob requests: from the store with sendfile, from a fetch
 //! under way (the growing file, or memory for the request that started
 //! it), with `Range` either way; HEAD without fetching the content.
+//!
+//! What a request may read follows the route rules (`mirror::access`,
+//! `mirror::flight`): cached content only when its origins let the
+//! request's namespace see it (or that namespace's upstream confirms the
+//! digest), a fetch of another namespace only when that one is public, as
+//! a read whose bytes wait for the verification unless the response ends
+//! with the blob, and that switches to its own namespace's fetch when the
+//! other falls behind.
 
 use std::fs::File;
 use std::sync::atomic::Ordering;
@@ -8,23 +16,23 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE};
-use http::{Method, Response, StatusCode};
+use http::{Response, StatusCode};
 use tokio::sync::{mpsc, watch};
 
-use super::flight::Source;
+use super::access;
+use super::flight::{Reading, Source, Want};
 use super::range::{self, RangeSpec};
 use super::{internal, Mirror, Pull};
 use crate::cache::ingest::{Phase, Progress};
 use crate::cache::{read, InUse};
 use crate::cluster::PeerRole;
+use crate::config::TAKEOVER_WINDOW;
 use crate::metrics::METRICS;
 use crate::oci::{
-    boxed, content_length, full, Content, ResponseBody, ServeError, API_VERSION,
-    DOCKER_CONTENT_DIGEST,
+    boxed, full, Content, ResponseBody, ServeError, API_VERSION, DOCKER_CONTENT_DIGEST,
 };
 use crate::reference::{Digest, Repository};
 use crate::sendfile::{self, Mappings};
-use crate::upstream::{AttemptError, UpstreamRequest};
 
 /// Where a blob's bytes come from, once a source has answered.
 struct Opened {
@@ -34,6 +42,25 @@ struct Opened {
     leader: Option<mpsc::Receiver<Bytes>>,
     /// Complete in the store (so sendfile may serve it).
     cached: bool,
+    /// Following another route's fetch.
+    foreign: Option<read::Foreign>,
+    /// Counts this request among the readers of the fetch it follows.
+    reading: Option<Reading>,
+}
+
+impl Opened {
+    fn cached(file: File, len: u64) -> Opened {
+        METRICS.cache.inc(&[("kind", "blob"), ("result", "hit")]);
+        let (_, progress) = watch::channel(Progress::complete(len));
+        Opened {
+            file,
+            progress,
+            leader: None,
+            cached: true,
+            foreign: None,
+            reading: None,
+        }
+    }
 }
 
 /// The part of the blob a request gets.
@@ -55,7 +82,11 @@ impl Mirror {
             return self.blob_head(pull, repository, digest).await;
         }
         let held = self.store.hold(&digest);
-        let opened = self.open_source(pull, &repository, &digest).await?;
+        let mut opened = self.open_source(pull, &repository, &digest).await?;
+        let held = match opened.reading.take() {
+            Some(reading) => held.keeping(reading),
+            None => held,
+        };
         let total = opened.progress.borrow().total;
         let header = pull.headers.get(RANGE).and_then(|v| v.to_str().ok());
         let (builder, window) = window(&digest, header, total);
@@ -68,63 +99,134 @@ impl Mirror {
 
     /// The store, a fetch under way, or a new fetch; waits until a fetch
     /// has found a source, so a failure is still a quick error status.
+    /// Another route's fetch is followed only once it has started within
+    /// [`TAKEOVER_WINDOW`] (else, or when it fails, this route's own).
     async fn open_source(
         &self,
         pull: &Pull<'_>,
         repository: &Repository,
         digest: &Digest,
     ) -> Result<Opened, ServeError> {
-        let source = self
-            .flights
-            .get_or_start(&pull.snap, &pull.ns, repository, digest, pull.peer)
-            .map_err(internal)?;
-        let (f, leader) = match source {
-            Source::Cached(file, len) => {
-                METRICS.cache.inc(&[("kind", "blob"), ("result", "hit")]);
-                let (_, progress) = watch::channel(Progress::complete(len));
-                return Ok(Opened {
-                    file,
-                    progress,
-                    leader: None,
-                    cached: true,
-                });
+        let mut follow_others = true;
+        loop {
+            let source = self
+                .flights
+                .get_or_start(Want {
+                    snap: &pull.snap,
+                    ns: &pull.ns,
+                    repository,
+                    digest,
+                    peer: pull.peer,
+                    follow_others,
+                })
+                .map_err(internal)?;
+            let (flight, leader, own) = match source {
+                Source::Cached(file, len) => return Ok(Opened::cached(file, len)),
+                Source::Unconfirmed(file, len) => {
+                    let tail = format!("blobs/{digest}");
+                    self.confirm(pull, repository, &tail, digest, None).await?;
+                    return Ok(Opened::cached(file, len));
+                }
+                Source::Flight {
+                    flight,
+                    leader,
+                    own,
+                } => (flight, leader, own),
+                Source::NotHeld => return Err(ServeError::NotHeld(Content::Blob)),
+            };
+            let result = if leader.is_some() {
+                "miss"
+            } else {
+                "coalesced"
+            };
+            METRICS.cache.inc(&[("kind", "blob"), ("result", result)]);
+            let reading = flight.reading();
+            let mut progress = flight.progress.clone();
+            let started = async {
+                progress
+                    .wait_for(|p| !matches!(p.phase, Phase::Connecting))
+                    .await
+                    .map(|p| p.phase.clone())
+            };
+            let phase = if own {
+                started.await.map_err(|_| internal("blob fetch vanished"))?
+            } else {
+                match tokio::time::timeout(TAKEOVER_WINDOW, started).await {
+                    Ok(Ok(phase)) if phase.failure().is_none() => phase,
+                    // Another route's fetch that does not start, or
+                    // failed: this route's own.
+                    _ => {
+                        follow_others = false;
+                        continue;
+                    }
+                }
+            };
+            match phase {
+                Phase::Unavailable(e) => return Err(e),
+                // Nothing sent yet: a quick error lets the client move on.
+                // Why is in the log (the fetch logged it), not for the client.
+                Phase::Failed(_) => {
+                    return Err(ServeError::Unavailable(
+                        "blob transfer from the upstream registry failed".into(),
+                    ))
+                }
+                _ => {}
             }
-            Source::Flight(f, leader) => (f, leader),
-            Source::NotHeld => return Err(ServeError::NotHeld(Content::Blob)),
-        };
-        let result = if leader.is_some() {
-            "miss"
-        } else {
-            "coalesced"
-        };
-        METRICS.cache.inc(&[("kind", "blob"), ("result", result)]);
-        let mut progress = f.progress.clone();
-        let phase = progress
-            .wait_for(|p| !matches!(p.phase, Phase::Connecting))
-            .await
-            .map(|p| p.phase.clone())
-            .map_err(|_| internal("blob fetch vanished"))?;
-        match phase {
-            Phase::Unavailable(e) => return Err(e),
-            // Nothing sent yet: a quick error lets the client move on. Why
-            // is in the log (the fetch logged it), not for the client.
-            Phase::Failed(_) => {
-                return Err(ServeError::Unavailable(
-                    "blob transfer from the upstream registry failed".into(),
-                ))
-            }
-            _ => {}
+            return Ok(Opened {
+                file: flight.file.try_clone().map_err(internal)?,
+                progress,
+                leader,
+                cached: false,
+                foreign: (!own).then(|| self.takeover(pull, repository, digest)),
+                reading: Some(reading),
+            });
         }
-        Ok(Opened {
-            file: f.file.try_clone().map_err(internal)?,
-            progress,
-            leader,
-            cached: false,
-        })
     }
 
-    /// HEAD of a blob: from the cache or a fetch under way if possible,
-    /// else from the upstream (without fetching the content).
+    /// How a reader following another route's fetch gets to its own
+    /// route's copy: its own fetch (joined or started), or the blob once
+    /// stored and visible to it.
+    fn takeover(&self, pull: &Pull<'_>, repository: &Repository, digest: &Digest) -> read::Foreign {
+        let flights = self.flights.clone();
+        let (snap, ns, repository, digest, peer) = (
+            pull.snap.clone(),
+            pull.ns.clone(),
+            repository.clone(),
+            digest.clone(),
+            pull.peer,
+        );
+        let healthy_rate = snap.upstream.settings.takeover_rate;
+        read::Foreign {
+            takeover: Box::new(move || {
+                let want = Want {
+                    snap: &snap,
+                    ns: &ns,
+                    repository: &repository,
+                    digest: &digest,
+                    peer,
+                    follow_others: false,
+                };
+                match flights.get_or_start(want) {
+                    Ok(Source::Cached(file, len)) => {
+                        let (_, progress) = watch::channel(Progress::complete(len));
+                        Some((file, progress, None))
+                    }
+                    Ok(Source::Flight { flight, .. }) => {
+                        let file = flight.file.try_clone().ok()?;
+                        let guard: Box<dyn Send + Sync> = Box::new(flight.reading());
+                        Some((file, flight.progress.clone(), Some(guard)))
+                    }
+                    _ => None,
+                }
+            }),
+            healthy_rate,
+            window: TAKEOVER_WINDOW,
+        }
+    }
+
+    /// HEAD of a blob: from the cache (when visible to the request's
+    /// namespace) or a fetch of its own route, else the upstream's own
+    /// answer, so the cache tells nobody what it holds.
     async fn blob_head(
         &self,
         pull: &Pull<'_>,
@@ -132,41 +234,37 @@ impl Mirror {
         digest: Digest,
     ) -> Result<Response<ResponseBody>, ServeError> {
         let (snap, ns) = (&pull.snap, &pull.ns);
-        let known = match self.store.open_blob(&digest).map_err(internal)? {
-            Some((_, len)) => Some(len),
-            None => self
-                .flights
-                .current(&digest)
-                .and_then(|f| f.progress.borrow().total),
+        let cached = self.store.open_blob(&digest).map_err(internal)?;
+        let visible = match &cached {
+            Some(_) => {
+                let origins = self.store.origins(&digest).map_err(internal)?;
+                access::visible(&snap.upstream, &origins, ns, pull.peer.is_some())
+            }
+            None => false,
         };
-        let len = match known {
-            Some(len) => len,
-            None if pull.peer == Some(PeerRole::Holder) => {
-                return Err(ServeError::NotHeld(Content::Blob))
-            }
-            None => {
-                let req = UpstreamRequest {
-                    method: Method::HEAD,
-                    namespace: ns.clone(),
-                    tail: format!("blobs/{digest}"),
-                    repository: Some(repository),
-                    query: Vec::new(),
-                    needs_resolve: false,
-                    accept: None,
-                    range: None,
-                    peers: None,
-                };
-                let (len, _) = self
-                    .upstream
-                    .first_success(&snap.upstream, &req, |_, resp| async move {
-                        content_length(resp.headers()).ok_or_else(|| {
-                            AttemptError::Invalid("blob HEAD without Content-Length".into())
-                        })
-                    })
-                    .await
-                    .map_err(|exhausted| exhausted.into_error(Content::Blob))?;
-                len
-            }
+        let fetching = || {
+            self.flights
+                .own(&digest, ns)
+                .and_then(|f| f.progress.borrow().total)
+        };
+        let len = match (&cached, visible) {
+            (Some((_, len)), true) => *len,
+            _ => match fetching() {
+                Some(len) => len,
+                None if pull.peer.is_some()
+                    && (cached.is_some() || pull.peer == Some(PeerRole::Holder)) =>
+                {
+                    return Err(ServeError::NotHeld(Content::Blob))
+                }
+                None => {
+                    let tail = format!("blobs/{digest}");
+                    let len = self.upstream_head(pull, &repository, &tail, None).await?;
+                    if cached.is_some() && snap.upstream.vouches_for(ns) {
+                        self.record_origin(&digest, ns).await;
+                    }
+                    len
+                }
+            },
         };
         blob_headers(&digest)
             .status(StatusCode::OK)
@@ -225,6 +323,8 @@ fn body(
         progress,
         leader,
         cached,
+        foreign,
+        reading: _,
     } = opened;
     // A blob still being fetched: its written start goes out with sendfile
     // too, in parts, on connections that can.
@@ -243,7 +343,9 @@ fn body(
     let whole = zero_copy.filter(|_| cached);
     match sendfile_frame(whole, &file, total, w.start, w.end, held) {
         Ok(frame) => full(frame),
-        Err(held) => boxed(read::stream(file, progress, w.start, w.end, held, part)),
+        Err(held) => boxed(read::stream(
+            file, progress, w.start, w.end, held, part, foreign,
+        )),
     }
 }
 

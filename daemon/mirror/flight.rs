@@ -4,10 +4,21 @@
 //! body into a [`cache::ingest::Ingest`](crate::cache::ingest::Ingest),
 //! and reports an endpoint that broke or lied. Followers read the growing
 //! file ([`crate::cache::read`]).
+//!
+//! A fetch belongs to the route that started it: the namespace whose
+//! endpoint chain it asks. Its bytes are unverified until the digest
+//! matched, so they stay on that route: clients of the same namespace
+//! follow it freely (ranges included), clients of another namespace
+//! follow it only when its route is public, and then as reads whose last
+//! byte waits for the verification (see `mirror::blob`); a fetch of a
+//! private route is followed by nobody else. Each route has its own fetch
+//! of a digest when it needs one; the first verified copy goes into the
+//! store, and every verified copy records its namespace as an origin.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,6 +29,7 @@ use hyper::body::Incoming;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch, Notify};
 
+use super::access;
 use super::limit::Limits;
 use super::transfer;
 use crate::cache::ingest::{Ingest, IngestError, Phase, Progress};
@@ -28,34 +40,85 @@ use crate::reference::{Digest, Namespace, Repository};
 use crate::snapshot::Snapshot;
 use crate::upstream::{self, AttemptError, ByteRange, Endpoint, Upstream, UpstreamRequest};
 
-/// One blob being fetched.
+/// One blob being fetched through one route.
 pub struct Flight {
     pub progress: watch::Receiver<Progress>,
     /// The file being written, for readers (`pread` ignores its offset).
     pub file: File,
+    /// The namespace whose endpoints it asks.
+    pub route: Namespace,
+    /// Whether that namespace was public when the fetch began: only then
+    /// may clients of other namespaces follow it.
+    pub public: bool,
+    /// Clients reading it now.
+    readers: AtomicUsize,
+}
+
+impl Flight {
+    /// Counts a client reading this fetch until the guard drops.
+    pub fn reading(self: &Arc<Self>) -> Reading {
+        self.readers.fetch_add(1, Ordering::Relaxed);
+        Reading(self.clone())
+    }
+
+    pub fn readers(&self) -> usize {
+        self.readers.load(Ordering::Relaxed)
+    }
+}
+
+/// A client reading a fetch (see [`Flight::reading`]).
+pub struct Reading(Arc<Flight>);
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        self.0.readers.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// What a blob request reads from.
 pub enum Source {
+    /// In the store and visible to the request's namespace.
     Cached(File, u64),
-    /// A fetch under way. The request that started it also gets the
-    /// upstream's frames straight from memory (see [`crate::cache::read::tee`]).
-    Flight(Arc<Flight>, Option<mpsc::Receiver<Bytes>>),
-    /// A peer asked as a holder, and this node has nothing.
+    /// In the store, but brought in only by namespaces this request may
+    /// not see it under: its namespace's upstream may confirm that it
+    /// serves the digest (a HEAD), since the operator vouches for it.
+    Unconfirmed(File, u64),
+    /// A fetch under way; `own` when it runs on the request's own route.
+    /// The request that started it also gets the upstream's frames
+    /// straight from memory (see [`crate::cache::read::tee`]).
+    Flight {
+        flight: Arc<Flight>,
+        leader: Option<mpsc::Receiver<Bytes>>,
+        own: bool,
+    },
+    /// A peer asked as a holder, or for content not shared with peers:
+    /// this node has nothing for it.
     NotHeld,
+}
+
+/// What a blob request is, for [`Flights::get_or_start`].
+pub struct Want<'a> {
+    pub snap: &'a Arc<Snapshot>,
+    pub ns: &'a Namespace,
+    pub repository: &'a Repository,
+    pub digest: &'a Digest,
+    /// Cluster mode: asked by a peer, as this.
+    pub peer: Option<PeerRole>,
+    /// Whether another route's public fetch may be followed.
+    pub follow_others: bool,
 }
 
 /// Frames the starting request may lag behind before it is switched to
 /// reading the file, so a slow or stuck client never slows the fetch.
 const LEADER_FRAMES: usize = 16;
 
-/// The blobs being fetched now, by digest.
+/// The blobs being fetched now, by digest: one fetch per route.
 pub struct Flights {
     store: Arc<Store>,
     upstream: Arc<Upstream>,
     limits: Arc<Limits>,
     cluster: Option<Arc<Cluster>>,
-    map: Mutex<HashMap<Digest, Arc<Flight>>>,
+    map: Mutex<HashMap<Digest, Vec<Arc<Flight>>>>,
     /// Told each time the last fetch under way ends.
     idle: Notify,
 }
@@ -79,11 +142,11 @@ impl Flights {
 
     /// How many fetches are under way.
     pub fn len(&self) -> usize {
-        self.map.lock().len()
+        self.map.lock().values().map(Vec::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.map.lock().is_empty()
     }
 
     /// Resolves when the last fetch under way ends. One such end that came
@@ -92,23 +155,42 @@ impl Flights {
         self.idle.notified().await
     }
 
-    /// The flight for `digest` if one is under way.
-    pub fn current(&self, digest: &Digest) -> Option<Arc<Flight>> {
-        self.map.lock().get(digest).cloned()
+    /// The fetch of `digest` through `ns`, if one is under way.
+    pub fn own(&self, digest: &Digest, ns: &Namespace) -> Option<Arc<Flight>> {
+        let map = self.map.lock();
+        map.get(digest)?.iter().find(|f| f.route == *ns).cloned()
     }
 
-    /// The cached blob, the fetch under way, or a new fetch. A new fetch
+    /// Removes `flight` from the map (not a newer fetch of the digest).
+    fn land(&self, digest: &Digest, flight: &Arc<Flight>) {
+        let mut map = self.map.lock();
+        if let Some(list) = map.get_mut(digest) {
+            list.retain(|f| !Arc::ptr_eq(f, flight));
+            if list.is_empty() {
+                map.remove(digest);
+            }
+        }
+        if map.is_empty() {
+            self.idle.notify_one();
+        }
+    }
+
+    /// The cached blob if the request may see it, the fetch under way that
+    /// it may follow, or a new fetch through its namespace. A new fetch
     /// for a local client asks the cluster's peers (when configured); one
     /// for a peer asking as the owner goes to the upstreams only; a peer
-    /// asking as a holder gets what is here or nothing.
-    pub fn get_or_start(
-        self: &Arc<Self>,
-        snap: &Arc<Snapshot>,
-        ns: &Namespace,
-        repository: &Repository,
-        digest: &Digest,
-        peer: Option<PeerRole>,
-    ) -> io::Result<Source> {
+    /// asking as a holder gets what is here or nothing. Peers never get
+    /// content not shared with them, and never make a namespace an origin.
+    pub fn get_or_start(self: &Arc<Self>, want: Want<'_>) -> io::Result<Source> {
+        let Want {
+            snap,
+            ns,
+            repository,
+            digest,
+            peer,
+            follow_others,
+        } = want;
+        let cfg = &snap.upstream;
         let mut map = self.map.lock();
         // The store first: a blob committed by a flight still about to
         // leave the map is answered from its file (sendfile), not by
@@ -116,24 +198,52 @@ impl Flights {
         // commits before it leaves the map, so a blob is either in the
         // store or in the map, never neither while it is being fetched.
         if let Some((file, len)) = self.store.open_blob(digest)? {
-            return Ok(Source::Cached(file, len));
+            let origins = self.store.origins(digest)?;
+            if access::visible(cfg, &origins, ns, peer.is_some()) {
+                return Ok(Source::Cached(file, len));
+            }
+            if peer.is_some() {
+                return Ok(Source::NotHeld);
+            }
+            if cfg.vouches_for(ns) {
+                return Ok(Source::Unconfirmed(file, len));
+            }
+            // A namespace anyone may name proves it serves the digest
+            // only by serving it: a fetch of its own, verified.
         }
-        if let Some(f) = map.get(digest) {
-            return Ok(Source::Flight(f.clone(), None));
+        let under_way = map.get(digest).map(Vec::as_slice).unwrap_or_default();
+        if let Some(f) = under_way.iter().find(|f| f.route == *ns) {
+            return Ok(Source::Flight {
+                flight: f.clone(),
+                leader: None,
+                own: true,
+            });
+        }
+        let other = under_way.iter().find(|f| f.public && follow_others);
+        if let Some(f) = other {
+            return Ok(Source::Flight {
+                flight: f.clone(),
+                leader: None,
+                own: false,
+            });
         }
         if peer == Some(PeerRole::Holder) {
             return Ok(Source::NotHeld);
         }
         let peers = match (peer, &self.cluster) {
-            (None, Some(c)) => c.plan(&snap.upstream, ns, digest),
+            (None, Some(c)) => c.plan(cfg, ns, digest),
             _ => None,
         };
         let ingest = Ingest::start(&self.store, digest)?;
         let flight = Arc::new(Flight {
             progress: ingest.subscribe(),
             file: ingest.reader()?,
+            route: ns.clone(),
+            public: !cfg.is_private(ns),
+            readers: AtomicUsize::new(0),
         });
-        map.insert(digest.clone(), flight.clone());
+        map.entry(digest.clone()).or_default().push(flight.clone());
+        drop(map);
         let (leader, leader_rx) = mpsc::channel(LEADER_FRAMES);
         let req = UpstreamRequest {
             method: Method::GET,
@@ -146,43 +256,30 @@ impl Flights {
             range: None,
             peers,
         };
-        let this = self.clone();
-        let mine = flight.clone();
-        let digest = digest.clone();
-        let snap = snap.clone();
-        tokio::spawn(async move {
-            let _held = this.store.hold(&digest);
-            let mut ingest = ingest;
-            let settings = &snap.upstream.settings;
-            let outcome = match this.limits.acquire(settings, &req.namespace).await {
-                Ok(_slot) => this.fetch(&snap, &req, &digest, &mut ingest, leader).await,
-                Err(busy) => Phase::Unavailable(busy),
-            };
-            if let Phase::Failed(why) = &outcome {
-                tracing::warn!(%digest, error = %why, "blob fetch failed");
-            }
-            ingest.end(outcome);
-            // Only this flight: a request may have started the next one
-            // once this one was Done.
-            let mut map = this.map.lock();
-            if map.get(&digest).is_some_and(|f| Arc::ptr_eq(f, &mine)) {
-                map.remove(&digest);
-            }
-            if map.is_empty() {
-                this.idle.notify_one();
-            }
-        });
-        Ok(Source::Flight(flight, Some(leader_rx)))
+        let landing = Landing {
+            flights: self.clone(),
+            digest: digest.clone(),
+            flight: flight.clone(),
+            ingest: Some(ingest),
+        };
+        tokio::spawn(landing.fly(snap.clone(), req, leader));
+        Ok(Source::Flight {
+            flight,
+            leader: Some(leader_rx),
+            own: true,
+        })
     }
 
     /// Find an endpoint, reserve the space, move the body in
     /// ([`transfer`]: resumed where it breaks, over several connections
-    /// when it is big and slow), verify, commit.
+    /// when it is big and slow), verify, record the route as an origin,
+    /// commit.
     async fn fetch(
         &self,
         snap: &Snapshot,
         req: &UpstreamRequest,
         digest: &Digest,
+        flight: &Flight,
         ingest: &mut Ingest,
         leader: mpsc::Sender<Bytes>,
     ) -> Phase {
@@ -196,13 +293,15 @@ impl Flights {
         if let Err(why) = ingest.reserve(total) {
             return Phase::Failed(why.into());
         }
-        let readers = || self.store.holders(digest).saturating_sub(1);
+        let readers = || flight.readers();
+        let progress = ingest.subscribe();
         let ctx = Ctx {
             flights: self,
             cfg,
             req,
             digest,
             readers: &readers,
+            progress: &progress,
             started: answered,
         };
         let parts = match ingest.parts(total) {
@@ -230,7 +329,7 @@ impl Flights {
                 return Phase::Failed(why.into());
             }
         };
-        if let Err(e) = ingest.commit().await {
+        if let Err(e) = ingest.commit(&req.namespace).await {
             tracing::warn!(%digest, error = %e, "verified blob could not be stored");
             return Phase::Verified;
         }
@@ -245,7 +344,8 @@ impl Flights {
         }
         m.blob_committed(len);
         let endpoints: Vec<&str> = sources.iter().map(|ep| ep.key()).collect();
-        tracing::info!(%digest, bytes = len, endpoint = endpoints.join(" "), "blob cached");
+        tracing::info!(%digest, bytes = len, namespace = %req.namespace,
+            endpoint = endpoints.join(" "), "blob cached");
         Phase::Done
     }
 
@@ -335,10 +435,57 @@ impl Flights {
     }
 }
 
+/// A fetch task's hold on its flight. Whatever ends the task, a panic
+/// included, dropping it ends the ingest (as failed, unless it ended
+/// already: every reader gets an error, and the temporary file goes) and
+/// takes the flight out of the map, so no digest is ever wedged.
+struct Landing {
+    flights: Arc<Flights>,
+    digest: Digest,
+    flight: Arc<Flight>,
+    ingest: Option<Ingest>,
+}
+
+impl Landing {
+    /// The fetch task: a slot, then the fetch, then the end.
+    async fn fly(mut self, snap: Arc<Snapshot>, req: UpstreamRequest, leader: mpsc::Sender<Bytes>) {
+        let this = self.flights.clone();
+        let _held = this.store.hold(&self.digest);
+        let (digest, flight) = (self.digest.clone(), self.flight.clone());
+        let Some(ingest) = self.ingest.as_mut() else {
+            return;
+        };
+        let outcome = match this.limits.acquire(&snap.upstream, &req.namespace).await {
+            Ok(_slot) => {
+                this.fetch(&snap, &req, &digest, &flight, ingest, leader)
+                    .await
+            }
+            Err(busy) => Phase::Unavailable(busy),
+        };
+        if let Phase::Failed(why) = &outcome {
+            tracing::warn!(%digest, namespace = %req.namespace, error = %why, "blob fetch failed");
+        }
+        if let Some(ingest) = self.ingest.take() {
+            ingest.end(outcome);
+        }
+    }
+}
+
+impl Drop for Landing {
+    fn drop(&mut self) {
+        if let Some(ingest) = self.ingest.take() {
+            tracing::error!(digest = %self.digest, "blob fetch task ended without an outcome");
+            ingest.end(Phase::Failed("the fetch ended unexpectedly".into()));
+        }
+        self.flights.land(&self.digest, &self.flight);
+    }
+}
+
 /// How often a fetch's pace is looked at.
 const PACE_TICK: Duration = Duration::from_secs(1);
 
-/// The window over which a fetch nobody reads must keep `min_rate`.
+/// How long a fetch nobody reads any more goes on: it ends then, unless
+/// at its pace it would finish within as long again.
 const ABANDONED_WINDOW: Duration = Duration::from_secs(5);
 
 /// Resumes of one blob before giving up.
@@ -350,7 +497,7 @@ pub(super) enum Cut {
     Broken(String),
     /// Under `min_rate` while someone reads it.
     Slow(String),
-    /// Under `min_rate` and nobody reads it any more: stop.
+    /// Nobody reads it any more, and it is not about to finish: stop.
     Abandoned(String),
     /// Past `fetch_deadline`.
     Deadline(String),
@@ -376,6 +523,8 @@ pub(super) struct Ctx<'a> {
     pub digest: &'a Digest,
     /// How many clients read the blob besides the fetch itself.
     pub readers: &'a (dyn Fn() -> usize + Sync),
+    /// The blob's progress: how much is written, of how much.
+    pub progress: &'a watch::Receiver<Progress>,
     /// When the first answer's headers came in: `fetch_deadline` and the
     /// first stream's pace count from here (bytes that waited in the
     /// socket while the daemon was busy must not look like a fast stream).
@@ -384,8 +533,10 @@ pub(super) struct Ctx<'a> {
 
 /// The pace of one upstream connection. A connection is cut after
 /// silence longer than `idle_timeout`, past `fetch_deadline` since the
-/// fetch began, or slower than `min_rate` over `idle_timeout` (over a few
-/// seconds once nobody reads the blob any more).
+/// fetch began, slower than `min_rate` over `idle_timeout`, or once
+/// nobody has read the blob for [`ABANDONED_WINDOW`] unless it is about
+/// to finish (its slot and connection go back to clients that want
+/// something).
 pub(super) struct Pace<'a> {
     ctx: &'a Ctx<'a>,
     /// A peer's stream is also cut once it is silent and the cluster's
@@ -394,6 +545,8 @@ pub(super) struct Pace<'a> {
     last_data: Instant,
     window_start: Instant,
     window_bytes: u64,
+    /// Since when nobody reads the blob, and how much was written then.
+    unread: Option<(Instant, u64)>,
     tick: tokio::time::Interval,
 }
 
@@ -406,6 +559,7 @@ impl<'a> Pace<'a> {
             last_data: now,
             window_start: now,
             window_bytes: 0,
+            unread: None,
             tick: tokio::time::interval(PACE_TICK),
         }
     }
@@ -458,29 +612,47 @@ impl<'a> Pace<'a> {
                 s.fetch_deadline
             )));
         }
-        let reading = (self.ctx.readers)();
-        let window = if reading == 0 {
-            ABANDONED_WINDOW.min(s.idle_timeout)
+        if (self.ctx.readers)() == 0 {
+            self.abandoned(now)?;
         } else {
-            s.idle_timeout
-        };
+            self.unread = None;
+        }
         let elapsed = now - self.window_start;
-        if elapsed >= window {
+        if elapsed >= s.idle_timeout {
             let rate = self.window_bytes as f64 / elapsed.as_secs_f64();
             if rate < s.min_rate as f64 {
-                let why = format!(
+                return Err(Cut::Slow(format!(
                     "upstream sent {rate:.0} bytes/s, under min_rate {}",
                     s.min_rate
-                );
-                return Err(if reading == 0 {
-                    Cut::Abandoned(why)
-                } else {
-                    Cut::Slow(why)
-                });
+                )));
             }
             (self.window_start, self.window_bytes) = (now, 0);
         }
         Ok(())
+    }
+
+    /// Nobody reads the blob: after [`ABANDONED_WINDOW`], the fetch ends
+    /// unless at the pace of that window it would finish within as long.
+    fn abandoned(&mut self, now: Instant) -> Result<(), Cut> {
+        let (written, total) = {
+            let p = self.ctx.progress.borrow();
+            (p.written, p.total)
+        };
+        let (since, then) = *self.unread.get_or_insert((now, written));
+        let unread = now - since;
+        if unread < ABANDONED_WINDOW {
+            return Ok(());
+        }
+        let rate = written.saturating_sub(then) as f64 / unread.as_secs_f64();
+        let finishing = total.is_some_and(|t| {
+            t.saturating_sub(written) as f64 <= rate * ABANDONED_WINDOW.as_secs_f64()
+        });
+        if finishing {
+            return Ok(());
+        }
+        Err(Cut::Abandoned(format!(
+            "nobody has read it for {unread:?}, and at {rate:.0} bytes/s it is not about to finish"
+        )))
     }
 }
 
@@ -502,7 +674,7 @@ impl Ctx<'_> {
 pub(super) fn resumed_metric(ep: &Endpoint) {
     crate::metrics::METRICS
         .resumes
-        .inc(&[("endpoint", ep.key())]);
+        .inc(&[("endpoint", ep.label())]);
 }
 
 /// `Content-Range: bytes START-END/SIZE`: the start and the size (`*`: unknown).

@@ -1,5 +1,8 @@
 //! Caps on upstream fetches under way: in all, and per namespace, so one
-//! broken or hostile registry cannot take every slot. A request beyond a
+//! broken or hostile registry cannot take every slot. Namespaces without
+//! a hosts.d folder share one namespace cap between them: anyone may
+//! name any number of them, and the map of caps stays as small as
+//! hosts.d. A request beyond a
 //! cap waits up to `fetch_wait` for a slot, then gets 503 with
 //! `Retry-After` (containerd then tries its next host). The caps follow the
 //! configuration in force; a fetch keeps the slot it took until it ends.
@@ -13,6 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::config::UpstreamSettings;
 use crate::oci::ServeError;
 use crate::reference::Namespace;
+use crate::upstream::Config;
 
 /// A semaphore sized `max`; replaced when the configured size changes.
 struct Cap {
@@ -39,7 +43,16 @@ impl Cap {
 /// The slots of fetches under way.
 pub struct Limits {
     global: Mutex<Cap>,
-    namespaces: Mutex<HashMap<Namespace, Cap>>,
+    namespaces: Mutex<HashMap<Group, Cap>>,
+}
+
+/// Who shares a namespace cap.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Group {
+    /// A namespace with a hosts.d folder.
+    Configured(Namespace),
+    /// Every namespace without one.
+    Implicit,
 }
 
 /// Held for as long as a fetch runs.
@@ -59,11 +72,17 @@ impl Default for Limits {
 
 impl Limits {
     /// A slot for a fetch from `ns`, waiting up to `fetch_wait`.
-    pub async fn acquire(&self, s: &UpstreamSettings, ns: &Namespace) -> Result<Slot, ServeError> {
+    pub async fn acquire(&self, cfg: &Config, ns: &Namespace) -> Result<Slot, ServeError> {
+        let s = &cfg.settings;
+        let group = if cfg.configures(ns.as_str()) {
+            Group::Configured(ns.clone())
+        } else {
+            Group::Implicit
+        };
         let per_ns = self
             .namespaces
             .lock()
-            .entry(ns.clone())
+            .entry(group)
             .or_insert_with(|| Cap::new(s.max_fetches_per_namespace))
             .sized(s.max_fetches_per_namespace);
         let global = self.global.lock().sized(s.max_fetches);
@@ -102,6 +121,22 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    fn config(hosts: &[&str], s: UpstreamSettings) -> (tempfile::TempDir, Config) {
+        let dir = tempfile::tempdir().unwrap();
+        for ns in hosts {
+            std::fs::create_dir_all(dir.path().join(ns)).unwrap();
+            std::fs::write(
+                dir.path().join(ns).join("hosts.toml"),
+                "server = \"http://127.0.0.1:9\"\n",
+            )
+            .unwrap();
+        }
+        let cfg = crate::upstream::Upstream::new()
+            .configure(dir.path(), None, &s, 0)
+            .unwrap();
+        (dir, cfg)
+    }
+
     #[tokio::test]
     async fn a_busy_namespace_waits_then_is_refused_and_others_go_on() {
         let limits = Limits::default();
@@ -111,17 +146,41 @@ mod tests {
             fetch_wait: Duration::from_millis(50),
             ..UpstreamSettings::default()
         };
+        let (_dir, cfg) = config(&["a.test", "b.test"], s);
         let (a, b): (Namespace, Namespace) = ("a.test".parse().unwrap(), "b.test".parse().unwrap());
-        let _a1 = limits.acquire(&s, &a).await.unwrap();
-        let a2 = limits.acquire(&s, &a).await.unwrap();
+        let _a1 = limits.acquire(&cfg, &a).await.unwrap();
+        let a2 = limits.acquire(&cfg, &a).await.unwrap();
         assert!(matches!(
-            limits.acquire(&s, &a).await,
+            limits.acquire(&cfg, &a).await,
             Err(ServeError::Busy { .. })
         ));
-        let _b1 = limits.acquire(&s, &b).await.unwrap();
+        let _b1 = limits.acquire(&cfg, &b).await.unwrap();
         assert!(limits.saturated().is_some());
         drop(a2);
         assert!(limits.saturated().is_none());
-        assert!(limits.acquire(&s, &a).await.is_ok());
+        assert!(limits.acquire(&cfg, &a).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn namespaces_without_a_folder_share_one_cap() {
+        let limits = Limits::default();
+        let s = UpstreamSettings {
+            max_fetches: 100,
+            max_fetches_per_namespace: 2,
+            fetch_wait: Duration::from_millis(50),
+            ..UpstreamSettings::default()
+        };
+        let (_dir, cfg) = config(&["a.test"], s);
+        let ns = |i: usize| -> Namespace { format!("x{i}.test").parse().unwrap() };
+        let _one = limits.acquire(&cfg, &ns(1)).await.unwrap();
+        let _two = limits.acquire(&cfg, &ns(2)).await.unwrap();
+        assert!(matches!(
+            limits.acquire(&cfg, &ns(3)).await,
+            Err(ServeError::Busy { .. })
+        ));
+        // A configured namespace has its own.
+        let a: Namespace = "a.test".parse().unwrap();
+        assert!(limits.acquire(&cfg, &a).await.is_ok());
+        assert_eq!(limits.namespaces.lock().len(), 2);
     }
 }

@@ -89,10 +89,7 @@ impl Mirror {
             peers: None,
         };
         let idle = pull.snap.upstream.settings.idle_timeout;
-        let _slot = self
-            .limits
-            .acquire(&pull.snap.upstream.settings, &pull.ns)
-            .await?;
+        let _slot = self.limits.acquire(&pull.snap.upstream, &pull.ns).await?;
         let (answer, _) = self
             .upstream
             .first_success(&pull.snap.upstream, &req, |_, resp| async move {

@@ -62,6 +62,11 @@ const MIN_STEAL: u64 = 1 << 20;
 /// Bytes a connection gathers before writing them.
 const WRITE_BATCH: usize = 1 << 20;
 
+/// The longest received bytes wait in a batch when nothing more arrives:
+/// then they are written (and readers following the fetch get them), so
+/// a slow upstream's bytes reach clients at its pace, not per megabyte.
+const BATCH_WAIT: Duration = Duration::from_millis(50);
+
 /// How long the first stream runs before its pace is judged.
 pub const PROBE: Duration = Duration::from_millis(250);
 
@@ -366,7 +371,7 @@ pub(super) async fn run(
     if s.split && s.ranges == Ranges::Honoured {
         crate::metrics::METRICS
             .parallel
-            .inc(&[("endpoint", sources[0].key())]);
+            .inc(&[("endpoint", sources[0].label())]);
     }
     (outcome, sources)
 }
@@ -407,7 +412,11 @@ async fn head(
     loop {
         let next = match extra.take() {
             Some(d) => Ok(Some(d)),
-            None => pace.next(&mut body).await,
+            None => match receive(&mut pace, &mut body, &mut w).await {
+                Err(Stop::Write(e)) => return Err(Stop::Write(e)),
+                Err(Stop::Cut(cut)) => Err(cut),
+                Ok(data) => Ok(data),
+            },
         };
         let cut = match next {
             Ok(Some(mut data)) => {
@@ -642,7 +651,7 @@ async fn stream(
 ) -> Result<(), Stop> {
     let mut end = pieces.advance(id, w.position());
     while w.position() < end {
-        let Some(mut data) = pace.next(body).await.map_err(Stop::Cut)? else {
+        let Some(mut data) = receive(pace, body, w).await? else {
             return Err(Stop::Cut(Cut::Broken(format!(
                 "upstream body ended at byte {} of a piece ending at {end}",
                 w.position()
@@ -656,6 +665,24 @@ async fn stream(
         end = pieces.advance(id, w.position());
     }
     Ok(())
+}
+
+/// The body's next bytes; when they are slow to come, what the writer
+/// has batched is written meanwhile (after [`BATCH_WAIT`]). Cancelling
+/// the wait loses nothing: a body's next frame and the pace's tick are
+/// both safe to drop.
+async fn receive(
+    pace: &mut Pace<'_>,
+    body: &mut Incoming,
+    w: &mut Writer<'_>,
+) -> Result<Option<Bytes>, Stop> {
+    if w.batched > 0 {
+        if let Ok(next) = tokio::time::timeout(BATCH_WAIT, pace.next(body)).await {
+            return next.map_err(Stop::Cut);
+        }
+        w.flush().await.map_err(Stop::Write)?;
+    }
+    pace.next(body).await.map_err(Stop::Cut)
 }
 
 type Write<'a> = Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'a>>;

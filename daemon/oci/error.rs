@@ -93,6 +93,9 @@ pub enum ServeError {
     /// Every upstream fetch slot is taken: come back after `retry_after`.
     #[error("too many upstream fetches under way; retry later")]
     Busy { retry_after: std::time::Duration },
+    /// A private namespace asked by a client `[server]` does not allow.
+    #[error("registry {0} is private: its content is served to allowed local users only (see [server] allowed_uids and allowed_gids)")]
+    Private(String),
     /// Cluster mode: a peer asked for what is not shared with peers.
     #[error("not shared with the cluster's peers: {0}")]
     NotShared(String),
@@ -159,7 +162,7 @@ impl ServeError {
             }
             | ServeError::Unavailable(_)
             | ServeError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ServeError::NotShared(_) => StatusCode::FORBIDDEN,
+            ServeError::NotShared(_) | ServeError::Private(_) => StatusCode::FORBIDDEN,
             ServeError::NotHeld(_) => StatusCode::NOT_FOUND,
             ServeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -189,7 +192,7 @@ impl ServeError {
             ServeError::Upstream { .. } | ServeError::Unavailable(_) | ServeError::Busy { .. } => {
                 "UNAVAILABLE"
             }
-            ServeError::NotShared(_) => "DENIED",
+            ServeError::NotShared(_) | ServeError::Private(_) => "DENIED",
             ServeError::NotHeld(what) => what.unknown_code(),
             ServeError::Internal(_) => "UNKNOWN",
         }

@@ -210,12 +210,28 @@ pub enum AuthError {
     Refused { realm: String, status: StatusCode },
     #[error("token service not contacted: {0}")]
     NotPublic(String),
+    #[error("credentials not sent to {realm}: a token service must be https (or plain http on the endpoint's own host, when the endpoint itself is plain http)")]
+    Insecure { realm: String },
 }
 
 struct Cached {
     header: HeaderValue,
     expires: Option<Instant>,
 }
+
+/// Largest token accepted; real ones are a few KiB.
+pub const MAX_TOKEN_BYTES: usize = 16 << 10;
+
+/// Largest token service answer read.
+const MAX_TOKEN_ANSWER: usize = 64 << 10;
+
+/// Tokens are used at most this long, whatever their service says.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// Authorization headers kept at most, in number and in bytes: requests
+/// for many repositories must not grow the cache without bound.
+const MAX_CACHED: usize = 1024;
+const MAX_CACHED_BYTES: usize = 4 << 20;
 
 /// What a cached Authorization header is good for: one endpoint and
 /// repository, under the configuration it was obtained with.
@@ -231,7 +247,58 @@ pub struct TokenKey {
 /// Authorization headers that worked.
 #[derive(Default)]
 pub struct Auth {
-    cache: Mutex<HashMap<TokenKey, Cached>>,
+    cache: Mutex<TokenCache>,
+}
+
+#[derive(Default)]
+struct TokenCache {
+    entries: HashMap<TokenKey, Cached>,
+    bytes: usize,
+}
+
+impl TokenCache {
+    fn remove(&mut self, key: &TokenKey) {
+        if let Some(c) = self.entries.remove(key) {
+            self.bytes -= cost(key, &c);
+        }
+    }
+
+    /// Keeps `entry`, first dropping expired ones and, while over the
+    /// bounds, those that expire soonest.
+    fn insert(&mut self, key: TokenKey, entry: Cached) {
+        self.remove(&key);
+        let now = Instant::now();
+        let before = self.entries.len();
+        self.entries
+            .retain(|_, c| c.expires.is_none_or(|t| t > now));
+        if self.entries.len() != before {
+            self.bytes = self.entries.iter().map(|(k, c)| cost(k, c)).sum();
+        }
+        let added = cost(&key, &entry);
+        while !self.entries.is_empty()
+            && (self.entries.len() >= MAX_CACHED || self.bytes + added > MAX_CACHED_BYTES)
+        {
+            let soonest = self
+                .entries
+                .iter()
+                .min_by_key(|(_, c)| c.expires)
+                .map(|(k, _)| k.clone());
+            match soonest {
+                Some(k) => self.remove(&k),
+                None => break,
+            }
+        }
+        self.bytes += added;
+        self.entries.insert(key, entry);
+    }
+}
+
+/// What an entry takes, roughly.
+fn cost(key: &TokenKey, c: &Cached) -> usize {
+    c.header.len()
+        + key.endpoint.len()
+        + key.repository.as_ref().map_or(0, |r| r.as_str().len())
+        + 64
 }
 
 /// How to reach a token service: the client, whether it must be at a
@@ -253,8 +320,16 @@ impl Auth {
     pub fn cached(&self, key: &TokenKey) -> Option<HeaderValue> {
         let mut cache = self.cache.lock();
         // Tokens of earlier configurations are never used again.
-        cache.retain(|k, _| k.generation >= key.generation);
-        match cache.get(key) {
+        let stale: Vec<TokenKey> = cache
+            .entries
+            .keys()
+            .filter(|k| k.generation < key.generation)
+            .cloned()
+            .collect();
+        for k in &stale {
+            cache.remove(k);
+        }
+        match cache.entries.get(key) {
             Some(c) if c.expires.is_none_or(|t| t > Instant::now()) => Some(c.header.clone()),
             Some(_) => {
                 cache.remove(key);
@@ -266,6 +341,13 @@ impl Auth {
 
     pub fn forget(&self, key: &TokenKey) {
         self.cache.lock().remove(key);
+    }
+
+    /// How many headers and bytes are kept.
+    #[cfg(test)]
+    fn kept(&self) -> (usize, usize) {
+        let c = self.cache.lock();
+        (c.entries.len(), c.bytes)
     }
 
     /// Answers `challenge` for a request to `endpoint` about the key's
@@ -292,7 +374,8 @@ impl Auth {
                 (c.basic_header().ok_or(AuthError::NoCredentials)?, None)
             }
             "bearer" => {
-                let (token, life) = fetch_token(service, &parsed, credential, &scope).await?;
+                let (token, life) =
+                    fetch_token(service, &parsed, credential, endpoint, &scope).await?;
                 let mut v = HeaderValue::try_from(format!("Bearer {token}")).map_err(|_| {
                     AuthError::Token {
                         realm: parsed.params.get("realm").cloned().unwrap_or_default(),
@@ -304,8 +387,16 @@ impl Auth {
             }
             _ => return Err(AuthError::Unsupported(challenge.into())),
         };
-        // Renew a little before the service would refuse the token.
-        let expires = lifetime.map(|l| Instant::now() + l.mul_f32(0.9));
+        // Renew a little before the service would refuse the token (the
+        // lifetime is capped, so this cannot overflow; an instant that
+        // could not be represented is not cached at all).
+        let expires = match lifetime {
+            Some(l) => match Instant::now().checked_add(l.min(MAX_TOKEN_LIFETIME) / 10 * 9) {
+                Some(t) => Some(t),
+                None => return Ok(header),
+            },
+            None => None,
+        };
         self.cache.lock().insert(
             key,
             Cached {
@@ -325,6 +416,7 @@ async fn fetch_token(
     }: TokenService<'_>,
     challenge: &Challenge,
     credential: Option<&Credential>,
+    endpoint: &Url,
     default_scope: &str,
 ) -> Result<(String, Duration), AuthError> {
     let realm = challenge.params.get("realm").cloned().unwrap_or_default();
@@ -340,6 +432,9 @@ async fn fetch_token(
         if let Some(refusal) = super::admission::literal_refusal(&url) {
             return Err(AuthError::NotPublic(refusal.to_string()));
         }
+    }
+    if credential.is_some() && !credentials_may_go(endpoint, &url) {
+        return Err(AuthError::Insecure { realm });
     }
     {
         let mut q = url.query_pairs_mut();
@@ -369,7 +464,7 @@ async fn fetch_token(
                 None => fail(super::error_chain(&e)),
             })?;
         let status = resp.status();
-        let body = Limited::new(resp.into_body(), 1 << 20)
+        let body = Limited::new(resp.into_body(), MAX_TOKEN_ANSWER)
             .collect()
             .await
             .map_err(|e| fail(format!("reading response: {e}")))?
@@ -390,10 +485,17 @@ async fn fetch_token(
             .or(t.access_token)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| fail("no token in response".into()))?;
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(fail(format!(
+                "token of {} bytes refused (at most {MAX_TOKEN_BYTES})",
+                token.len()
+            )));
+        }
         let life = t
             .expires_in
             .map(Duration::from_secs)
-            .unwrap_or(DEFAULT_TOKEN_LIFETIME);
+            .unwrap_or(DEFAULT_TOKEN_LIFETIME)
+            .min(MAX_TOKEN_LIFETIME);
         Ok((token, life))
     };
     tokio::time::timeout(timeout, work)
@@ -401,9 +503,66 @@ async fn fetch_token(
         .map_err(|_| fail("timed out".into()))?
 }
 
+/// Whether credentials for `endpoint` may go to the token service at
+/// `realm`: over https, or over plain http only to the host of an
+/// endpoint that is itself configured as plain http.
+fn credentials_may_go(endpoint: &Url, realm: &Url) -> bool {
+    realm.scheme() == "https"
+        || (endpoint.scheme() == "http"
+            && realm.scheme() == "http"
+            && realm.host_str() == endpoint.host_str())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_go_over_https_or_to_a_plain_endpoints_own_host() {
+        let u = |s: &str| Url::parse(s).unwrap();
+        let https_ep = u("https://reg.test/v2");
+        let http_ep = u("http://127.0.0.1:5000/v2");
+        assert!(credentials_may_go(&https_ep, &u("https://auth.test/token")));
+        assert!(!credentials_may_go(&https_ep, &u("http://reg.test/token")));
+        assert!(!credentials_may_go(&https_ep, &u("http://auth.test/token")));
+        assert!(credentials_may_go(
+            &http_ep,
+            &u("http://127.0.0.1:5001/token")
+        ));
+        assert!(!credentials_may_go(
+            &http_ep,
+            &u("http://127.0.0.2:5000/token")
+        ));
+        assert!(credentials_may_go(&http_ep, &u("https://auth.test/token")));
+    }
+
+    #[test]
+    fn the_token_cache_is_bounded_in_entries_and_bytes() {
+        let auth = Auth::default();
+        let big = "x".repeat(MAX_TOKEN_BYTES);
+        for i in 0..5000 {
+            let key = TokenKey {
+                generation: 0,
+                endpoint: "https://reg.test/v2".into(),
+                repository: Some(format!("repo{i}").parse().unwrap()),
+            };
+            auth.cache.lock().insert(
+                key,
+                Cached {
+                    header: HeaderValue::try_from(format!("Bearer {big}")).unwrap(),
+                    expires: Some(Instant::now() + Duration::from_secs(300)),
+                },
+            );
+        }
+        let (n, bytes) = auth.kept();
+        assert!(n <= MAX_CACHED && bytes <= MAX_CACHED_BYTES, "{n} {bytes}");
+        assert!(n > 100, "{n}");
+        let sum: usize = {
+            let c = auth.cache.lock();
+            c.entries.iter().map(|(k, c)| cost(k, c)).sum()
+        };
+        assert_eq!(sum, bytes, "the byte count follows the entries");
+    }
 
     #[test]
     fn bearer_challenge() {

@@ -25,6 +25,17 @@ struct State {
     until: Instant,
 }
 
+/// Endpoints tracked before those whose wait is over are forgotten:
+/// registries named by requests alone are unbounded in number.
+const TRACKED: usize = 1024;
+
+/// `now + wait`, or far ahead when that cannot be represented.
+fn after(wait: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(wait)
+        .unwrap_or_else(|| now + Duration::from_secs(366 * 24 * 3600))
+}
+
 impl Health {
     /// True while `endpoint` should be skipped.
     pub fn backing_off(&self, endpoint: &str) -> bool {
@@ -43,6 +54,10 @@ impl Health {
     /// Records a failure; returns how long the endpoint is now skipped.
     pub fn failure(&self, endpoint: &str, settings: &UpstreamSettings) -> Duration {
         let mut state = self.state.lock();
+        if state.len() >= TRACKED && !state.contains_key(endpoint) {
+            let now = Instant::now();
+            state.retain(|_, s| s.until > now);
+        }
         let s = state.entry(endpoint.to_string()).or_insert(State {
             failures: 0,
             until: Instant::now(),
@@ -53,15 +68,18 @@ impl Health {
             .backoff
             .saturating_mul(factor)
             .min(settings.backoff_max);
-        s.until = Instant::now() + wait;
+        s.until = after(wait);
         wait
     }
 
     /// Records a 429: the endpoint is not asked again for `wait`.
     pub fn throttle(&self, endpoint: &str, wait: Duration, body: Option<Bytes>) -> Duration {
-        self.throttled
-            .lock()
-            .insert(endpoint.to_string(), (Instant::now() + wait, body));
+        let mut throttled = self.throttled.lock();
+        if throttled.len() >= TRACKED && !throttled.contains_key(endpoint) {
+            let now = Instant::now();
+            throttled.retain(|_, (until, _)| *until > now);
+        }
+        throttled.insert(endpoint.to_string(), (after(wait), body));
         wait
     }
 
@@ -117,6 +135,21 @@ mod tests {
         assert!(h.throttled("b").is_none());
         std::thread::sleep(Duration::from_millis(60));
         assert!(h.throttled("a").is_none());
+    }
+
+    #[test]
+    fn forgotten_endpoints_keep_the_state_bounded() {
+        let h = Health::default();
+        let s = limits(0, 0);
+        for i in 0..5000 {
+            h.failure(&format!("https://r{i}.test/v2"), &s);
+            h.throttle(&format!("https://r{i}.test/v2"), Duration::ZERO, None);
+        }
+        assert!(h.state.lock().len() <= TRACKED);
+        assert!(h.throttled.lock().len() <= TRACKED);
+        // A huge wait neither panics nor wraps.
+        h.throttle("a", Duration::MAX, None);
+        assert!(h.throttled("a").is_some());
     }
 
     #[test]

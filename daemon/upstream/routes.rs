@@ -53,6 +53,17 @@ impl Endpoint {
         self.base.as_str()
     }
 
+    /// The endpoint in metric labels: its key when configured (hosts.d,
+    /// cluster peers), `other` for a registry named by a request alone,
+    /// so that requests cannot grow the metrics without bound.
+    pub fn label(&self) -> &str {
+        if self.implicit {
+            "other"
+        } else {
+            self.key()
+        }
+    }
+
     /// The client to use: `public_client` when the target must be public.
     pub(super) fn client_for(&self, public_only: bool) -> &HttpClient {
         if public_only {

@@ -41,6 +41,11 @@ pub struct Behaviour {
     pub bearer: Option<Option<(String, String)>>,
     /// Demand these Basic credentials.
     pub basic: Option<(String, String)>,
+    /// The token service's answer, instead of a sane one (the Bearer
+    /// token it demands is still `fake-token`).
+    pub token_body: Option<String>,
+    /// The realm a Bearer challenge names, instead of this fake's `/token`.
+    pub realm: Option<String>,
     /// Redirect blob requests to `<base>/storage/<digest>`.
     pub redirect_blobs: Option<String>,
     /// Leave out Docker-Content-Digest on manifest HEAD responses.
@@ -291,7 +296,10 @@ async fn handle(s: &Shared, addr: SocketAddr, req: Request<Incoming>) -> Respons
                 return status(StatusCode::UNAUTHORIZED, &[]);
             }
         }
-        let body = r#"{"token":"fake-token","expires_in":300}"#;
+        let body = b
+            .token_body
+            .clone()
+            .unwrap_or_else(|| r#"{"token":"fake-token","expires_in":300}"#.to_string());
         return Response::new(Full::new(Bytes::from(body)).boxed());
     }
     if b.hang {
@@ -324,8 +332,12 @@ async fn handle(s: &Shared, addr: SocketAddr, req: Request<Incoming>) -> Respons
             if auth != "Bearer fake-token" {
                 let repo = rest.split("/manifests/").next().unwrap_or("");
                 let repo = repo.split("/blobs/").next().unwrap_or("");
+                let realm = b
+                    .realm
+                    .clone()
+                    .unwrap_or_else(|| format!("http://{addr}/token"));
                 let challenge = format!(
-                    r#"Bearer realm="http://{addr}/token",service="fake",scope="repository:{repo}:pull""#
+                    r#"Bearer realm="{realm}",service="fake",scope="repository:{repo}:pull""#
                 );
                 return status(StatusCode::UNAUTHORIZED, &[("www-authenticate", challenge)]);
             }
