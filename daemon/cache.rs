@@ -278,6 +278,12 @@ impl Store {
     }
 }
 
+/// How many entries a folder has (0 when unreadable).
+#[cfg(test)]
+pub(crate) fn read_dir_len(dir: &Path) -> usize {
+    fs::read_dir(dir).map_or(0, |d| d.count())
+}
+
 /// Records an access as the file's mtime, at most once per granularity.
 fn touch(file: &File, meta: &fs::Metadata) {
     let now = SystemTime::now();

@@ -631,6 +631,42 @@ mod tests {
     }
 
     #[test]
+    fn durations_are_bounded_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "[upstream]\nbackoff = \"5124095576030431h\"\nfetch_deadline = \"8785h\"\n[cache]\ntag_ttl = \"8784h\"\n",
+        );
+        let e = Settings::load(Some(&p), Overrides::default()).unwrap_err();
+        let lines: Vec<usize> = e.0.iter().map(|e| e.line).collect();
+        assert_eq!(lines, [2, 3], "{e}");
+        assert!(e.to_string().contains("at most 8784h"), "{e}");
+    }
+
+    #[test]
+    fn server_section_names_users_and_groups() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(Settings::defaults().server.allowed_uids, [0], "root only");
+        let p = write(
+            dir.path(),
+            "[server]\nallowed_uids = [0, \"root\", 1000]\nallowed_gids = [\"root\"]\n",
+        );
+        let s = Settings::load(Some(&p), Overrides::default())
+            .unwrap()
+            .server;
+        assert_eq!(s.allowed_uids, [0, 0, 1000]);
+        assert_eq!(s.allowed_gids, [0]);
+        let p = write(
+            dir.path(),
+            "[server]\nallowed_uids = [\"no-such-user-here\"]\nallowed_gids = 5\nallowed = 1\n",
+        );
+        let e = Settings::load(Some(&p), Overrides::default()).unwrap_err();
+        let lines: Vec<usize> = e.0.iter().map(|e| e.line).collect();
+        assert_eq!(lines, [2, 3, 4], "{e}");
+        assert!(e.to_string().contains("no user named"), "{e}");
+    }
+
+    #[test]
     fn named_file_must_exist() {
         let e = Settings::load(
             Some(Path::new("/nonexistent/nm.toml")),

@@ -16,23 +16,23 @@ use crate::support::fake::{Behaviour, Fake};
 use crate::support::{get, http_client, stream_on, wait_until, Daemon, Dns};
 
 /// The cluster's CA and node certificates, in one folder.
-struct Pki {
+pub struct Pki {
     dir: tempfile::TempDir,
 }
 
 impl Pki {
-    fn new() -> Pki {
+    pub fn new() -> Pki {
         let dir = tempfile::tempdir().unwrap();
         certs::write_ca(dir.path()).unwrap();
         Pki { dir }
     }
 
-    fn path(&self) -> &Path {
+    pub fn path(&self) -> &Path {
         self.dir.path()
     }
 
     /// A node certificate naming `ip`: (cert, key).
-    fn node(&self, name: &str, ip: IpAddr) -> (PathBuf, PathBuf) {
+    pub fn node(&self, name: &str, ip: IpAddr) -> (PathBuf, PathBuf) {
         certs::write_cert(self.path(), name, &[ip], &[], self.path()).unwrap();
         (
             self.path().join(format!("{name}.pem")),
@@ -42,12 +42,12 @@ impl Pki {
 }
 
 /// A free port on `ip`.
-fn port_on(ip: Ipv4Addr) -> SocketAddr {
+pub fn port_on(ip: Ipv4Addr) -> SocketAddr {
     let l = std::net::TcpListener::bind((ip, 0)).unwrap();
     l.local_addr().unwrap()
 }
 
-fn settings(pki: &Pki, name: &str, at: SocketAddr, peers: &[SocketAddr]) -> ClusterSettings {
+pub fn settings(pki: &Pki, name: &str, at: SocketAddr, peers: &[SocketAddr]) -> ClusterSettings {
     let (cert, key) = pki.node(name, at.ip());
     ClusterSettings {
         listen: at,
@@ -65,7 +65,7 @@ fn settings(pki: &Pki, name: &str, at: SocketAddr, peers: &[SocketAddr]) -> Clus
 
 /// `n` nodes on 127.0.<net>.1 …, each with its own cache, all with
 /// `hosts` and each other as static peers.
-async fn cluster(
+pub async fn cluster(
     pki: &Pki,
     net: u8,
     n: u8,
@@ -90,7 +90,7 @@ fn blob(seed: u64) -> Vec<u8> {
     crate::support::noise(1 << 20, seed)
 }
 
-fn url(d: &Daemon, ns: &str, digest: &str) -> String {
+pub fn url(d: &Daemon, ns: &str, digest: &str) -> String {
     d.url(&format!("/v2/app/blobs/{digest}?ns={ns}"))
 }
 
@@ -379,13 +379,24 @@ async fn members_follow_the_dns_name() {
     node.stop().await;
 }
 
-type PeerClient = hyper_util::client::legacy::Client<
+pub type PeerClient = hyper_util::client::legacy::Client<
     hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
     http_body_util::Empty<bytes::Bytes>,
 >;
 
 /// An HTTPS client trusting `ca`, with a client certificate if given.
-fn mtls_client(ca: &Path, identity: Option<(&PathBuf, &PathBuf)>) -> PeerClient {
+pub fn mtls_client(ca: &Path, identity: Option<(&PathBuf, &PathBuf)>) -> PeerClient {
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(mtls_config(ca, identity))
+        .https_only()
+        .enable_http1()
+        .build();
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https)
+}
+
+/// A TLS client configuration trusting `ca`, with a client certificate
+/// if given.
+pub fn mtls_config(ca: &Path, identity: Option<(&PathBuf, &PathBuf)>) -> rustls::ClientConfig {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let mut roots = rustls::RootCertStore::empty();
@@ -397,7 +408,7 @@ fn mtls_client(ca: &Path, identity: Option<(&PathBuf, &PathBuf)>) -> PeerClient 
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots);
-    let config = match identity {
+    match identity {
         Some((cert, key)) => builder
             .with_client_auth_cert(
                 CertificateDer::pem_file_iter(cert)
@@ -408,17 +419,11 @@ fn mtls_client(ca: &Path, identity: Option<(&PathBuf, &PathBuf)>) -> PeerClient 
             )
             .unwrap(),
         None => builder.with_no_client_auth(),
-    };
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(config)
-        .https_only()
-        .enable_http1()
-        .build();
-    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https)
+    }
 }
 
 /// GET through the peer port: the status and the body's length.
-async fn peer_get(client: &PeerClient, url: &str) -> Result<(StatusCode, usize), String> {
+pub async fn peer_get(client: &PeerClient, url: &str) -> Result<(StatusCode, usize), String> {
     use http_body_util::BodyExt;
     let req = http::Request::get(url)
         .header("x-nodemirror-peer", "owner")
@@ -461,7 +466,7 @@ async fn binary_node(
 }
 
 /// A blob of `size` bytes whose owner among `members` is `owner`.
-fn owned_by(
+pub fn owned_by(
     members: &[SocketAddr],
     owner: SocketAddr,
     size: usize,

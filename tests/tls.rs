@@ -149,3 +149,44 @@ async fn client_certificates_from_hosts_toml() {
     assert_eq!(r.status, StatusCode::OK);
     d.stop().await;
 }
+
+/// An https registry with credentials whose Bearer challenge names a
+/// plain-http token service: the credentials are never sent there.
+#[tokio::test]
+async fn credentials_never_go_to_a_plain_http_token_realm() {
+    let pki = Pki::new();
+    let up = pki.registry(false).await;
+    let img = Image::build(&[("f", b"behind a token")]);
+    up.push_image("app", "v1", &img);
+    // The token service the challenge names: plain http, recording.
+    let realm = Fake::start(Behaviour::default()).await;
+    up.set(|b| {
+        b.bearer = Some(Some(("robot".into(), "s3cret".into())));
+        b.realm = Some(format!("{}/token", realm.url()));
+    });
+    let auth = format!(
+        r#"{{"auths": {{"127.0.0.1:{}": {{"username": "robot", "password": "s3cret"}}}}}}"#,
+        up.addr.port()
+    );
+    let d = Daemon::builder()
+        .hosts(
+            "reg.test",
+            format!(
+                "server = \"{}\"\nca = \"{}\"\n",
+                https(&up),
+                pki.path("ca.pem")
+            ),
+        )
+        .auth(auth)
+        .start()
+        .await;
+    let r = get(&d.url("/v2/app/manifests/v1?ns=reg.test")).await;
+    assert_ne!(r.status, StatusCode::OK);
+    let leaked: Vec<_> = realm
+        .seen()
+        .into_iter()
+        .filter(|s| s.headers.contains_key("authorization"))
+        .collect();
+    assert!(leaked.is_empty(), "credentials sent in clear: {leaked:?}");
+    d.stop().await;
+}

@@ -690,6 +690,56 @@ fn content_range(v: &str) -> Option<(u64, Option<u64>)> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// A fetch task that panics still releases its flight: readers get
+    /// an error, the temporary file goes, the digest can be fetched again.
+    #[tokio::test]
+    async fn a_panicking_fetch_task_releases_its_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let flights = Flights::new(
+            store.clone(),
+            Arc::new(Upstream::new()),
+            Arc::new(Limits::default()),
+            None,
+        );
+        let digest = Digest::of(b"never fetched");
+        let ingest = Ingest::start(&store, &digest).unwrap();
+        let flight = Arc::new(Flight {
+            progress: ingest.subscribe(),
+            file: ingest.reader().unwrap(),
+            route: "reg.test".parse().unwrap(),
+            public: true,
+            readers: AtomicUsize::new(0),
+        });
+        flights
+            .map
+            .lock()
+            .insert(digest.clone(), vec![flight.clone()]);
+        let landing = Landing {
+            flights: flights.clone(),
+            digest: digest.clone(),
+            flight: flight.clone(),
+            ingest: Some(ingest),
+        };
+        assert_eq!(crate::cache::read_dir_len(&dir.path().join("tmp")), 1);
+        let task = tokio::spawn(async move {
+            let _landing = landing;
+            panic!("a bug in the fetch");
+        });
+        assert!(task.await.unwrap_err().is_panic());
+        assert!(flights.is_empty(), "the flight left the map");
+        let mut progress = flight.progress.clone();
+        let phase = progress
+            .wait_for(|p| !matches!(p.phase, Phase::Connecting))
+            .await
+            .map(|p| p.phase.clone())
+            .unwrap();
+        assert!(phase.failure().is_some(), "{phase:?}");
+        assert_eq!(crate::cache::read_dir_len(&dir.path().join("tmp")), 0);
+    }
+
     #[test]
     fn content_ranges() {
         use super::content_range;
