@@ -9,9 +9,9 @@
 //! unverified bytes. If the flight fails, the client's body ends in an error.
 //!
 //! A reader may follow a fetch that runs for another route ([`Foreign`]):
-//! then it sends bytes before the verification only when its response
-//! ends at the blob's last byte (which waits for the verification), and a
-//! range that ends sooner gets nothing until the blob is verified. When
+//! then it sends bytes before the verification only for a read of the
+//! whole blob (whose last byte waits for the verification); a range, even
+//! one that runs to the end, gets nothing until the blob is verified. When
 //! that fetch fails, or falls behind a healthy rate for a while, the
 //! reader switches to a source of its own route and goes on from where it
 //! was; the bytes it already sent from the other file are compared with
@@ -262,6 +262,11 @@ pub struct Foreign {
     /// Bytes per second the followed fetch must keep up over `window`.
     pub healthy_rate: u64,
     pub window: Duration,
+    /// The response is the whole blob (no `Range`): only then are the
+    /// other route's bytes sent before the verification (its last byte
+    /// waits for it). A range, even one to the end, may be all a client
+    /// reads: it waits for the verification.
+    pub whole: bool,
 }
 
 /// The file and progress of a reader's own route, and a guard to keep.
@@ -440,10 +445,9 @@ async fn feed(
         };
         let stop = end.or(p.total);
         let mut upto = stop.map_or(readable, |s| s.min(readable));
-        // Another route's unverified bytes only where the response ends
-        // with the blob (its last byte waits for the verification).
-        let ends_early = end.is_some_and(|e| p.total.is_none_or(|t| e < t));
-        if read.foreign.is_some() && !verified && ends_early {
+        // Another route's unverified bytes only for a read of the whole
+        // blob (its last byte waits for the verification).
+        if read.foreign.as_ref().is_some_and(|f| !f.whole) && !verified {
             upto = pos;
         }
         while pos < upto {

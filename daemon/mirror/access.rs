@@ -10,10 +10,16 @@
 //!   all); to peers only under one of them that says `share = true`.
 //!
 //! Anything else is a miss for the namespace asked: its own upstream must
-//! confirm the digest before the cached copy is served under it.
+//! confirm the digest before the cached copy is served under it
+//! ([`Mirror::confirm`], a HEAD, for namespaces the operator configured),
+//! and the namespace is then recorded as an origin.
 
-use crate::reference::Namespace;
-use crate::upstream::Config;
+use http::{HeaderValue, Method};
+
+use super::{Mirror, Pull};
+use crate::oci::{content_length, Content, ServeError, DOCKER_CONTENT_DIGEST};
+use crate::reference::{Digest, Namespace, Repository};
+use crate::upstream::{AttemptError, Config, UpstreamRequest};
 
 /// Whether content that came through `origins` may be served for a
 /// request naming `ns`, from a peer (`peer`) or a local client.
@@ -22,6 +28,111 @@ pub fn visible(cfg: &Config, origins: &[Namespace], ns: &Namespace, peer: bool) 
         return true;
     }
     origins.contains(ns) && (!peer || cfg.shareable(ns))
+}
+
+impl Mirror {
+    /// Whether the request may see the cached content `d` (its origins).
+    pub(super) fn sees(&self, pull: &Pull<'_>, d: &Digest) -> bool {
+        match self.store.origins(d) {
+            Ok(origins) => visible(&pull.snap.upstream, &origins, &pull.ns, pull.peer.is_some()),
+            Err(e) => {
+                tracing::warn!(digest = %d, error = %e, "unreadable origins; content not served from the cache");
+                false
+            }
+        }
+    }
+
+    /// Records that `d` came through `ns` (off the async threads).
+    pub(super) async fn record_origin(&self, d: &Digest, ns: &Namespace) {
+        let (store, d, ns) = (self.store.clone(), d.clone(), ns.clone());
+        let recorded = crate::cache::pool::run(move || store.add_origin(&d, &ns)).await;
+        if let Err(e) = recorded.and_then(|r| r) {
+            tracing::warn!(error = %e, "could not record where cached content came from");
+        }
+    }
+
+    /// Asks the request's namespace (its own endpoints, never peers)
+    /// whether it serves `tail` with a HEAD, and records it as an origin
+    /// of `digest` when it does: cached content is then served under it.
+    /// When it does not, the client gets what it said (404, or 503).
+    pub(super) async fn confirm(
+        &self,
+        pull: &Pull<'_>,
+        repository: &Repository,
+        tail: &str,
+        digest: &Digest,
+        accept: Option<HeaderValue>,
+    ) -> Result<(), ServeError> {
+        let what = if tail.starts_with("blobs/") {
+            Content::Blob
+        } else {
+            Content::Manifest
+        };
+        let req = UpstreamRequest {
+            method: Method::HEAD,
+            namespace: pull.ns.clone(),
+            tail: tail.to_string(),
+            repository: Some(repository.clone()),
+            query: Vec::new(),
+            needs_resolve: false,
+            accept,
+            range: None,
+            peers: None,
+        };
+        let want = digest.to_string();
+        self.upstream
+            .first_success(&pull.snap.upstream, &req, |_, resp| {
+                let named = resp
+                    .headers()
+                    .get(DOCKER_CONTENT_DIGEST)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                let want = want.clone();
+                async move {
+                    match named {
+                        Some(d) if d != want => {
+                            Err(AttemptError::Invalid(format!("HEAD of {want} named {d}")))
+                        }
+                        _ => Ok(()),
+                    }
+                }
+            })
+            .await
+            .map_err(|exhausted| exhausted.into_error(what))?;
+        tracing::debug!(%digest, namespace = %pull.ns, "cached content confirmed by the namespace's upstream");
+        self.record_origin(digest, &pull.ns).await;
+        Ok(())
+    }
+
+    /// The upstream's answer to a HEAD of `tail` (a blob): its length.
+    pub(super) async fn upstream_head(
+        &self,
+        pull: &Pull<'_>,
+        repository: &Repository,
+        tail: &str,
+        accept: Option<HeaderValue>,
+    ) -> Result<u64, ServeError> {
+        let req = UpstreamRequest {
+            method: Method::HEAD,
+            namespace: pull.ns.clone(),
+            tail: tail.to_string(),
+            repository: Some(repository.clone()),
+            query: Vec::new(),
+            needs_resolve: false,
+            accept,
+            range: None,
+            peers: None,
+        };
+        let (len, _) = self
+            .upstream
+            .first_success(&pull.snap.upstream, &req, |_, resp| async move {
+                content_length(resp.headers())
+                    .ok_or_else(|| AttemptError::Invalid("blob HEAD without Content-Length".into()))
+            })
+            .await
+            .map_err(|exhausted| exhausted.into_error(Content::Blob))?;
+        Ok(len)
+    }
 }
 
 #[cfg(test)]

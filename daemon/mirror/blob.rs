@@ -221,6 +221,7 @@ impl Mirror {
             }),
             healthy_rate,
             window: TAKEOVER_WINDOW,
+            whole: true,
         }
     }
 
@@ -343,9 +344,16 @@ fn body(
     let whole = zero_copy.filter(|_| cached);
     match sendfile_frame(whole, &file, total, w.start, w.end, held) {
         Ok(frame) => full(frame),
-        Err(held) => boxed(read::stream(
-            file, progress, w.start, w.end, held, part, foreign,
-        )),
+        Err(held) => {
+            // A range of another route's fetch waits for its verification.
+            let foreign = foreign.map(|f| read::Foreign {
+                whole: w.spec == RangeSpec::Full,
+                ..f
+            });
+            boxed(read::stream(
+                file, progress, w.start, w.end, held, part, foreign,
+            ))
+        }
     }
 }
 

@@ -38,7 +38,7 @@ use hyper::body::Incoming;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, Notify};
 
-use super::flight::{resumed_metric, Ctx, Cut, Pace, Unranged, MAX_RESUMES};
+use super::pace::{resumed_metric, Ctx, Cut, Pace, Unranged, MAX_RESUMES};
 use crate::cache::ingest::Parts;
 use crate::config::UpstreamSettings;
 use crate::upstream::{ByteRange, Endpoint};

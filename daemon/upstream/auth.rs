@@ -1,6 +1,9 @@
 //! Upstream authentication: `WWW-Authenticate` challenges (Bearer token
 //! service, or Basic), credentials from a docker `config.json`-format
-//! file, and a cache of what worked, kept until the token expires.
+//! file, and a cache of what worked, kept until the token expires
+//! ([`tokens`]).
+
+mod tokens;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -15,7 +18,8 @@ use parking_lot::Mutex;
 use url::Url;
 
 use super::client::HttpClient;
-use crate::reference::Repository;
+pub use tokens::TokenKey;
+use tokens::{Cached, TokenCache};
 
 /// A username and password for one registry host.
 #[derive(Clone, PartialEq, Eq)]
@@ -214,11 +218,6 @@ pub enum AuthError {
     Insecure { realm: String },
 }
 
-struct Cached {
-    header: HeaderValue,
-    expires: Option<Instant>,
-}
-
 /// Largest token accepted; real ones are a few KiB.
 pub const MAX_TOKEN_BYTES: usize = 16 << 10;
 
@@ -228,77 +227,10 @@ const MAX_TOKEN_ANSWER: usize = 64 << 10;
 /// Tokens are used at most this long, whatever their service says.
 const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 
-/// Authorization headers kept at most, in number and in bytes: requests
-/// for many repositories must not grow the cache without bound.
-const MAX_CACHED: usize = 1024;
-const MAX_CACHED_BYTES: usize = 4 << 20;
-
-/// What a cached Authorization header is good for: one endpoint and
-/// repository, under the configuration it was obtained with.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct TokenKey {
-    /// The configuration snapshot: credentials may differ in the next.
-    pub generation: u64,
-    pub endpoint: String,
-    /// `None` for registry-wide requests (`_catalog`).
-    pub repository: Option<Repository>,
-}
-
 /// Authorization headers that worked.
 #[derive(Default)]
 pub struct Auth {
     cache: Mutex<TokenCache>,
-}
-
-#[derive(Default)]
-struct TokenCache {
-    entries: HashMap<TokenKey, Cached>,
-    bytes: usize,
-}
-
-impl TokenCache {
-    fn remove(&mut self, key: &TokenKey) {
-        if let Some(c) = self.entries.remove(key) {
-            self.bytes -= cost(key, &c);
-        }
-    }
-
-    /// Keeps `entry`, first dropping expired ones and, while over the
-    /// bounds, those that expire soonest.
-    fn insert(&mut self, key: TokenKey, entry: Cached) {
-        self.remove(&key);
-        let now = Instant::now();
-        let before = self.entries.len();
-        self.entries
-            .retain(|_, c| c.expires.is_none_or(|t| t > now));
-        if self.entries.len() != before {
-            self.bytes = self.entries.iter().map(|(k, c)| cost(k, c)).sum();
-        }
-        let added = cost(&key, &entry);
-        while !self.entries.is_empty()
-            && (self.entries.len() >= MAX_CACHED || self.bytes + added > MAX_CACHED_BYTES)
-        {
-            let soonest = self
-                .entries
-                .iter()
-                .min_by_key(|(_, c)| c.expires)
-                .map(|(k, _)| k.clone());
-            match soonest {
-                Some(k) => self.remove(&k),
-                None => break,
-            }
-        }
-        self.bytes += added;
-        self.entries.insert(key, entry);
-    }
-}
-
-/// What an entry takes, roughly.
-fn cost(key: &TokenKey, c: &Cached) -> usize {
-    c.header.len()
-        + key.endpoint.len()
-        + key.repository.as_ref().map_or(0, |r| r.as_str().len())
-        + 64
 }
 
 /// How to reach a token service: the client, whether it must be at a
@@ -341,13 +273,6 @@ impl Auth {
 
     pub fn forget(&self, key: &TokenKey) {
         self.cache.lock().remove(key);
-    }
-
-    /// How many headers and bytes are kept.
-    #[cfg(test)]
-    fn kept(&self) -> (usize, usize) {
-        let c = self.cache.lock();
-        (c.entries.len(), c.bytes)
     }
 
     /// Answers `challenge` for a request to `endpoint` about the key's
@@ -534,34 +459,6 @@ mod tests {
             &u("http://127.0.0.2:5000/token")
         ));
         assert!(credentials_may_go(&http_ep, &u("https://auth.test/token")));
-    }
-
-    #[test]
-    fn the_token_cache_is_bounded_in_entries_and_bytes() {
-        let auth = Auth::default();
-        let big = "x".repeat(MAX_TOKEN_BYTES);
-        for i in 0..5000 {
-            let key = TokenKey {
-                generation: 0,
-                endpoint: "https://reg.test/v2".into(),
-                repository: Some(format!("repo{i}").parse().unwrap()),
-            };
-            auth.cache.lock().insert(
-                key,
-                Cached {
-                    header: HeaderValue::try_from(format!("Bearer {big}")).unwrap(),
-                    expires: Some(Instant::now() + Duration::from_secs(300)),
-                },
-            );
-        }
-        let (n, bytes) = auth.kept();
-        assert!(n <= MAX_CACHED && bytes <= MAX_CACHED_BYTES, "{n} {bytes}");
-        assert!(n > 100, "{n}");
-        let sum: usize = {
-            let c = auth.cache.lock();
-            c.entries.iter().map(|(k, c)| cost(k, c)).sum()
-        };
-        assert_eq!(sum, bytes, "the byte count follows the entries");
     }
 
     #[test]
