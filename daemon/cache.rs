@@ -94,8 +94,18 @@ impl Store {
             "quarantine",
             "origins/sha256",
         ] {
-            fs::create_dir_all(root.join(sub))?;
+            fs::create_dir_all(root.join(sub)).map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot write to it ({sub}): {e}"))
+            })?;
         }
+        // A cache the daemon cannot write to fails now, not at the first
+        // download.
+        let probe = root
+            .join("tmp")
+            .join(format!(".probe.{}", std::process::id()));
+        fs::write(&probe, b"")
+            .and_then(|()| fs::remove_file(&probe))
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot write to it: {e}")))?;
         let mut removed = 0;
         for entry in fs::read_dir(root.join("tmp"))? {
             let path = entry?.path();

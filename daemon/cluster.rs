@@ -404,6 +404,17 @@ fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 /// The peer listener's mutual-TLS configuration and the peer client.
 fn load_tls(s: &ClusterSettings) -> Result<Tls, String> {
     let ca = read_pem_certs(&s.ca)?;
+    for c in &ca {
+        let (_, cert) = x509_parser::parse_x509_certificate(c)
+            .map_err(|e| format!("{}: {e}", s.ca.display()))?;
+        let is_ca = matches!(cert.basic_constraints(), Ok(Some(b)) if b.value.ca);
+        if !is_ca {
+            return Err(format!(
+                "{}: not a CA certificate (a node's certificate?): `ca` is the cluster CA's ca.pem",
+                s.ca.display()
+            ));
+        }
+    }
     let chain = read_pem_certs(&s.cert)?;
     let key =
         PrivateKeyDer::from_pem_file(&s.key).map_err(|e| format!("{}: {e}", s.key.display()))?;

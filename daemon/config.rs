@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use source::{parse_duration, parse_size, ConfigError, ConfigErrors};
+pub use source::{parse_duration, parse_size, read_config_file, ConfigError, ConfigErrors};
 use source::{visit_table, Source};
 
 use crate::reference::Namespace;
@@ -33,6 +33,9 @@ pub enum ImplicitPolicy {
     /// Refused: only namespaces in hosts.d (or `_default`'s server) are served.
     Off,
 }
+
+/// The shortest timeout a setting may have: zero would cut everything.
+pub const MIN_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// How long a client following another namespace's fetch watches it
 /// fall behind `takeover_rate` (or not start) before it starts its own.
@@ -139,6 +142,14 @@ impl Default for CacheSettings {
 pub struct ServerSettings {
     pub allowed_uids: Vec<u32>,
     pub allowed_gids: Vec<u32>,
+    /// `listen` may be an address beyond loopback (other hosts then reach
+    /// the daemon); without it such an address is a configuration error.
+    pub listen_beyond_loopback: bool,
+    /// Client connections served at once (the peer port has as many);
+    /// past it a connection gets a quick 503 and is closed.
+    pub max_connections: usize,
+    /// A connection whose client reads nothing for this long is closed.
+    pub send_timeout: Duration,
 }
 
 impl Default for ServerSettings {
@@ -146,6 +157,9 @@ impl Default for ServerSettings {
         ServerSettings {
             allowed_uids: vec![0],
             allowed_gids: Vec::new(),
+            listen_beyond_loopback: false,
+            max_connections: 1024,
+            send_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -202,12 +216,29 @@ impl Settings {
             Some(p) => Some(p.to_path_buf()),
             None => Some(PathBuf::from(DEFAULT_CONFIG_FILE)).filter(|p| p.exists()),
         };
+        let mut listen_at = ConfigError {
+            path: PathBuf::from("--listen"),
+            line: 0,
+            message: String::new(),
+        };
         if let Some(path) = file {
             let src = Source::read(&path)?;
             settings.apply_file(&src)?;
+            if overrides.listen.is_none() {
+                let root = src.doc.as_table();
+                listen_at = src.error(source::span_of(root, "listen"), "");
+            }
         }
         let o = overrides;
         settings.listen = o.listen.unwrap_or(settings.listen);
+        if !settings.listen.ip().is_loopback() && !settings.server.listen_beyond_loopback {
+            listen_at.message = format!(
+                "`listen` {} is beyond loopback: every host that reaches it could pull through \
+                 this daemon; set [server] listen_beyond_loopback = true if that is meant",
+                settings.listen
+            );
+            return Err(listen_at.into());
+        }
         settings.cache_dir = o.cache_dir.unwrap_or(settings.cache_dir);
         settings.hosts_dir = o.hosts_dir.unwrap_or(settings.hosts_dir);
         settings.default_namespace = o.default_namespace.unwrap_or(settings.default_namespace);
@@ -327,6 +358,14 @@ impl Settings {
                             }
                             "min_rate" => {
                                 u.min_rate = f.size()?;
+                                if u.min_rate == 0 {
+                                    return Err(src
+                                        .error(
+                                            f.span.clone(),
+                                            "`min_rate` must be at least 1 byte/s (a fetch that brings nothing is never cut otherwise)",
+                                        )
+                                        .into());
+                                }
                                 return Ok(());
                             }
                             "parallel_fetches" => {
@@ -341,13 +380,22 @@ impl Settings {
                                 u.takeover_rate = f.size()?;
                                 return Ok(());
                             }
+                            // Zero is meaningful here: no wait, no back-off.
                             "fetch_wait" => &mut u.fetch_wait,
-                            "fetch_deadline" => &mut u.fetch_deadline,
-                            "connect_timeout" => &mut u.connect_timeout,
-                            "first_byte_timeout" => &mut u.first_byte_timeout,
-                            "idle_timeout" => &mut u.idle_timeout,
                             "backoff" => &mut u.backoff,
                             "backoff_max" => &mut u.backoff_max,
+                            // Zero would cut every fetch or connection.
+                            "fetch_deadline" | "connect_timeout" | "first_byte_timeout"
+                            | "idle_timeout" => {
+                                let d = f.duration_from(MIN_TIMEOUT)?;
+                                *match f.key {
+                                    "fetch_deadline" => &mut u.fetch_deadline,
+                                    "connect_timeout" => &mut u.connect_timeout,
+                                    "first_byte_timeout" => &mut u.first_byte_timeout,
+                                    _ => &mut u.idle_timeout,
+                                } = d;
+                                return Ok(());
+                            }
                             _ => return Err(f.unknown()),
                         };
                         *field = f.duration()?;
@@ -361,6 +409,11 @@ impl Settings {
                         match f.key {
                             "allowed_uids" => s.allowed_uids = ids(&f, Id::User)?,
                             "allowed_gids" => s.allowed_gids = ids(&f, Id::Group)?,
+                            "listen_beyond_loopback" => s.listen_beyond_loopback = f.bool()?,
+                            "max_connections" => s.max_connections = f.count(1, 1 << 20)?,
+                            "send_timeout" => {
+                                s.send_timeout = f.duration_from(Duration::from_secs(1))?
+                            }
                             _ => return Err(f.unknown()),
                         }
                         Ok(())
@@ -373,7 +426,9 @@ impl Settings {
                             "max_size" => c.max_size = Some(f.size()?),
                             "min_free" => c.min_free = min_free(&f)?,
                             "tag_ttl" => c.tag_ttl = f.duration()?,
-                            "gc_interval" => c.gc_interval = f.duration()?,
+                            "gc_interval" => {
+                                c.gc_interval = f.duration_from(Duration::from_secs(1))?
+                            }
                             _ => return Err(f.unknown()),
                         }
                         Ok(())
@@ -675,8 +730,45 @@ mod tests {
         .unwrap_err();
         assert!(
             e.to_string()
-                .starts_with("/nonexistent/nm.toml:0: cannot read"),
+                .starts_with("/nonexistent/nm.toml: cannot read"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn zero_where_zero_means_nothing_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "[upstream]\nidle_timeout = 0\nfetch_deadline = \"0s\"\nmin_rate = 0\nconnect_timeout = \"50ms\"\nbackoff = 0\nfetch_wait = 0\n[cache]\ngc_interval = 0\ntag_ttl = 0\n",
+        );
+        let e = Settings::load(Some(&p), Overrides::default()).unwrap_err();
+        let lines: Vec<usize> = e.0.iter().map(|e| e.line).collect();
+        assert_eq!(lines, [2, 3, 4, 5, 9], "{e}");
+    }
+
+    #[test]
+    fn listening_beyond_loopback_must_be_meant() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "# a node\nlisten = \"0.0.0.0:5780\"\n");
+        let e = Settings::load(Some(&p), Overrides::default()).unwrap_err();
+        assert_eq!(e.0[0].line, 2, "{e}");
+        assert!(e.to_string().contains("beyond loopback"), "{e}");
+        let flag = Overrides {
+            listen: Some("[::]:5780".parse().unwrap()),
+            ..Default::default()
+        };
+        let e = Settings::load(None, flag.clone()).unwrap_err();
+        assert!(
+            e.to_string().starts_with("--listen: `listen` [::]:5780"),
+            "{e}"
+        );
+        let p = write(
+            dir.path(),
+            "listen = \"0.0.0.0:5780\"\n[server]\nlisten_beyond_loopback = true\n",
+        );
+        let s = Settings::load(Some(&p), Overrides::default()).unwrap();
+        assert!(s.server.listen_beyond_loopback);
+        assert!(Settings::load(Some(&p), flag).is_ok());
     }
 }

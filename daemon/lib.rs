@@ -116,6 +116,8 @@ pub fn build(settings: &Settings) -> Result<Arc<App>, StartError> {
         },
         live: Live::new(snapshot),
         draining: std::sync::atomic::AtomicBool::new(false),
+        connections: server::Connections::new(settings.server.max_connections),
+        peer_connections: server::Connections::new(settings.server.max_connections),
     }))
 }
 
@@ -160,6 +162,17 @@ pub async fn run(
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
+    if let Some(lowered) = app.connections.lowered_to(settings.server.max_connections) {
+        tracing::warn!(
+            max_connections = settings.server.max_connections,
+            served = lowered,
+            "the open files limit allows fewer connections than max_connections; raise LimitNOFILE"
+        );
+    }
+    if listener.local_addr().is_ok_and(|a| !a.ip().is_loopback()) {
+        tracing::warn!(listen = %listen,
+            "listening beyond loopback (listen_beyond_loopback = true): every host that reaches this address can pull through the daemon");
+    }
     let watchdog = systemd::spawn_watchdog();
     systemd::ready(&format!("serving on {listen}; {summary}"));
     tracing::info!(

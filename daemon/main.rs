@@ -338,6 +338,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
 
 fn serve(args: &ServeArgs) -> Result<(), CliError> {
     let settings = args.settings()?;
+    raise_open_files_limit();
     runtime()?.block_on(async move {
         let listener = listen(&settings).await.map_err(|source| CliError::Listen {
             addr: settings.listen,
@@ -347,6 +348,20 @@ fn serve(args: &ServeArgs) -> Result<(), CliError> {
     })
 }
 
+/// Lets the daemon open as many files as its hard limit allows (the soft
+/// limit is often 1024): connections are capped by `max_connections`,
+/// well before descriptors run out.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::debug!(error = %e, "could not raise the open files limit");
+            }
+        }
+    }
+}
+
 fn check_config(args: &ServeArgs) -> Result<(), CliError> {
     let settings = args.settings()?;
     runtime()?.block_on(async { nodemirror::build(&settings) })?;
@@ -354,10 +369,22 @@ fn check_config(args: &ServeArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// The socket systemd passed (socket activation), else a new one.
+/// The socket systemd passed (socket activation), else a new one. A
+/// socket beyond loopback needs `[server] listen_beyond_loopback`, as a
+/// configured address does.
 async fn listen(settings: &Settings) -> std::io::Result<tokio::net::TcpListener> {
     match nodemirror::activated_listener()? {
         Some(l) => {
+            let at = l.local_addr()?;
+            if !at.ip().is_loopback() && !settings.server.listen_beyond_loopback {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!(
+                        "the socket systemd passed is at {at}, beyond loopback; \
+                         set [server] listen_beyond_loopback = true if that is meant"
+                    ),
+                ));
+            }
             tracing::info!("using the socket passed by systemd");
             tokio::net::TcpListener::from_std(l)
         }

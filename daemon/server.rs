@@ -17,9 +17,12 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tracing::Instrument;
 
+mod bounds;
 mod caller;
 mod route;
 
+pub use bounds::Connections;
+use bounds::{Admit, SendTimeout};
 pub use caller::Caller;
 pub use route::{parse, PullRequest, Route, Rules};
 
@@ -40,6 +43,9 @@ pub struct App {
     pub live: Live,
     /// Set once shutdown begins: /readyz answers 503.
     pub draining: std::sync::atomic::AtomicBool,
+    /// Client connections open, and the peer port's.
+    pub connections: Connections,
+    pub peer_connections: Connections,
 }
 
 fn plain(status: StatusCode, content_type: &'static str, body: String) -> Response<ResponseBody> {
@@ -64,8 +70,11 @@ impl App {
             }
             "/readyz" => {
                 // Saturated: cached content is still served, but new
-                // upstream fetches wait or are refused.
-                return match self.mirror.limits.saturated() {
+                // upstream fetches wait or are refused; or new
+                // connections get a quick 503.
+                let saturated =
+                    (self.connections.saturated()).or_else(|| self.mirror.limits.saturated());
+                return match saturated {
                     Some(why) => plain(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "text/plain",
@@ -306,9 +315,17 @@ pub async fn serve_peers(listener: TcpListener, app: Arc<App>, cluster: Arc<Clus
                 continue;
             }
         };
+        let server = app.live.load().settings.server.clone();
+        // Peers get no quick answers past the cap: they fall back to the
+        // upstream on a refused connection as on any failure.
+        let Admit::Serve(permit) = app.peer_connections.admit(server.max_connections) else {
+            continue;
+        };
         let _ = stream.set_nodelay(true);
+        let stream = SendTimeout::new(stream, server.send_timeout);
         let (app, cluster) = (app.clone(), cluster.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             let acceptor = tokio_rustls::TlsAcceptor::from(cluster.server_config());
             let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
                 .await
@@ -383,11 +400,21 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
                         continue;
                     }
                 };
+                let server = app.live.load().settings.server.clone();
+                let permit = match app.connections.admit(server.max_connections) {
+                    Admit::Serve(p) => p,
+                    Admit::Overflow(p) => {
+                        tokio::spawn(overflow(stream, app.clone(), p));
+                        continue;
+                    }
+                    Admit::Close => continue,
+                };
                 let _ = stream.set_nodelay(true);
                 let local = stream.local_addr().unwrap_or(peer);
                 let caller = Arc::new(Caller::new(peer, local));
                 let stream = crate::sendfile::Stream::new(stream);
                 let mappings = stream.mappings();
+                let stream = SendTimeout::new(stream, server.send_timeout);
                 let app = app.clone();
                 let service = service_fn(move |mut req: Request<Incoming>| {
                     let app = app.clone();
@@ -401,6 +428,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
                     .serve_connection(TokioIo::new(stream), service);
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
+                    let _permit = permit;
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, %peer, "connection ended with an error");
                     }
@@ -417,6 +445,45 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
         _ = graceful.shutdown() => tracing::info!("all connections closed"),
         _ = tokio::time::sleep(DRAIN_TIMEOUT) => tracing::warn!("drain timed out; closing remaining connections"),
     }
+}
+
+/// How long a connection past the cap may take to send its request.
+const OVERFLOW_READ: Duration = Duration::from_secs(2);
+
+/// A connection past `max_connections`: `/healthz` and `/readyz` are
+/// answered as usual, anything else gets `503` with `Retry-After`; then
+/// it is closed.
+async fn overflow(
+    stream: tokio::net::TcpStream,
+    app: Arc<App>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let _permit = permit;
+    let service = service_fn(move |req: Request<Incoming>| {
+        let app = app.clone();
+        async move {
+            let resp = match req.uri().path() {
+                "/healthz" | "/readyz" => app.handle(req).await,
+                _ => {
+                    let body = r#"{"errors":[{"code":"UNAVAILABLE","message":"too many connections to the mirror; retry later"}]}"#;
+                    Response::builder()
+                        .status(StatusCode::SERVICE_UNAVAILABLE)
+                        .header(CONTENT_TYPE, "application/json")
+                        .header(CONTENT_LENGTH, body.len())
+                        .header(http::header::RETRY_AFTER, "1")
+                        .body(full(Bytes::from_static(body.as_bytes())))
+                        .unwrap_or_else(|_| Response::new(full(Bytes::new())))
+                }
+            };
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .keep_alive(false)
+        .header_read_timeout(OVERFLOW_READ)
+        .serve_connection(TokioIo::new(stream), service);
+    let _ = tokio::time::timeout(OVERFLOW_READ * 2, conn).await;
 }
 
 async fn log_request(

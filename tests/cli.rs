@@ -104,6 +104,145 @@ fn check_config_accepts_a_good_configuration() {
     assert!(text.contains("127.0.0.1:5999"), "{text}");
 }
 
+/// Mistakes in config.toml, hosts.toml, auth.json and the cluster's files
+/// are caught at load, each with its file and line (or without a line
+/// when the file as a whole is wrong).
+#[test]
+fn configuration_mistakes_are_caught_at_load_with_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.toml");
+    let hosts = dir.path().join("hosts.d");
+    let cache = dir.path().join("cache");
+    let auth = dir.path().join("auth.json");
+    let config = |text: &str| std::fs::write(&cfg, text).unwrap();
+    let stderr = |out: &std::process::Output| String::from_utf8_lossy(&out.stderr).to_string();
+    let run = || {
+        nodemirror(&[
+            "check-config",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--hosts-dir",
+            hosts.to_str().unwrap(),
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--auth-file",
+            auth.to_str().unwrap(),
+        ])
+    };
+    std::fs::write(&auth, "{}").unwrap();
+    let c = cfg.display();
+    for (text, says) in [
+        (
+            "[upstream]\nidle_timeout = 0\n",
+            format!("{c}:2: `idle_timeout` must be at least 100ms"),
+        ),
+        (
+            "[cache]\ngc_interval = \"0s\"\n",
+            format!("{c}:2: `gc_interval` must be at least 1s"),
+        ),
+        (
+            "[upstream]\nmin_rate = 0\n",
+            format!("{c}:2: `min_rate` must be at least 1 byte/s"),
+        ),
+        (
+            "[upstream]\nbackoff = \"5124095576030431h\"\n",
+            format!("{c}:2: `backoff` must be at most 8784h"),
+        ),
+        (
+            "\nlisten = \"0.0.0.0:5780\"\n",
+            format!("{c}:2: `listen` 0.0.0.0:5780 is beyond loopback"),
+        ),
+    ] {
+        config(text);
+        let out = run();
+        assert_eq!(out.status.code(), Some(64), "{text}");
+        assert!(stderr(&out).contains(&says), "{}", stderr(&out));
+    }
+    config("");
+    let a = auth.display();
+    for (json, says) in [
+        ("[]", format!("{a}: a docker config.json is a JSON object")),
+        (
+            "{\"auths\": {\n  \"a.test\": {\"auth\": \"dTpw\"},\n  \"b.test\": {\"auth\": \"!!\"}\n}}",
+            format!("{a}:3: auths.b.test.auth is not base64"),
+        ),
+        ("{\"auths\": 5}", format!("{a}:1: `auths` must be an object")),
+    ] {
+        std::fs::write(&auth, json).unwrap();
+        let out = run();
+        assert_eq!(out.status.code(), Some(64), "{json}");
+        assert!(stderr(&out).contains(&says), "{}", stderr(&out));
+    }
+    // Not a regular file: said without a line, and nothing hangs.
+    std::fs::remove_file(&auth).unwrap();
+    nix::unistd::mkfifo(&auth, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let out = run();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        stderr(&out).contains(&format!("{a}: not a regular file")),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::remove_file(&auth).unwrap();
+    std::fs::write(&auth, "{}").unwrap();
+    // The cluster's `ca` must be a CA, not a node's certificate.
+    let pki = dir.path().join("pki");
+    nodemirror::cluster::certs::write_ca(&pki).unwrap();
+    let ip = std::net::IpAddr::from([127, 0, 0, 1]);
+    nodemirror::cluster::certs::write_cert(&pki, "node", &[ip], &[], &pki).unwrap();
+    config(&format!(
+        "[cluster]\nlisten = \"127.0.0.1:5781\"\npeers = [\"127.0.0.1:5781\"]\nca = \"{0}/node.pem\"\ncert = \"{0}/node.pem\"\nkey = \"{0}/node-key.pem\"\n",
+        pki.display()
+    ));
+    let out = run();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        stderr(&out).contains("not a CA certificate"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// A cache folder the daemon cannot write to stops it at start with its
+/// own exit code (73), as a real unprivileged user.
+#[test]
+fn an_unwritable_cache_is_an_error_at_start() {
+    if !crate::support::real::require(&["runuser"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    // A cache laid out already (by root), so only writing can fail.
+    nodemirror::cache::Store::open(&cache).unwrap();
+    let cfg = dir.path().join("config.toml");
+    std::fs::write(&cfg, "").unwrap();
+    let chmod = std::process::Command::new("chmod")
+        .arg("-R")
+        .arg("a+rX")
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(chmod.success());
+    let out = Command::new("runuser")
+        .args(["-u", "nobody", "--"])
+        .arg(env!("CARGO_BIN_EXE_nodemirror"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--hosts-dir",
+            "/nonexistent",
+        ])
+        .arg("--cache-dir")
+        .arg(&cache)
+        .env("NODEMIRROR_CONFIG", &cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(73), "{err}");
+    assert!(err.contains("cannot write to it"), "{err}");
+}
+
 #[tokio::test]
 async fn sigterm_drains_and_exits_zero() {
     let hosts = tempfile::tempdir().unwrap();

@@ -2,6 +2,7 @@
 
 mod support;
 
+mod bounds;
 mod cache;
 mod cli;
 mod clients;

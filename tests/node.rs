@@ -153,8 +153,9 @@ async fn hosts_d_edits_apply_without_a_signal() {
     );
 }
 
-/// The shipped units pass `systemd-analyze verify`, and the service's
-/// exposure under `systemd-analyze security` stays at or below 1.5.
+/// The shipped units pass `systemd-analyze verify`, the service's
+/// exposure under `systemd-analyze security` stays at or below 1.1 (as it
+/// was), and it denies the cloud metadata addresses and bounds memory.
 #[test]
 fn unit_files_pass_systemd_analyze() {
     if !require(&["systemd-analyze"]) {
@@ -191,14 +192,38 @@ fn unit_files_pass_systemd_analyze() {
         .args([
             "security",
             "--offline=true",
-            "--threshold=15",
+            "--threshold=11",
             "nodemirror.service",
         ])
         .current_dir(dir.path())
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&security.stdout);
-    assert!(security.status.success(), "exposure above 1.5:\n{text}");
+    assert!(security.status.success(), "exposure above 1.1:\n{text}");
+    let deny = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "nodemirror.service"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let deny = String::from_utf8_lossy(&deny.stdout);
+    assert!(
+        deny.contains("Overall exposure level for nodemirror.service: 1.1"),
+        "{deny}"
+    );
+    let unit = std::fs::read_to_string(dir.path().join("nodemirror.service")).unwrap();
+    let value = |key: &str| -> String {
+        unit.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("{key}= missing"))
+            .to_string()
+    };
+    for addr in ["169.254.169.254", "fd00:ec2::254"] {
+        assert!(
+            value("IPAddressDeny").split_whitespace().any(|a| a == addr),
+            "{addr}"
+        );
+    }
+    assert_eq!(value("MemoryMax"), "1536M");
     assert!(
         text.contains("Overall exposure level for nodemirror.service"),
         "{text}"

@@ -172,10 +172,12 @@ async fn allowed_users_and_groups_pull_private_namespaces() {
         ServerSettings {
             allowed_uids: vec![0, nobody.uid.as_raw()],
             allowed_gids: Vec::new(),
+            ..Default::default()
         },
         ServerSettings {
             allowed_uids: vec![0],
             allowed_gids: vec![nobody.gid.as_raw()],
+            ..Default::default()
         },
     ] {
         let d = Daemon::builder()

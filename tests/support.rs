@@ -396,6 +396,7 @@ impl DaemonBuilder {
             server: self.server.unwrap_or_else(|| ServerSettings {
                 allowed_uids: vec![0, nix::unistd::getuid().as_raw()],
                 allowed_gids: Vec::new(),
+                ..Default::default()
             }),
             cluster: self.cluster,
             origin: None,

@@ -82,8 +82,8 @@ pub fn parse(f: &Field<'_>, base: &Path) -> Result<ClusterSettings, ConfigErrors
                 })?);
             }
             "dns_server" => dns_server = Some(addr(&f, f.str()?)?),
-            "refresh" => refresh = f.duration()?,
-            "peer_timeout" => peer_timeout = f.duration()?,
+            "refresh" => refresh = f.duration_from(Duration::from_secs(1))?,
+            "peer_timeout" => peer_timeout = f.duration_from(super::MIN_TIMEOUT)?,
             "ca" => ca = Some(base.join(f.str()?)),
             "cert" => cert = Some(base.join(f.str()?)),
             "key" => key = Some(base.join(f.str()?)),
@@ -106,7 +106,7 @@ pub fn parse(f: &Field<'_>, base: &Path) -> Result<ClusterSettings, ConfigErrors
         peers,
         peers_dns,
         dns_server,
-        refresh: refresh.max(Duration::from_secs(1)),
+        refresh,
         peer_timeout,
         ca: ca.ok_or_else(|| missing("ca"))?,
         cert: cert.ok_or_else(|| missing("cert"))?,

@@ -326,7 +326,7 @@ fn visit_host_key(s: &mut HostSettings, f: &Field<'_>, dir: &Path) -> Result<(),
         }
         "skip_verify" => s.skip_verify = f.bool()?,
         "override_path" => s.override_path = f.bool()?,
-        "dial_timeout" => s.dial_timeout = Some(f.duration()?),
+        "dial_timeout" => s.dial_timeout = Some(f.duration_from(super::MIN_TIMEOUT)?),
         "parallel_fetches" => {
             s.parallel_fetches = Some(f.count(1, crate::config::MAX_PARALLEL_FETCHES)?)
         }

@@ -10,12 +10,21 @@ use toml_edit::{Item, TableLike, Value};
 
 /// One problem in one configuration file.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}:{line}: {message}", path.display())]
+#[error("{}{}: {message}", path.display(), at_line(*line))]
 pub struct ConfigError {
     pub path: PathBuf,
     /// 1-based; 0 when the problem concerns the file as a whole.
     pub line: usize,
     pub message: String,
+}
+
+/// `:LINE`, or nothing when the problem is the file as a whole.
+fn at_line(line: usize) -> String {
+    if line == 0 {
+        String::new()
+    } else {
+        format!(":{line}")
+    }
 }
 
 /// Every problem found in a configuration, reported together so an
@@ -52,10 +61,10 @@ pub struct Source {
 
 impl Source {
     pub fn read(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        let text = read_config_file(path).map_err(|message| ConfigError {
             path: path.to_path_buf(),
             line: 0,
-            message: format!("cannot read: {e}"),
+            message,
         })?;
         Self::parse(path, text)
     }
@@ -95,6 +104,46 @@ impl Source {
     pub fn origin(&self, span: Option<Range<usize>>) -> String {
         format!("{}:{}", self.path.display(), self.line(span))
     }
+}
+
+/// Configuration files are at most this big.
+pub const MAX_CONFIG_FILE: u64 = 1 << 20;
+
+/// The text of a configuration file: a regular file (opened without
+/// blocking, so a FIFO or a device put in its place cannot hang the
+/// reader) of at most [`MAX_CONFIG_FILE`] bytes, in UTF-8. `/dev/null`
+/// is an empty file (`--config /dev/null`: no settings).
+pub fn read_config_file(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    if path == Path::new("/dev/null") {
+        return Ok(String::new());
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    let meta = file.metadata().map_err(|e| format!("cannot read: {e}"))?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.len() > MAX_CONFIG_FILE {
+        return Err(format!(
+            "{} bytes: configuration files are at most {MAX_CONFIG_FILE} bytes",
+            meta.len()
+        ));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if bytes.len() as u64 > MAX_CONFIG_FILE {
+        return Err(format!(
+            "configuration files are at most {MAX_CONFIG_FILE} bytes"
+        ));
+    }
+    String::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_string())
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -318,6 +367,24 @@ mod tests {
         assert_eq!(parse_size("20GB"), Some(20_000_000_000));
         assert_eq!(parse_size("5 parsecs"), None);
         assert_eq!(parse_size("-1"), None);
+    }
+
+    #[test]
+    fn only_small_regular_files_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo.toml");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let e = Source::read(&fifo).err().unwrap();
+        assert_eq!(e.line, 0);
+        assert!(
+            e.to_string().ends_with("fifo.toml: not a regular file"),
+            "{e}"
+        );
+        let big = dir.path().join("big.toml");
+        std::fs::write(&big, vec![b'#'; (MAX_CONFIG_FILE + 1) as usize]).unwrap();
+        let e = Source::read(&big).err().unwrap();
+        assert!(e.to_string().contains("at most"), "{e}");
+        assert!(Source::read(dir.path()).is_err(), "a folder");
     }
 
     #[test]

@@ -255,16 +255,19 @@ mod tests {
         let only_me = ServerSettings {
             allowed_uids: vec![me],
             allowed_gids: Vec::new(),
+            ..Default::default()
         };
         assert!(caller.allowed(&only_me).await);
         let nobody = ServerSettings {
             allowed_uids: vec![me.wrapping_add(1)],
             allowed_gids: Vec::new(),
+            ..Default::default()
         };
         assert!(!caller.allowed(&nobody).await);
         let my_group = ServerSettings {
             allowed_uids: Vec::new(),
             allowed_gids: vec![nix::unistd::getgid().as_raw()],
+            ..Default::default()
         };
         assert!(caller.allowed(&my_group).await);
         // Not a local socket at all.

@@ -48,17 +48,18 @@ impl Credential {
 #[derive(Debug, Default)]
 pub struct Credentials(HashMap<String, Credential>);
 
+/// One `auths` entry of a docker config.json.
 #[derive(serde::Deserialize)]
-struct DockerConfig {
-    #[serde(default)]
-    auths: HashMap<String, DockerAuth>,
-}
-
-#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 struct DockerAuth {
     auth: Option<String>,
     username: Option<String>,
     password: Option<String>,
+    /// Written by `docker login`; not used here.
+    #[serde(default, rename = "email")]
+    _email: Option<String>,
+    #[serde(default, rename = "identitytoken")]
+    _identity_token: Option<String>,
 }
 
 /// Reduces `https://index.docker.io/v1/`, `registry-1.docker.io` and the
@@ -77,7 +78,7 @@ fn host_key(s: &str) -> String {
 impl Credentials {
     /// Errors carry the line (0 when it is about the file as a whole).
     pub fn load(path: &Path) -> Result<Self, (usize, String)> {
-        let text = std::fs::read_to_string(path).map_err(|e| (0, format!("cannot read: {e}")))?;
+        let text = crate::config::read_config_file(path).map_err(|e| (0, e))?;
         Self::parse_at(&text)
     }
 
@@ -86,38 +87,35 @@ impl Credentials {
         Self::parse_at(text).map_err(|(line, e)| format!("line {line}: {e}"))
     }
 
+    /// A docker `config.json`: an object whose `auths` (if any) maps
+    /// registries to objects with `auth` (base64 `user:password`) or
+    /// `username` and `password`. Other keys docker writes are ignored.
     fn parse_at(text: &str) -> Result<Self, (usize, String)> {
-        let cfg: DockerConfig = serde_json::from_str(text)
+        let value: serde_json::Value = serde_json::from_str(text)
             .map_err(|e| (e.line(), format!("invalid docker config.json: {e}")))?;
-        Self::from_config(cfg).map_err(|e| (0, e))
-    }
-
-    fn from_config(cfg: DockerConfig) -> Result<Self, String> {
+        let Some(top) = value.as_object() else {
+            return Err((
+                0,
+                "a docker config.json is a JSON object: {\"auths\": {\"registry\": {...}}}".into(),
+            ));
+        };
+        let auths = match top.get("auths") {
+            None => return Ok(Credentials::default()),
+            Some(serde_json::Value::Object(m)) => m,
+            Some(_) => {
+                return Err((
+                    line_of_key(text, "auths"),
+                    "`auths` must be an object of registries".into(),
+                ))
+            }
+        };
         let mut out = HashMap::new();
-        for (key, a) in cfg.auths {
-            let cred = match (a.auth, a.username, a.password) {
-                (Some(auth), _, _) if !auth.is_empty() => {
-                    let raw = base64::engine::general_purpose::STANDARD
-                        .decode(auth.trim())
-                        .map_err(|e| format!("auths.{key}.auth is not base64: {e}"))?;
-                    let raw = String::from_utf8(raw)
-                        .map_err(|_| format!("auths.{key}.auth is not UTF-8"))?;
-                    let (u, p) = raw
-                        .split_once(':')
-                        .ok_or_else(|| format!("auths.{key}.auth is not user:password"))?;
-                    Credential {
-                        username: u.into(),
-                        password: p.into(),
-                    }
-                }
-                (_, Some(username), Some(password)) => Credential { username, password },
-                _ => {
-                    return Err(format!(
-                        "auths.{key} has neither auth nor username/password"
-                    ))
-                }
-            };
-            out.insert(host_key(&key), cred);
+        for (key, entry) in auths {
+            let at = line_of_key(text, key);
+            let a: DockerAuth = serde_json::from_value(entry.clone())
+                .map_err(|e| (at, format!("auths.{key}: {e}")))?;
+            let cred = credential(key, a).map_err(|e| (at, e))?;
+            out.insert(host_key(key), cred);
         }
         Ok(Credentials(out))
     }
@@ -131,6 +129,46 @@ impl Credentials {
         };
         self.0.get(&host_key(&host))
     }
+}
+
+/// The credential of one `auths` entry.
+fn credential(key: &str, a: DockerAuth) -> Result<Credential, String> {
+    match (a.auth, a.username, a.password) {
+        (Some(auth), _, _) if !auth.is_empty() => {
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(auth.trim())
+                .map_err(|e| format!("auths.{key}.auth is not base64: {e}"))?;
+            let raw =
+                String::from_utf8(raw).map_err(|_| format!("auths.{key}.auth is not UTF-8"))?;
+            let (u, p) = raw
+                .split_once(':')
+                .ok_or_else(|| format!("auths.{key}.auth is not user:password"))?;
+            Ok(Credential {
+                username: u.into(),
+                password: p.into(),
+            })
+        }
+        (_, Some(username), Some(password)) => Ok(Credential { username, password }),
+        _ => Err(format!(
+            "auths.{key} has neither auth nor username/password"
+        )),
+    }
+}
+
+/// The line where the object key `key` first appears in a JSON text (1
+/// when it cannot be found).
+fn line_of_key(text: &str, key: &str) -> usize {
+    let quoted = serde_json::to_string(key).unwrap_or_default();
+    let mut from = 0;
+    while let Some(i) = text[from..].find(&quoted) {
+        let at = from + i;
+        let after = text[at + quoted.len()..].trim_start();
+        if after.starts_with(':') {
+            return text[..at].matches('\n').count() + 1;
+        }
+        from = at + quoted.len();
+    }
+    1
 }
 
 /// A parsed `WWW-Authenticate` challenge.
@@ -516,5 +554,27 @@ mod tests {
         assert!(Credentials::parse(r#"{"auths": {"x": {}}}"#).is_err());
         let e = Credentials::parse("{\n  \"auths\": [\n").unwrap_err();
         assert!(e.starts_with("line "), "{e}");
+        // Shapes, with the line of the entry at fault.
+        let e = Credentials::parse("[]").unwrap_err();
+        assert!(
+            e.starts_with("line 0: a docker config.json is a JSON object"),
+            "{e}"
+        );
+        let e = Credentials::parse("{\n\"auths\": []\n}").unwrap_err();
+        assert!(e.starts_with("line 2: `auths` must be an object"), "{e}");
+        let text = "{\"auths\": {\n  \"a.test\": {\"auth\": \"dTpw\"},\n  \"b.test\": {\"auth\": \"!!\"}\n}}";
+        let e = Credentials::parse(text).unwrap_err();
+        assert!(
+            e.starts_with("line 3: auths.b.test.auth is not base64"),
+            "{e}"
+        );
+        let e = Credentials::parse("{\"auths\": {\n\"c.test\": 5}}").unwrap_err();
+        assert!(e.starts_with("line 2: auths.c.test"), "{e}");
+        let e =
+            Credentials::parse("{\"auths\": {\n\"c.test\": {\"usernme\": \"u\"}}}").unwrap_err();
+        assert!(e.contains("unknown field `usernme`"), "{e}");
+        // What docker itself writes beside auths is fine.
+        let ok = r#"{"auths": {"d.test": {"auth": "dTpw", "email": "x@y"}}, "credsStore": "desktop", "HttpHeaders": {}}"#;
+        assert!(Credentials::parse(ok).is_ok());
     }
 }

@@ -105,7 +105,8 @@ impl Binary {
 
     /// Starts with `cache` (a fresh one if `None`), `config` as the config
     /// file's text, extra environment, and optionally under a wrapper
-    /// command (e.g. systemd-socket-activate) that listens on its port.
+    /// command: one that listens on its port (systemd-socket-activate), or
+    /// with port 0 one that does not (prlimit).
     pub async fn start_with(
         hosts_dir: &Path,
         cache: Option<&Path>,
@@ -115,7 +116,11 @@ impl Binary {
         wrapper: Option<(&[&str], u16)>,
     ) -> Binary {
         let dir = tempfile::tempdir().unwrap();
-        let port = wrapper.map_or_else(free_port, |(_, p)| p);
+        let activated = wrapper.is_some_and(|(_, p)| p != 0);
+        let port = match wrapper {
+            Some((_, p)) if p != 0 => p,
+            _ => free_port(),
+        };
         // Our own config file, so a node's /etc/nodemirror cannot leak in.
         let config_file = dir.path().join("config.toml");
         std::fs::write(&config_file, config).unwrap();
@@ -135,7 +140,7 @@ impl Binary {
             .arg(&config)
             .args([
                 "--listen",
-                &format!("127.0.0.1:{}", if wrapper.is_some() { 1 } else { port }),
+                &format!("127.0.0.1:{}", if activated { 1 } else { port }),
             ])
             .arg("--cache-dir")
             .arg(&cache)
@@ -165,6 +170,11 @@ impl Binary {
     /// The config file the binary was started with (`--config`).
     pub fn config_file(&self) -> std::path::PathBuf {
         self.proc.log.with_file_name("config.toml")
+    }
+
+    /// How many files the process has open now.
+    pub fn open_files(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.proc.child.id())).map_or(0, |d| d.count())
     }
 
     /// Peak resident memory so far, from /proc.
