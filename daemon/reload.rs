@@ -2,13 +2,16 @@
 //! files change (inotify on hosts.d and on the config file's folder).
 //!
 //! A reload reads config.toml again (with the same flags on top), hosts.d
-//! and the credentials file. If anything is broken, each problem is logged
+//! and the credentials file, off the async threads (regular files of at
+//! most 1 MiB each, opened without blocking; at most 30 s in all), so
+//! requests are served meanwhile. If anything is broken, each problem is logged
 //! with its file and line and nothing changes. Otherwise upstream routes,
 //! credentials, timeouts and back-off, tag TTL, cache limits and the
 //! default namespace apply at once; `listen` and `cache_dir` need a
 //! restart, and the log says so.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,8 +23,13 @@ use crate::systemd;
 /// rename and chmod make one reload.
 const SETTLE: Duration = Duration::from_millis(300);
 
-/// Reloads everything; returns a status line for systemd.
-pub fn apply(app: &App) -> String {
+/// The longest a reload may take: past it, the configuration in force
+/// stays and the reload's result, should it come, is dropped.
+const RELOAD_TIME: Duration = Duration::from_secs(30);
+
+/// Reloads everything (blocking: files are read); returns a status line
+/// for systemd. Nothing is published once `abandoned` is set.
+pub fn apply(app: &App, abandoned: &AtomicBool) -> String {
     let current = &app.live.load().settings;
     let next = current
         .reload()
@@ -30,6 +38,9 @@ pub fn apply(app: &App) -> String {
         Ok(s) => s,
         Err(errors) => return failed(&errors.0),
     };
+    if abandoned.load(Ordering::Acquire) {
+        return "reload abandoned".into();
+    }
     let new = &next.settings;
     if new.listen != current.listen {
         tracing::warn!(old = %current.listen, new = %new.listen, "listen changed: restart to apply");
@@ -82,9 +93,29 @@ impl Reloader {
     }
 }
 
-fn reload_now(app: &App) {
+/// Reloads off the async threads (files are read and parsed there), so
+/// requests are served meanwhile; gives up after [`RELOAD_TIME`].
+async fn reload_now(app: &Arc<App>) {
     systemd::reloading();
-    let status = apply(app);
+    tracing::info!("reloading configuration");
+    let abandoned = Arc::new(AtomicBool::new(false));
+    let work = {
+        let (app, abandoned) = (app.clone(), abandoned.clone());
+        tokio::task::spawn_blocking(move || apply(&app, &abandoned))
+    };
+    let status = match tokio::time::timeout(RELOAD_TIME, work).await {
+        Ok(Ok(status)) => status,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "reload failed; keeping the last good configuration");
+            "reload failed; last good configuration in force".into()
+        }
+        Err(_) => {
+            abandoned.store(true, Ordering::Release);
+            tracing::error!(limit = ?RELOAD_TIME,
+                "reload did not finish in time; keeping the last good configuration");
+            "reload timed out; last good configuration in force".into()
+        }
+    };
     systemd::ready(&status);
 }
 
@@ -97,7 +128,7 @@ pub fn spawn(app: Arc<App>) -> Reloader {
             return;
         };
         while hup.recv().await.is_some() {
-            reload_now(&hup_app);
+            reload_now(&hup_app).await;
         }
     }));
     let settings = app.live.load().settings.clone();
@@ -132,7 +163,7 @@ pub fn spawn(app: Arc<App>) -> Reloader {
                         Err(_) => break,
                     }
                 }
-                reload_now(&app);
+                reload_now(&app).await;
             }
         }));
         watcher

@@ -407,7 +407,12 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
                         tokio::spawn(overflow(stream, app.clone(), p));
                         continue;
                     }
-                    Admit::Close => continue,
+                    Admit::Wait => {
+                        if let Some(p) = app.connections.overflow().await {
+                            tokio::spawn(overflow(stream, app.clone(), p));
+                        }
+                        continue;
+                    }
                 };
                 let _ = stream.set_nodelay(true);
                 let local = stream.local_addr().unwrap_or(peer);

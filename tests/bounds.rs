@@ -85,3 +85,137 @@ async fn clients_that_never_read_cannot_take_the_daemon() {
     assert!(!log.contains("accept failed"), "{log}");
     drop(stuck);
 }
+
+/// A FIFO where a hosts.toml should be, and a reload: the daemon goes on
+/// answering (health and pulls), reports the file with its path, and
+/// keeps the last good configuration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_never_stops_serving() {
+    let up = Fake::start(Behaviour::default()).await;
+    let img = crate::support::image::Image::build(&[("f", b"reload")]);
+    up.push_image("app", "v1", &img);
+    let hosts = tempfile::tempdir().unwrap();
+    crate::support::write_hosts(
+        hosts.path(),
+        &[("reg.test", hosts_toml(&[], Some(&up.url())))],
+    );
+    // One async worker: a reload that blocked it would stop everything.
+    let bin = Binary::start_with(
+        hosts.path(),
+        None,
+        "",
+        &[],
+        &[("TOKIO_WORKER_THREADS", "1")],
+        None,
+    )
+    .await;
+    let base = format!("http://127.0.0.1:{}", bin.port);
+    let pull = format!("{base}/v2/app/manifests/v1?ns=reg.test");
+    assert!(answers_ok(&pull).await);
+    let fifo = hosts.path().join("x.test");
+    std::fs::create_dir_all(&fifo).unwrap();
+    let fifo = fifo.join("hosts.toml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let pid = nix::unistd::Pid::from_raw(bin.proc.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    bin.proc
+        .wait_for_log(&format!("{}: not a regular file", fifo.display()))
+        .await;
+    for _ in 0..5 {
+        assert!(answers_ok(&format!("{base}/healthz")).await);
+        assert!(answers_ok(&pull).await, "the last good configuration stays");
+    }
+}
+
+/// Reloads of 1,000 hosts.d folders (each file about 60 KB) on a daemon
+/// with one async worker: cached pulls meanwhile are answered at once,
+/// not after the reload (which takes far longer than any of them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_pulls_are_answered_during_a_reload_of_1000_folders() {
+    let up = Fake::start(Behaviour::default()).await;
+    let blob = up.put_blob("app", &crate::support::noise(100_000, 90));
+    let hosts = tempfile::tempdir().unwrap();
+    let padding = format!("# {}\n", "x".repeat(78)).repeat(750);
+    let folders: Vec<(String, String)> = (0..1000)
+        .map(|i| {
+            (
+                format!("r{i}.test"),
+                format!("{padding}server = \"{}\"\n", up.url()),
+            )
+        })
+        .collect();
+    let refs: Vec<(&str, String)> = folders
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.clone()))
+        .collect();
+    crate::support::write_hosts(hosts.path(), &refs);
+    let bin = Binary::start_with(
+        hosts.path(),
+        None,
+        "",
+        &[],
+        &[("TOKIO_WORKER_THREADS", "1")],
+        None,
+    )
+    .await;
+    let url = format!(
+        "http://127.0.0.1:{}/v2/app/blobs/{blob}?ns=r1.test",
+        bin.port
+    );
+    let client = http_client();
+    let (status, _) = stream_on(&client, &url, None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let pid = nix::unistd::Pid::from_raw(bin.proc.child.id() as i32);
+    let mut slowest = Duration::ZERO;
+    let mut reloads = 0;
+    let began = Instant::now();
+    while began.elapsed() < Duration::from_secs(4) {
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+        reloads += 1;
+        for _ in 0..20 {
+            let t = Instant::now();
+            let (status, _) = stream_on(&client, &url, None, None).await;
+            assert_eq!(status, StatusCode::OK);
+            slowest = slowest.max(t.elapsed());
+        }
+    }
+    bin.proc.wait_for_log("configuration reloaded").await;
+    let log = bin.proc.log_text();
+    let took = reload_times(&log);
+    assert!(!took.is_empty(), "no reload finished: {log}");
+    let typical = took[took.len() / 2];
+    assert!(
+        slowest < typical / 2,
+        "a cached pull took {slowest:?} during {reloads} reloads of {typical:?} each"
+    );
+}
+
+/// How long each reload took, from the log: the time between a
+/// "reloading" line and the next "configuration reloaded".
+fn reload_times(log: &str) -> Vec<Duration> {
+    let at = |line: &str| -> Option<f64> {
+        // 2026-12-06T09:26:18.170974Z: seconds of the minute are enough.
+        let t = line.split_whitespace().next()?;
+        let time = t.split('T').nth(1)?.trim_end_matches('Z');
+        let mut parts = time.split(':');
+        let (h, m, s): (f64, f64, f64) = (
+            parts.next()?.parse().ok()?,
+            parts.next()?.parse().ok()?,
+            parts.next()?.parse().ok()?,
+        );
+        Some(h * 3600.0 + m * 60.0 + s)
+    };
+    let mut out = Vec::new();
+    let mut start = None;
+    for line in log.lines() {
+        if line.contains("reloading configuration") {
+            start = at(line);
+        } else if line.contains("configuration reloaded") {
+            if let (Some(a), Some(b)) = (start.take(), at(line)) {
+                out.push(Duration::from_secs_f64((b - a).max(0.0)));
+            }
+        }
+    }
+    out.sort();
+    out
+}

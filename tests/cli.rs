@@ -401,7 +401,9 @@ async fn sighup_reloads_hosts_and_keeps_the_last_good_config() {
     let img = crate::support::image::Image::build(&[("f", b"reload")]);
     up.push_image("app", "v1", &img);
     let hosts = tempfile::tempdir().unwrap();
-    let bin = Binary::start(hosts.path(), &[]).await;
+    // No registry without a folder is contacted (nothing is looked up).
+    let config = "[upstream]\nimplicit_namespaces = \"off\"\n";
+    let bin = Binary::start_in(hosts.path(), None, config, &[]).await;
     let url = format!(
         "http://127.0.0.1:{}/v2/app/manifests/v1?ns=reg.test",
         bin.port
@@ -409,8 +411,11 @@ async fn sighup_reloads_hosts_and_keeps_the_last_good_config() {
     let pid = nix::unistd::Pid::from_raw(bin.proc.child.id() as i32);
     let hup = || nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
 
-    // Unconfigured: reg.test goes to https://reg.test, which does not exist.
-    assert_ne!(crate::support::get(&url).await.status, StatusCode::OK);
+    // Unconfigured: refused by policy.
+    assert_eq!(
+        crate::support::get(&url).await.status,
+        StatusCode::FORBIDDEN
+    );
 
     crate::support::write_hosts(
         hosts.path(),

@@ -5,7 +5,9 @@
 //! accept loop that fails for want of file descriptors), then answered
 //! quickly on its own: `/healthz` and `/readyz` as usual, anything else
 //! `503` with `Retry-After`, and closed. Those answers are few at a time
-//! too ([`OVERFLOW`]); past them a connection is closed at once.
+//! too ([`OVERFLOW`]); while they are all under way, accepting waits a
+//! moment for one ([`OVERFLOW_WAIT`]: the next connections wait in the
+//! kernel's queue, in order) and closes the connection after that.
 //!
 //! A write that makes no progress for `send_timeout` fails the
 //! connection ([`SendTimeout`]): hyper closes it, and what its responses
@@ -25,6 +27,9 @@ use tokio::time::Sleep;
 
 /// Connections past the cap answered at once (health, or 503).
 pub const OVERFLOW: usize = 64;
+
+/// How long accepting waits for a quick answer's turn.
+pub const OVERFLOW_WAIT: Duration = Duration::from_millis(500);
 
 /// Open files a served connection may take: its socket, and a cached
 /// blob's file while a response sends it (and one spare).
@@ -52,8 +57,8 @@ pub enum Admit {
     Serve(OwnedSemaphorePermit),
     /// Past the cap: a quick answer, then closed.
     Overflow(OwnedSemaphorePermit),
-    /// Past the quick answers too: closed at once.
-    Close,
+    /// Past the quick answers too: wait for one ([`Connections::overflow`]).
+    Wait,
 }
 
 impl Connections {
@@ -92,8 +97,14 @@ impl Connections {
         }
         match self.overflow.clone().try_acquire_owned() {
             Ok(p) => Admit::Overflow(p),
-            Err(_) => Admit::Close,
+            Err(_) => Admit::Wait,
         }
+    }
+
+    /// A quick answer's turn, within [`OVERFLOW_WAIT`].
+    pub async fn overflow(&self) -> Option<OwnedSemaphorePermit> {
+        let wait = self.overflow.clone().acquire_owned();
+        tokio::time::timeout(OVERFLOW_WAIT, wait).await.ok()?.ok()
     }
 
     /// The cap the open files limit sets, when it is lower than `max`.
@@ -218,7 +229,7 @@ mod tests {
         assert!(c.saturated().is_some());
         let quick: Vec<Admit> = (0..OVERFLOW).map(|_| c.admit(2)).collect();
         assert!(quick.iter().all(|a| matches!(a, Admit::Overflow(_))));
-        assert!(matches!(c.admit(2), Admit::Close));
+        assert!(matches!(c.admit(2), Admit::Wait));
         drop(a);
         assert!(matches!(c.admit(2), Admit::Serve(_)));
         // A new cap takes effect for new connections.
