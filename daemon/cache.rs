@@ -48,7 +48,13 @@ pub struct Store {
     in_use: Mutex<HashMap<Digest, usize>>,
     /// One writer of origin records at a time (read, add, replace).
     origins_lock: Mutex<()>,
+    /// The daemon's hold on the cache folder (`lock`): no other daemon
+    /// uses it meanwhile, and tools know one runs ([`Store::open_beside`]).
+    owner: Mutex<Option<nix::fcntl::Flock<File>>>,
 }
+
+/// The file whose lock says a daemon uses the cache.
+const LOCK_FILE: &str = "lock";
 
 /// Keeps a blob from eviction while alive.
 pub struct InUse {
@@ -83,9 +89,51 @@ fn sharded(dir: &Path, d: &Digest) -> PathBuf {
 }
 
 impl Store {
-    /// Opens (creating) the cache at `root` and removes leftovers of
-    /// interrupted ingests.
+    /// Opens (creating) the cache at `root` for the daemon: takes the
+    /// cache's lock (another process that holds it is an error) and
+    /// removes leftovers of its own interrupted ingests.
     pub fn open(root: &Path) -> io::Result<Arc<Store>> {
+        let store = Store::layout(root)?;
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(root.join(LOCK_FILE))?;
+        let held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| {
+                io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!("another nodemirror daemon uses this cache ({e})"),
+                )
+            })?;
+        *store.owner.lock() = Some(held);
+        store.clear_temp()?;
+        Ok(Arc::new(store))
+    }
+
+    /// Opens the cache for a tool (`nodemirror cache ...`) beside a daemon
+    /// that may be running: nothing in `tmp/` is touched (the daemon's
+    /// downloads), and whether a daemon holds the cache comes back.
+    pub fn open_beside(root: &Path) -> io::Result<(Arc<Store>, bool)> {
+        let store = Store::layout(root)?;
+        let lock = fs::File::open(root.join(LOCK_FILE)).ok();
+        let daemon = match lock {
+            None => false,
+            Some(f) => {
+                nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockSharedNonblock).is_err()
+            }
+        };
+        Ok((Arc::new(store), daemon))
+    }
+
+    /// Lets go of the cache's lock (the daemon, as it stops).
+    pub fn release(&self) {
+        self.owner.lock().take();
+    }
+
+    /// The cache's folders, created when missing, and a check that they
+    /// can be written.
+    fn layout(root: &Path) -> io::Result<Store> {
         for sub in [
             "blobs/sha256",
             "manifests/sha256",
@@ -106,8 +154,19 @@ impl Store {
         fs::write(&probe, b"")
             .and_then(|()| fs::remove_file(&probe))
             .map_err(|e| io::Error::new(e.kind(), format!("cannot write to it: {e}")))?;
+        Ok(Store {
+            root: root.to_path_buf(),
+            in_use: Mutex::default(),
+            origins_lock: Mutex::default(),
+            owner: Mutex::default(),
+        })
+    }
+
+    /// Empties `tmp/`: downloads a crash interrupted (only the lock's
+    /// holder may, so no running download is lost).
+    fn clear_temp(&self) -> io::Result<()> {
         let mut removed = 0;
-        for entry in fs::read_dir(root.join("tmp"))? {
+        for entry in fs::read_dir(self.root.join("tmp"))? {
             let path = entry?.path();
             let r = if path.is_dir() {
                 fs::remove_dir_all(&path)
@@ -121,11 +180,7 @@ impl Store {
         if removed > 0 {
             tracing::info!(removed, "removed interrupted downloads from the cache");
         }
-        Ok(Arc::new(Store {
-            root: root.to_path_buf(),
-            in_use: Mutex::default(),
-            origins_lock: Mutex::default(),
-        }))
+        Ok(())
     }
 
     pub fn root(&self) -> &Path {
@@ -364,9 +419,28 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let (_f, tmp) = store.temp_file("blob").unwrap();
         assert!(tmp.exists());
+        store.release();
         drop(store);
         Store::open(dir.path()).unwrap();
         assert!(!tmp.exists());
+    }
+
+    #[test]
+    fn one_daemon_holds_the_cache_and_tools_leave_its_downloads_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (_f, tmp) = store.temp_file("blob").unwrap();
+        // A second daemon is refused.
+        let e = Store::open(dir.path()).err().unwrap();
+        assert!(e.to_string().contains("another nodemirror daemon"), "{e}");
+        // A tool sees the daemon and keeps its download.
+        let (_tool, daemon) = Store::open_beside(dir.path()).unwrap();
+        assert!(daemon);
+        assert!(tmp.exists());
+        store.release();
+        let (_tool, daemon) = Store::open_beside(dir.path()).unwrap();
+        assert!(!daemon);
+        assert!(tmp.exists(), "tools never empty tmp/");
     }
 
     #[test]

@@ -26,6 +26,7 @@
 // setting glibc's allocator parameters (memory.rs).
 #![deny(unsafe_code)]
 
+pub mod admin;
 mod atomic;
 pub mod cache;
 pub mod cluster;
@@ -85,7 +86,25 @@ impl StartError {
     }
 }
 
-/// Builds everything `settings` describes, ready to serve.
+/// Checks everything `settings` describes (configuration, hosts.d,
+/// credentials, the cluster's certificates, a cache it can write to)
+/// without taking the cache from a daemon that may be running.
+pub fn check(settings: &Settings) -> Result<(), StartError> {
+    let upstream = Arc::new(Upstream::new());
+    Snapshot::build(&upstream, settings.clone(), 0)?;
+    Store::open_beside(&settings.cache_dir).map_err(|source| StartError::CacheDir {
+        path: settings.cache_dir.clone(),
+        source,
+    })?;
+    if let Some(c) = &settings.cluster {
+        cluster::Cluster::start(c, upstream, settings.upstream.clone())
+            .map_err(StartError::Cluster)?;
+    }
+    Ok(())
+}
+
+/// Builds everything `settings` describes, ready to serve: the cache is
+/// this daemon's from now on (its lock).
 pub fn build(settings: &Settings) -> Result<Arc<App>, StartError> {
     let upstream = Arc::new(Upstream::new());
     let snapshot = Snapshot::build(&upstream, settings.clone(), 0)?;
@@ -208,6 +227,7 @@ pub async fn run(
             "stopping with downloads unfinished"
         );
     }
+    app.mirror.store.release();
     Ok(())
 }
 
@@ -248,27 +268,16 @@ async fn collect_periodically(app: Arc<App>) {
     loop {
         let cache = app.live.load().settings.cache.clone();
         tokio::time::sleep(cache.gc_interval).await;
-        let store = app.mirror.store.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            let limits = Limits::from_settings(&cache, store.root())?;
-            store.collect(limits)
-        })
-        .await;
-        match result {
-            Ok(Ok(r)) if r.evicted > 0 || r.skipped_in_use > 0 => {
-                metrics::METRICS.evictions.add(&[], r.evicted);
-                metrics::METRICS.cache_scanned(r.blobs_before - r.evicted, r.bytes_after);
-                tracing::info!(
-                    evicted = r.evicted,
-                    evicted_bytes = r.evicted_bytes,
-                    skipped_in_use = r.skipped_in_use,
-                    bytes = r.bytes_after,
-                    "cache collection"
-                )
-            }
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "cache collection failed"),
-            Err(e) => tracing::warn!(error = %e, "cache collection task failed"),
+        let root = app.mirror.store.root().to_path_buf();
+        let limits =
+            tokio::task::spawn_blocking(move || Limits::from_settings(&cache, &root)).await;
+        let result = match limits {
+            Ok(Ok(limits)) => admin::collect(&app, limits).await,
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(std::io::Error::other(e.to_string())),
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "cache collection failed");
         }
     }
 }

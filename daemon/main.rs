@@ -364,7 +364,7 @@ fn raise_open_files_limit() {
 
 fn check_config(args: &ServeArgs) -> Result<(), CliError> {
     let settings = args.settings()?;
-    runtime()?.block_on(async { nodemirror::build(&settings) })?;
+    runtime()?.block_on(async { nodemirror::check(&settings) })?;
     println!("configuration OK: {settings:#?}");
     Ok(())
 }
@@ -397,7 +397,9 @@ fn cache_command(action: CacheAction) -> Result<(), CliError> {
     use nodemirror::cache::Store;
     let settings = action.args().settings()?;
     let dir = settings.cache_dir.clone();
-    let store = Store::open(&dir).map_err(|source| CliError::CacheOpen {
+    // Beside a daemon that may be running: its downloads (tmp/) are never
+    // touched, and collection goes through it.
+    let (store, daemon) = Store::open_beside(&dir).map_err(|source| CliError::CacheOpen {
         dir: dir.clone(),
         source,
     })?;
@@ -414,15 +416,30 @@ fn cache_command(action: CacheAction) -> Result<(), CliError> {
             println!("tags:            {}", s.tags);
             println!("temp files:      {}", s.temp_files);
             println!("free disk:       {} bytes", s.free_bytes);
+            let running = if daemon {
+                "running (holds the cache)"
+            } else {
+                "not running"
+            };
+            println!("daemon:          {running}");
         }
         CacheAction::Gc {
             max_size, min_free, ..
         } => {
-            let mut limits =
-                Limits::from_settings(&settings.cache, store.root()).map_err(failed)?;
-            limits.max_size = max_size.or(limits.max_size);
-            limits.min_free = min_free.unwrap_or(limits.min_free);
-            let r = store.collect(limits).map_err(failed)?;
+            let r = if daemon {
+                let base = format!("http://{}", settings.listen);
+                runtime()?
+                    .block_on(nodemirror::admin::request_gc(&base, max_size, min_free))
+                    .map_err(|e| {
+                        CliError::Failed(format!("the daemon using this cache collects it: {e}"))
+                    })?
+            } else {
+                let mut limits =
+                    Limits::from_settings(&settings.cache, store.root()).map_err(failed)?;
+                limits.max_size = max_size.or(limits.max_size);
+                limits.min_free = min_free.unwrap_or(limits.min_free);
+                store.collect(limits).map_err(failed)?
+            };
             println!(
                 "evicted {} of {} blobs ({} bytes); {} bytes remain; {} in use kept",
                 r.evicted, r.blobs_before, r.evicted_bytes, r.bytes_after, r.skipped_in_use

@@ -89,8 +89,10 @@ impl App {
             }
             _ => {}
         }
-        if req.uri().path() == "/cluster/status" {
-            return self.cluster_status();
+        match req.uri().path() {
+            "/cluster/status" => return self.cluster_status(),
+            "/cache/gc" => return crate::admin::gc(self, req).await,
+            _ => {}
         }
         let snap = self.live.load();
         let (labels, parsed) = parse_request(&snap, &req, crate::upstream::via());

@@ -219,3 +219,98 @@ fn reload_times(log: &str) -> Vec<Duration> {
     out.sort();
     out
 }
+
+/// `nodemirror cache stats|verify|gc` while the daemon downloads a blob:
+/// the tools see the daemon, never touch its download, and collect
+/// through it; the download is stored whole. A second daemon on the same
+/// cache is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_tools_never_break_the_running_daemon() {
+    let up = Fake::start(Behaviour {
+        chunk_delay: Some(Duration::from_millis(60)),
+        ..Behaviour::default()
+    })
+    .await;
+    let chunk = Bytes::from(crate::support::noise(256 << 10, 91));
+    let digest = crate::support::sha256(&chunk.repeat(32));
+    up.put_repeated_blob("app", &digest, chunk, 32);
+    let other = up.put_blob("app", &crate::support::noise(200_000, 92));
+    let hosts = tempfile::tempdir().unwrap();
+    crate::support::write_hosts(
+        hosts.path(),
+        &[("reg.test", hosts_toml(&[], Some(&up.url())))],
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let bin = Binary::start_in(hosts.path(), Some(cache.path()), "", &[]).await;
+    let base = format!("http://127.0.0.1:{}", bin.port);
+    let (status, _) = stream_on(
+        &http_client(),
+        &format!("{base}/v2/app/blobs/{other}?ns=reg.test"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let pulling = tokio::spawn({
+        let url = format!("{base}/v2/app/blobs/{digest}?ns=reg.test");
+        async move { stream_on(&http_client(), &url, None, None).await }
+    });
+    let dir = cache.path().to_path_buf();
+    wait_until("the download to start", Duration::from_secs(10), || {
+        crate::support::temp_files(&dir) > 0
+    })
+    .await;
+    let listen = format!("127.0.0.1:{}", bin.port);
+    let tool = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_nodemirror"))
+            .args(args)
+            .args(["--config", "/dev/null", "--listen", &listen, "--cache-dir"])
+            .arg(cache.path())
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+    let (code, text) = tool(&["cache", "stats"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("daemon:          running"), "{text}");
+    let (code, text) = tool(&["cache", "verify"]);
+    assert_eq!(code, Some(0), "{text}");
+    let (code, text) = tool(&["cache", "gc", "--max-size", "0"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("evicted 1 of"),
+        "collected through the daemon: {text}"
+    );
+    assert!(
+        crate::support::temp_files(cache.path()) > 0,
+        "the download's file is gone"
+    );
+    // The download goes on and is stored.
+    let (status, body) = pulling.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body.unwrap(), (8 << 20, digest.clone()));
+    let stored = crate::support::blob_path(cache.path(), &digest);
+    wait_until("the download stored", Duration::from_secs(10), || {
+        stored.exists()
+    })
+    .await;
+    assert!(!bin.proc.log_text().contains("could not be stored"));
+    // A second daemon on the same cache is refused.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nodemirror"))
+        .args(["serve", "--config", "/dev/null", "--listen", "127.0.0.1:0"])
+        .args(["--hosts-dir", "/nonexistent", "--cache-dir"])
+        .arg(cache.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(73), "{text}");
+    assert!(
+        text.contains("another nodemirror daemon uses this cache"),
+        "{text}"
+    );
+}

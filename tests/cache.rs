@@ -96,8 +96,9 @@ async fn a_blob_shared_by_two_registries_is_fetched_and_stored_once() {
     for blob in img.blobs() {
         wait_for_file(&d.blob_path(&crate::support::sha256(blob))).await;
     }
-    let stats = nodemirror::cache::Store::open(&d.cache_dir)
+    let stats = nodemirror::cache::Store::open_beside(&d.cache_dir)
         .unwrap()
+        .0
         .stats()
         .unwrap();
     assert_eq!(stats.blobs, 2, "one copy of each blob");

@@ -1,0 +1,176 @@
+//! Cache maintenance through the running daemon: the daemon owns its
+//! cache (it holds the cache's lock), so `nodemirror cache gc` asks it to
+//! collect (`POST /cache/gc` on the local listener, allowed users only)
+//! instead of unlinking files behind its back. The daemon's collection
+//! knows which blobs are being read or written and keeps them.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::cache::{Limits, Report};
+use crate::metrics::METRICS;
+use crate::oci::{full, ResponseBody};
+use crate::server::{App, Caller};
+
+/// Collects the cache now with `limits`, off the async threads, and
+/// records what it did.
+pub async fn collect(app: &App, limits: Limits) -> std::io::Result<Report> {
+    let store = app.mirror.store.clone();
+    let report = tokio::task::spawn_blocking(move || store.collect(limits))
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))??;
+    if report.evicted > 0 || report.skipped_in_use > 0 {
+        METRICS.evictions.add(&[], report.evicted);
+        METRICS.cache_scanned(report.blobs_before - report.evicted, report.bytes_after);
+        tracing::info!(
+            evicted = report.evicted,
+            evicted_bytes = report.evicted_bytes,
+            skipped_in_use = report.skipped_in_use,
+            bytes = report.bytes_after,
+            "cache collection"
+        );
+    }
+    Ok(report)
+}
+
+fn answer(status: StatusCode, body: serde_json::Value) -> Response<ResponseBody> {
+    let body = Bytes::from(body.to_string());
+    Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, "application/json")
+        .header(CONTENT_LENGTH, body.len())
+        .body(full(body))
+        .unwrap_or_else(|_| Response::new(full(Bytes::new())))
+}
+
+/// `POST /cache/gc[?max_size=BYTES][&min_free=BYTES]`: collects now, with
+/// the configured limits unless given; the report as JSON.
+pub async fn gc(app: &App, req: Request<Incoming>) -> Response<ResponseBody> {
+    if req.method() != Method::POST {
+        return answer(
+            StatusCode::METHOD_NOT_ALLOWED,
+            serde_json::json!({"error": "POST /cache/gc"}),
+        );
+    }
+    let snap = app.live.load();
+    let allowed = match req.extensions().get::<std::sync::Arc<Caller>>() {
+        Some(c) => c.allowed(&snap.settings.server).await,
+        None => false,
+    };
+    if !allowed {
+        return answer(
+            StatusCode::FORBIDDEN,
+            serde_json::json!({"error": "only users in [server] allowed_uids/allowed_gids may collect the cache"}),
+        );
+    }
+    let mut max_size = None;
+    let mut min_free = None;
+    for (k, v) in url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()) {
+        let n = match v.parse::<u64>() {
+            Ok(n) => n,
+            Err(_) => {
+                return answer(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({"error": format!("{k}={v} is not a number of bytes")}),
+                )
+            }
+        };
+        match k.as_ref() {
+            "max_size" => max_size = Some(n),
+            "min_free" => min_free = Some(n),
+            _ => {}
+        }
+    }
+    let (cache, root) = (
+        snap.settings.cache.clone(),
+        app.mirror.store.root().to_path_buf(),
+    );
+    let limits = tokio::task::spawn_blocking(move || Limits::from_settings(&cache, &root)).await;
+    let mut limits = match limits {
+        Ok(Ok(l)) => l,
+        Ok(Err(e)) => {
+            return answer(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                serde_json::json!({"error": e.to_string()}),
+            )
+        }
+        Err(e) => {
+            return answer(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                serde_json::json!({"error": e.to_string()}),
+            )
+        }
+    };
+    limits.max_size = max_size.or(limits.max_size);
+    limits.min_free = min_free.unwrap_or(limits.min_free);
+    match collect(app, limits).await {
+        Ok(r) => answer(
+            StatusCode::OK,
+            serde_json::json!({
+                "blobs_before": r.blobs_before,
+                "evicted": r.evicted,
+                "evicted_bytes": r.evicted_bytes,
+                "skipped_in_use": r.skipped_in_use,
+                "bytes_after": r.bytes_after,
+            }),
+        ),
+        Err(e) => answer(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            serde_json::json!({"error": e.to_string()}),
+        ),
+    }
+}
+
+/// Asks the daemon at `base` (`http://ADDR`) to collect: its report.
+pub async fn request_gc(
+    base: &str,
+    max_size: Option<u64>,
+    min_free: Option<u64>,
+) -> Result<Report, String> {
+    use http_body_util::BodyExt;
+    let mut query = url::form_urlencoded::Serializer::new(String::new());
+    if let Some(m) = max_size {
+        query.append_pair("max_size", &m.to_string());
+    }
+    if let Some(m) = min_free {
+        query.append_pair("min_free", &m.to_string());
+    }
+    let url = format!("{}/cache/gc?{}", base.trim_end_matches('/'), query.finish());
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let req = Request::post(url.as_str())
+        .body(http_body_util::Empty::new())
+        .map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(Duration::from_secs(600), client.request(req))
+        .await
+        .map_err(|_| format!("{url}: no answer within 10 minutes"))?
+        .map_err(|e| format!("{url}: {}", crate::upstream::error_chain(&e)))?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| format!("{url}: {e}"))?;
+    if status != StatusCode::OK {
+        return Err(format!(
+            "{url}: {status}: {}",
+            v["error"].as_str().unwrap_or("")
+        ));
+    }
+    let n = |k: &str| v[k].as_u64().unwrap_or(0);
+    Ok(Report {
+        blobs_before: n("blobs_before"),
+        bytes_before: 0,
+        evicted: n("evicted"),
+        evicted_bytes: n("evicted_bytes"),
+        skipped_in_use: n("skipped_in_use"),
+        bytes_after: n("bytes_after"),
+    })
+}
