@@ -21,8 +21,10 @@ pub(crate) mod ingest;
 mod origins;
 pub(crate) mod pool;
 pub(crate) mod read;
+pub mod verify;
 
 pub use gc::{Limits, Report, Stats};
+pub use origins::Record;
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -55,6 +57,13 @@ pub struct Store {
 
 /// The file whose lock says a daemon uses the cache.
 const LOCK_FILE: &str = "lock";
+
+/// A blob in the store and what is known of it.
+pub struct CachedBlob {
+    pub file: File,
+    pub len: u64,
+    pub origins: Vec<Namespace>,
+}
 
 /// Keeps a blob from eviction while alive.
 pub struct InUse {
@@ -243,6 +252,47 @@ impl Store {
         let meta = file.metadata()?;
         touch(&file, &meta);
         Ok(Some((file, meta.len())))
+    }
+
+    /// The cached blob `d`, opened, with its length and origins; records
+    /// the access. A file whose size is not the one it was committed with
+    /// is damaged: it is moved to `quarantine/` and the blob counts as not
+    /// cached (it is fetched again).
+    pub fn cached_blob(&self, d: &Digest) -> io::Result<Option<CachedBlob>> {
+        let Some((file, len)) = self.open_blob(d)? else {
+            return Ok(None);
+        };
+        let record = self.record(d)?;
+        if let Some(size) = record.size.filter(|&s| s != len) {
+            self.quarantine_blob(d, &format!("{len} bytes, committed with {size}"));
+            return Ok(None);
+        }
+        Ok(Some(CachedBlob {
+            file,
+            len,
+            origins: record.origins,
+        }))
+    }
+
+    /// Moves a damaged blob out of the store (into `quarantine/`), so it
+    /// is never served again and is fetched anew.
+    pub fn quarantine_blob(&self, d: &Digest, why: &str) {
+        let dest = self
+            .root
+            .join("quarantine")
+            .join(format!("blobs-{}", d.hex()));
+        match fs::rename(self.blob_path(d), &dest) {
+            Ok(()) => {
+                self.content_gone(d);
+                crate::metrics::METRICS.quarantined.inc(&[]);
+                tracing::warn!(digest = %d, why, moved_to = %dest.display(),
+                    "damaged cache file quarantined; it will be fetched again");
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(digest = %d, error = %e, "cannot quarantine a damaged cache file")
+            }
+        }
     }
 
     /// Creates a private temporary file for an ingest.

@@ -122,6 +122,9 @@ pub struct CacheSettings {
     pub tag_ttl: Duration,
     /// How often the background collection runs.
     pub gc_interval: Duration,
+    /// Bytes per second of cached blobs re-hashed in the background (a
+    /// damaged one is quarantined and fetched again); 0: never.
+    pub verify_rate: u64,
 }
 
 impl Default for CacheSettings {
@@ -131,6 +134,7 @@ impl Default for CacheSettings {
             min_free: MinFree::Percent(10),
             tag_ttl: Duration::from_secs(60),
             gc_interval: Duration::from_secs(300),
+            verify_rate: 16 << 20,
         }
     }
 }
@@ -429,6 +433,7 @@ impl Settings {
                             "gc_interval" => {
                                 c.gc_interval = f.duration_from(Duration::from_secs(1))?
                             }
+                            "verify_rate" => c.verify_rate = f.size()?,
                             _ => return Err(f.unknown()),
                         }
                         Ok(())

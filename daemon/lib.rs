@@ -176,6 +176,12 @@ pub async fn run(
     };
     let reloader = reload::spawn(app.clone());
     let gc = tokio::spawn(collect_periodically(app.clone()));
+    let verifier = {
+        let live = app.clone();
+        tokio::spawn(cache::verify::run(app.mirror.store.clone(), move || {
+            live.live.load().settings.cache.verify_rate
+        }))
+    };
     let release = tokio::spawn(release_memory_when_idle(app.clone()));
     let listen = listener
         .local_addr()
@@ -211,6 +217,7 @@ pub async fn run(
     }
     reloader.stop();
     gc.abort();
+    verifier.abort();
     release.abort();
     if let Some(w) = watchdog {
         w.abort();

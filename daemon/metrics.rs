@@ -108,6 +108,10 @@ pub struct Metrics {
     pub parallel: Family,
     /// Blobs evicted by collection.
     pub evictions: Family,
+    /// Cache files found damaged and moved to quarantine/.
+    pub quarantined: Family,
+    /// Blob bytes re-verified in the background.
+    pub verified_bytes: Family,
     /// Blob bytes in the cache (from the last scan, plus commits since).
     pub cache_bytes: AtomicU64,
     pub cache_blobs: AtomicU64,
@@ -163,6 +167,14 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "nodemirror_cache_evictions_total",
         "Blobs evicted from the cache.",
     ),
+    quarantined: Family::new(
+        "nodemirror_cache_quarantined_total",
+        "Cache files found damaged (wrong size or digest) and moved to quarantine.",
+    ),
+    verified_bytes: Family::new(
+        "nodemirror_cache_verified_bytes_total",
+        "Blob bytes re-verified by the background check.",
+    ),
     cache_bytes: AtomicU64::new(0),
     cache_blobs: AtomicU64::new(0),
 }
@@ -184,6 +196,8 @@ impl Metrics {
             &self.peer_bytes,
             &self.peer_requests,
             &self.evictions,
+            &self.quarantined,
+            &self.verified_bytes,
         ] {
             f.render(&mut out);
         }

@@ -314,3 +314,70 @@ async fn the_cache_tools_never_break_the_running_daemon() {
         "{text}"
     );
 }
+
+/// A cached blob whose file was truncated (to 1,000 bytes, or to nothing)
+/// is never served: its size differs from the one it was committed with,
+/// so it goes to quarantine and is fetched again. One with a flipped byte
+/// is found by the background verification and fetched again too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_cache_file_is_never_served() {
+    let up = Fake::start(Behaviour::default()).await;
+    let (a, b) = (
+        crate::support::noise(1 << 20, 93),
+        crate::support::noise(1 << 20, 94),
+    );
+    let (da, db) = (up.put_blob("app", &a), up.put_blob("app", &b));
+    let d = crate::support::Daemon::builder()
+        .hosts("reg.test", hosts_toml(&[], Some(&up.url())))
+        .cache(nodemirror::config::CacheSettings {
+            verify_rate: 64 << 20,
+            ..crate::support::test_cache()
+        })
+        .start()
+        .await;
+    let client = http_client();
+    let url = |digest: &str| d.url(&format!("/v2/app/blobs/{digest}?ns=reg.test"));
+    for digest in [&da, &db] {
+        let (status, _) = stream_on(&client, &url(digest), None, None).await;
+        assert_eq!(status, StatusCode::OK);
+        let path = d.blob_path(digest);
+        wait_until("stored", Duration::from_secs(10), || path.exists()).await;
+    }
+    for (n, len) in [(1, 1000), (2, 0)] {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.blob_path(&da))
+            .unwrap();
+        f.set_len(len).unwrap();
+        let (status, body) = stream_on(&client, &url(&da), None, None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            body.unwrap(),
+            (a.len() as u64, da.clone()),
+            "truncated to {len}"
+        );
+        assert_eq!(up.hits(&format!("/blobs/{da}")), 1 + n);
+        let path = d.blob_path(&da);
+        wait_until("stored again", Duration::from_secs(10), || path.exists()).await;
+    }
+    assert!(d
+        .cache_dir
+        .join("quarantine")
+        .join(format!("blobs-{}", da.trim_start_matches("sha256:")))
+        .exists());
+    // A flipped byte, same size: the background check finds it.
+    let mut flipped = b.clone();
+    flipped[12345] ^= 0xff;
+    std::fs::write(d.blob_path(&db), &flipped).unwrap();
+    wait_until(
+        "the flipped blob fetched again",
+        Duration::from_secs(30),
+        || up.hits(&format!("/blobs/{db}")) == 1 && !d.blob_path(&db).exists(),
+    )
+    .await;
+    let (status, body) = stream_on(&client, &url(&db), None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body.unwrap(), (b.len() as u64, db.clone()));
+    assert_eq!(up.hits(&format!("/blobs/{db}")), 2);
+    d.stop().await;
+}

@@ -288,6 +288,7 @@ pub fn test_cache() -> CacheSettings {
         min_free: MinFree::Bytes(0),
         tag_ttl: Duration::from_secs(3600),
         gc_interval: Duration::from_secs(3600),
+        verify_rate: 0,
     }
 }
 

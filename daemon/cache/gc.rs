@@ -189,7 +189,7 @@ impl Store {
 
     /// Drops the origin record of `d` once neither a blob nor a manifest
     /// of that digest is left.
-    fn content_gone(&self, d: &Digest) {
+    pub(crate) fn content_gone(&self, d: &Digest) {
         if !self.blob_path(d).exists() && !self.manifest_path(d).exists() {
             self.remove_origins(d);
         }

@@ -248,8 +248,9 @@ impl Ingest {
             .ok_or_else(|| io::Error::other("nothing verified to commit"))?;
         let store = self.store.clone();
         let (tmp, d, origin) = (self.tmp.clone(), self.digest.clone(), origin.clone());
+        let len = self.progress.borrow().written;
         super::pool::run(move || {
-            store.add_origin(&d, &origin)?;
+            store.note(&d, Some(&origin), Some(len))?;
             if store.blob_path(&d).exists() {
                 return std::fs::remove_file(&tmp);
             }

@@ -235,21 +235,17 @@ impl Mirror {
         digest: Digest,
     ) -> Result<Response<ResponseBody>, ServeError> {
         let (snap, ns) = (&pull.snap, &pull.ns);
-        let cached = self.store.open_blob(&digest).map_err(internal)?;
-        let visible = match &cached {
-            Some(_) => {
-                let origins = self.store.origins(&digest).map_err(internal)?;
-                access::visible(&snap.upstream, &origins, ns, pull.peer.is_some())
-            }
-            None => false,
-        };
+        let cached = self.store.cached_blob(&digest).map_err(internal)?;
+        let visible = cached
+            .as_ref()
+            .is_some_and(|b| access::visible(&snap.upstream, &b.origins, ns, pull.peer.is_some()));
         let fetching = || {
             self.flights
                 .own(&digest, ns)
                 .and_then(|f| f.progress.borrow().total)
         };
         let len = match (&cached, visible) {
-            (Some((_, len)), true) => *len,
+            (Some(b), true) => b.len,
             _ => match fetching() {
                 Some(len) => len,
                 None if pull.peer.is_some()

@@ -197,9 +197,9 @@ impl Flights {
         // following the finished flight. Checked under the lock: a flight
         // commits before it leaves the map, so a blob is either in the
         // store or in the map, never neither while it is being fetched.
-        if let Some((file, len)) = self.store.open_blob(digest)? {
-            let origins = self.store.origins(digest)?;
-            if access::visible(cfg, &origins, ns, peer.is_some()) {
+        if let Some(blob) = self.store.cached_blob(digest)? {
+            let (file, len) = (blob.file, blob.len);
+            if access::visible(cfg, &blob.origins, ns, peer.is_some()) {
                 return Ok(Source::Cached(file, len));
             }
             if peer.is_some() {
