@@ -381,3 +381,122 @@ async fn a_damaged_cache_file_is_never_served() {
     assert_eq!(up.hits(&format!("/blobs/{db}")), 2);
     d.stop().await;
 }
+
+/// Four namespaces on one registry that trickles above `min_rate` take
+/// every fetch slot with 128 pulls whose callers hang up after a second:
+/// the slots come back within seconds (a fetch nobody reads ends), and a
+/// good pull works again within 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_slots_come_back_when_the_callers_leave() {
+    let trickle = Fake::start(Behaviour {
+        // 64 KiB/s: well above min_rate (16 KiB/s) in every window.
+        rate: Some(64 << 10),
+        ..Behaviour::default()
+    })
+    .await;
+    let good = Fake::start(Behaviour::default()).await;
+    let fine = good.put_blob("app", &crate::support::noise(100_000, 95));
+    let mut b =
+        crate::support::Daemon::builder().hosts("good.test", hosts_toml(&[], Some(&good.url())));
+    for i in 0..4 {
+        b = b.hosts(&format!("t{i}.test"), hosts_toml(&[], Some(&trickle.url())));
+    }
+    let d = b.start().await;
+    let mut callers = Vec::new();
+    for i in 0..128u64 {
+        let digest = trickle.put_blob("app", &crate::support::noise(2 << 20, 1000 + i));
+        let url = d.url(&format!("/v2/app/blobs/{digest}?ns=t{}.test", i % 4));
+        callers.push(tokio::spawn(async move {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                stream_on(&http_client(), &url, None, None),
+            )
+            .await;
+        }));
+    }
+    let ready = d.url("/readyz");
+    wait_until("every fetch slot taken", Duration::from_secs(10), || {
+        trickle.seen().len() >= 128
+    })
+    .await;
+    assert_eq!(get(&ready).await.status, StatusCode::SERVICE_UNAVAILABLE);
+    for c in callers {
+        c.await.unwrap();
+    }
+    // The callers left: within 10 s a good pull works again.
+    let left = Instant::now();
+    let url = d.url(&format!("/v2/app/blobs/{fine}?ns=good.test"));
+    loop {
+        let (status, body) = stream_on(&http_client(), &url, None, None).await;
+        if status == StatusCode::OK {
+            assert_eq!(body.unwrap().0, 100_000);
+            break;
+        }
+        assert!(
+            left.elapsed() < Duration::from_secs(10),
+            "still {status} after 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    crate::support::wait_for("ready again", Duration::from_secs(10), || {
+        let ready = ready.clone();
+        async move { get(&ready).await.status == StatusCode::OK }
+    })
+    .await;
+    d.stop().await;
+}
+
+/// Registries without a hosts.d folder (here through `_default`'s server)
+/// share one per-namespace cap: naming many of them takes no more slots
+/// than one would, and a configured registry keeps its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registries_without_a_folder_share_one_cap() {
+    let trickle = Fake::start(Behaviour {
+        rate: Some(20 << 10),
+        ..Behaviour::default()
+    })
+    .await;
+    let good = Fake::start(Behaviour::default()).await;
+    let fine = good.put_blob("app", &crate::support::noise(100_000, 96));
+    let d = crate::support::Daemon::builder()
+        .hosts("_default", hosts_toml(&[], Some(&trickle.url())))
+        .hosts("good.test", hosts_toml(&[], Some(&good.url())))
+        .upstream(nodemirror::config::UpstreamSettings {
+            max_fetches_per_namespace: 4,
+            fetch_wait: Duration::from_millis(200),
+            ..crate::support::quick_upstream()
+        })
+        .start()
+        .await;
+    let client = http_client();
+    let mut pulls = Vec::new();
+    for i in 0..4u64 {
+        let digest = trickle.put_blob("app", &crate::support::noise(1 << 20, 2000 + i));
+        let url = d.url(&format!("/v2/app/blobs/{digest}?ns=n{i}.example"));
+        let client = client.clone();
+        pulls.push(tokio::spawn(async move {
+            stream_on(&client, &url, None, None).await
+        }));
+    }
+    wait_until("four fetches under way", Duration::from_secs(10), || {
+        trickle.seen().len() >= 4
+    })
+    .await;
+    // A fifth name without a folder waits, then gets 503; good.test does not.
+    let digest = trickle.put_blob("app", &crate::support::noise(1 << 20, 2010));
+    let r = get(&d.url(&format!("/v2/app/blobs/{digest}?ns=n9.example"))).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(!r.header("retry-after").is_empty());
+    let (status, _) = stream_on(
+        &client,
+        &d.url(&format!("/v2/app/blobs/{fine}?ns=good.test")),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    for p in pulls {
+        p.abort();
+    }
+    d.stop().await;
+}
