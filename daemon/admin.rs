@@ -24,8 +24,11 @@ pub async fn collect(app: &App, limits: Limits) -> std::io::Result<Report> {
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))??;
     if report.evicted > 0 || report.skipped_in_use > 0 {
-        METRICS.evictions.add(&[], report.evicted);
-        METRICS.cache_scanned(report.blobs_before - report.evicted, report.bytes_after);
+        METRICS.evictions.add(&[], report.evicted_blobs);
+        METRICS.cache_scanned(
+            report.blobs_before - report.evicted_blobs,
+            report.bytes_after,
+        );
         tracing::info!(
             evicted = report.evicted,
             evicted_bytes = report.evicted_bytes,
@@ -111,8 +114,11 @@ pub async fn gc(app: &App, req: Request<Incoming>) -> Response<ResponseBody> {
         Ok(r) => answer(
             StatusCode::OK,
             serde_json::json!({
+                "files_before": r.files_before,
+                "bytes_before": r.bytes_before,
                 "blobs_before": r.blobs_before,
                 "evicted": r.evicted,
+                "evicted_blobs": r.evicted_blobs,
                 "evicted_bytes": r.evicted_bytes,
                 "skipped_in_use": r.skipped_in_use,
                 "bytes_after": r.bytes_after,
@@ -166,9 +172,11 @@ pub async fn request_gc(
     }
     let n = |k: &str| v[k].as_u64().unwrap_or(0);
     Ok(Report {
+        files_before: n("files_before"),
+        bytes_before: n("bytes_before"),
         blobs_before: n("blobs_before"),
-        bytes_before: 0,
         evicted: n("evicted"),
+        evicted_blobs: n("evicted_blobs"),
         evicted_bytes: n("evicted_bytes"),
         skipped_in_use: n("skipped_in_use"),
         bytes_after: n("bytes_after"),

@@ -21,6 +21,7 @@ pub(crate) mod ingest;
 mod origins;
 pub(crate) mod pool;
 pub(crate) mod read;
+pub mod room;
 pub mod verify;
 
 pub use gc::{Limits, Report, Stats};
@@ -53,6 +54,8 @@ pub struct Store {
     /// The daemon's hold on the cache folder (`lock`): no other daemon
     /// uses it meanwhile, and tools know one runs ([`Store::open_beside`]).
     owner: Mutex<Option<nix::fcntl::Flock<File>>>,
+    /// Bytes held and reserved ([`room`]).
+    room: room::Room,
 }
 
 /// The file whose lock says a daemon uses the cache.
@@ -168,6 +171,7 @@ impl Store {
             in_use: Mutex::default(),
             origins_lock: Mutex::default(),
             owner: Mutex::default(),
+            room: room::Room::default(),
         })
     }
 
@@ -281,8 +285,10 @@ impl Store {
             .root
             .join("quarantine")
             .join(format!("blobs-{}", d.hex()));
+        let len = fs::metadata(self.blob_path(d)).map_or(0, |m| m.len());
         match fs::rename(self.blob_path(d), &dest) {
             Ok(()) => {
+                self.stored_changed(0, len);
                 self.content_gone(d);
                 crate::metrics::METRICS.quarantined.inc(&[]);
                 tracing::warn!(digest = %d, why, moved_to = %dest.display(),
@@ -319,11 +325,16 @@ impl Store {
 
     /// The cached manifest: media type and bytes, re-verified on read.
     pub fn manifest(&self, d: &Digest) -> io::Result<Option<(String, Bytes)>> {
-        let raw = match fs::read(self.manifest_path(d)) {
-            Ok(r) => r,
+        use std::io::Read;
+        let mut file = match File::open(self.manifest_path(d)) {
+            Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
+        // Manifests are evicted least recently used, like blobs.
+        touch(&file, &file.metadata()?);
+        let mut raw = Vec::new();
+        file.read_to_end(&mut raw)?;
         let Some(nl) = raw.iter().position(|&b| b == b'\n') else {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -351,7 +362,9 @@ impl Store {
         content.extend_from_slice(media_type.as_bytes());
         content.push(b'\n');
         content.extend_from_slice(body);
-        crate::atomic::write_via(&self.root.join("tmp"), &path, &content)
+        crate::atomic::write_via(&self.root.join("tmp"), &path, &content)?;
+        self.stored_changed(content.len() as u64, 0);
+        Ok(())
     }
 
     /// The digest `tag` pointed to for clients of `class`, and when that
@@ -389,7 +402,11 @@ impl Store {
         d: &Digest,
     ) -> io::Result<()> {
         let path = self.tag_path(ns, repo, tag, class);
-        crate::atomic::write_via(&self.root.join("tmp"), &path, format!("{d}\n").as_bytes())
+        let was = fs::metadata(&path).map_or(0, |m| m.len());
+        let text = format!("{d}\n");
+        crate::atomic::write_via(&self.root.join("tmp"), &path, text.as_bytes())?;
+        self.stored_changed(text.len() as u64, was);
+        Ok(())
     }
 }
 

@@ -125,6 +125,9 @@ pub struct CacheSettings {
     /// Bytes per second of cached blobs re-hashed in the background (a
     /// damaged one is quarantined and fetched again); 0: never.
     pub verify_rate: u64,
+    /// The largest blob cached: a bigger one (announced, or as it
+    /// arrives) is not fetched.
+    pub max_blob_size: u64,
 }
 
 impl Default for CacheSettings {
@@ -135,6 +138,7 @@ impl Default for CacheSettings {
             tag_ttl: Duration::from_secs(60),
             gc_interval: Duration::from_secs(300),
             verify_rate: 16 << 20,
+            max_blob_size: 64 << 30,
         }
     }
 }
@@ -434,6 +438,18 @@ impl Settings {
                                 c.gc_interval = f.duration_from(Duration::from_secs(1))?
                             }
                             "verify_rate" => c.verify_rate = f.size()?,
+                            "max_blob_size" => {
+                                c.max_blob_size = f.size()?;
+                                if c.max_blob_size == 0 {
+                                    return Err(f
+                                        .src
+                                        .error(
+                                            f.span.clone(),
+                                            "`max_blob_size` must be at least 1 byte",
+                                        )
+                                        .into());
+                                }
+                            }
                             _ => return Err(f.unknown()),
                         }
                         Ok(())

@@ -149,12 +149,19 @@ pub async fn run(
 ) -> Result<(), StartError> {
     let app = build(&settings)?;
     let scan_store = app.mirror.store.clone();
-    let scanned = tokio::task::spawn_blocking(move || scan_store.stats())
-        .await
-        .map_err(|e| std::io::Error::other(e.to_string()))
-        .and_then(|r| r);
+    let cache_settings = settings.cache.clone();
+    let scanned = tokio::task::spawn_blocking(move || {
+        let stats = scan_store.stats()?;
+        scan_store.set_stored(stats.stored_bytes());
+        let limits = Limits::from_settings(&cache_settings, scan_store.root())?;
+        scan_store.set_budget(limits.budget(cache_settings.max_blob_size));
+        Ok::<_, std::io::Error>(stats)
+    })
+    .await
+    .map_err(|e| std::io::Error::other(e.to_string()))
+    .and_then(|r| r);
     if let Ok(s) = &scanned {
-        metrics::METRICS.cache_scanned(s.blobs, s.blob_bytes);
+        metrics::METRICS.cache_scanned(s.blobs, s.stored_bytes());
     }
     let summary = match &scanned {
         Ok(s) => format!("{} blobs, {} MiB cached", s.blobs, s.blob_bytes >> 20),
@@ -274,10 +281,19 @@ async fn release_memory_when_idle(app: Arc<App>) {
 async fn collect_periodically(app: Arc<App>) {
     loop {
         let cache = app.live.load().settings.cache.clone();
-        tokio::time::sleep(cache.gc_interval).await;
-        let root = app.mirror.store.root().to_path_buf();
-        let limits =
-            tokio::task::spawn_blocking(move || Limits::from_settings(&cache, &root)).await;
+        // Every gc_interval, and at once when a download found no room
+        // (so that the next ones fit).
+        tokio::select! {
+            _ = tokio::time::sleep(cache.gc_interval) => {}
+            _ = app.mirror.store.room_wanted() => {}
+        }
+        let store = app.mirror.store.clone();
+        let limits = tokio::task::spawn_blocking(move || {
+            let limits = Limits::from_settings(&cache, store.root())?;
+            store.set_budget(limits.budget(cache.max_blob_size));
+            Ok::<_, std::io::Error>(limits)
+        })
+        .await;
         let result = match limits {
             Ok(Ok(limits)) => admin::collect(&app, limits).await,
             Ok(Err(e)) => Err(e),

@@ -412,8 +412,11 @@ fn cache_command(action: CacheAction) -> Result<(), CliError> {
             let s = store.stats().map_err(failed)?;
             println!("cache directory: {}", dir.display());
             println!("blobs:           {} ({} bytes)", s.blobs, s.blob_bytes);
-            println!("manifests:       {}", s.manifests);
-            println!("tags:            {}", s.tags);
+            println!(
+                "manifests:       {} ({} bytes)",
+                s.manifests, s.manifest_bytes
+            );
+            println!("tags:            {} ({} bytes)", s.tags, s.tag_bytes);
             println!("temp files:      {}", s.temp_files);
             println!("free disk:       {} bytes", s.free_bytes);
             let running = if daemon {
@@ -441,8 +444,14 @@ fn cache_command(action: CacheAction) -> Result<(), CliError> {
                 store.collect(limits).map_err(failed)?
             };
             println!(
-                "evicted {} of {} blobs ({} bytes); {} bytes remain; {} in use kept",
-                r.evicted, r.blobs_before, r.evicted_bytes, r.bytes_after, r.skipped_in_use
+                "evicted {} of {} files ({} of {} blobs; {} bytes); {} bytes remain; {} in use kept",
+                r.evicted,
+                r.files_before,
+                r.evicted_blobs,
+                r.blobs_before,
+                r.evicted_bytes,
+                r.bytes_after,
+                r.skipped_in_use
             );
         }
         CacheAction::Verify(_) => {

@@ -227,7 +227,7 @@ impl Metrics {
         for (name, help, v) in [
             (
                 "nodemirror_cache_size_bytes",
-                "Blob bytes in the cache.",
+                "Bytes in the cache: blobs, manifests and tags.",
                 self.cache_bytes.load(Ordering::Relaxed),
             ),
             (

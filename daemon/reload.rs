@@ -62,6 +62,13 @@ pub fn apply(app: &App, abandoned: &AtomicBool) -> String {
         }
         (None, None) => {}
     }
+    match crate::cache::Limits::from_settings(&new.cache, app.mirror.store.root()) {
+        Ok(limits) => app
+            .mirror
+            .store
+            .set_budget(limits.budget(new.cache.max_blob_size)),
+        Err(e) => tracing::warn!(error = %e, "cache limits not applied"),
+    }
     let status = format!("reloaded {}", new.hosts_dir.display());
     app.live.publish(next);
     tracing::info!("configuration reloaded");

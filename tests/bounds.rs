@@ -500,3 +500,127 @@ async fn registries_without_a_folder_share_one_cap() {
     }
     d.stop().await;
 }
+
+/// A cache limited to 10 MiB with 6 MiB of blobs in it.
+async fn small_cache(up: &Fake, max_blob: u64) -> (crate::support::Daemon, Vec<String>) {
+    let d = crate::support::Daemon::builder()
+        .hosts("reg.test", hosts_toml(&[], Some(&up.url())))
+        .cache(nodemirror::config::CacheSettings {
+            max_size: Some(10 << 20),
+            max_blob_size: max_blob,
+            ..crate::support::test_cache()
+        })
+        .start()
+        .await;
+    let mut kept = Vec::new();
+    for i in 0..6 {
+        let digest = up.put_blob("app", &crate::support::noise(1 << 20, 300 + i));
+        let url = d.url(&format!("/v2/app/blobs/{digest}?ns=reg.test"));
+        let (status, _) = stream_on(&http_client(), &url, None, None).await;
+        assert_eq!(status, StatusCode::OK);
+        let path = d.blob_path(&digest);
+        wait_until("stored", Duration::from_secs(10), || path.exists()).await;
+        kept.push(digest);
+    }
+    (d, kept)
+}
+
+/// What an upstream claims never evicts committed blobs: a size over
+/// `max_blob_size`, or one that would need eviction, fails that fetch
+/// (a quick 503); a body without a length is held to the same limits as
+/// it arrives. Nothing stored goes, nothing is left in tmp/.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_an_upstream_claims_never_evicts_committed_blobs() {
+    let up = Fake::start(Behaviour {
+        chunk_delay: Some(Duration::from_millis(200)),
+        ..Behaviour::default()
+    })
+    .await;
+    let (d, kept) = small_cache(&up, 8 << 20).await;
+    let fake = |n: u8| format!("sha256:{}", format!("{n:02x}").repeat(32));
+    // Claims: 1 GiB (over max_blob_size), then 6 MiB (under it, but the
+    // cache would have to evict: 6 + 6 > 10).
+    up.put_repeated_blob("app", &fake(1), Bytes::from(vec![1u8; 1 << 20]), 1024);
+    up.put_repeated_blob("app", &fake(2), Bytes::from(vec![2u8; 1 << 20]), 6);
+    for n in [1, 2] {
+        let r = get(&d.url(&format!("/v2/app/blobs/{}?ns=reg.test", fake(n)))).await;
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "claim {n}");
+    }
+    // A body without a length, endless.
+    up.set(|b| {
+        b.no_length = true;
+        b.chunk_delay = None;
+    });
+    up.put_repeated_blob("app", &fake(3), Bytes::from(vec![3u8; 1 << 20]), 1 << 20);
+    let (_, body) = stream_on(
+        &http_client(),
+        &d.url(&format!("/v2/app/blobs/{}?ns=reg.test", fake(3))),
+        None,
+        None,
+    )
+    .await;
+    assert!(body.is_err(), "an endless body came to an end");
+    let cache = d.cache_dir.clone();
+    wait_until(
+        "the cut download's file gone",
+        Duration::from_secs(10),
+        || crate::support::temp_files(&cache) == 0,
+    )
+    .await;
+    // The collector ran (each refusal asks for it): nothing committed went.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for digest in &kept {
+        assert!(d.blob_path(digest).exists(), "{digest} was evicted");
+    }
+    d.stop().await;
+}
+
+/// Manifests and tags count against `max_size` and are evicted least
+/// recently used, like blobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifests_and_tags_are_counted_and_evicted() {
+    let up = Fake::start(Behaviour::default()).await;
+    let d = crate::support::Daemon::builder()
+        .hosts("reg.test", hosts_toml(&[], Some(&up.url())))
+        .start()
+        .await;
+    let accept = [("accept", crate::support::image::OCI_MANIFEST)];
+    for i in 0..100 {
+        let pad = format!("{i}-{}", "x".repeat(20_000));
+        let body = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{}","size":1}},"layers":[],"annotations":{{"pad":"{pad}"}}}}"#,
+            crate::support::image::OCI_MANIFEST,
+            "0".repeat(64),
+        );
+        up.put_manifest(
+            "app",
+            Some(&format!("t{i}")),
+            crate::support::image::OCI_MANIFEST,
+            body.as_bytes(),
+        );
+        let r = crate::support::request(
+            http::Method::GET,
+            &d.url(&format!("/v2/app/manifests/t{i}?ns=reg.test")),
+            &accept,
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    let store = nodemirror::cache::Store::open_beside(&d.cache_dir)
+        .unwrap()
+        .0;
+    let before = store.stats().unwrap();
+    assert_eq!((before.manifests, before.tags), (100, 100));
+    assert!(before.stored_bytes() > 3 << 19, "{before:?}");
+    let r = crate::support::request(
+        http::Method::POST,
+        &d.url("/cache/gc?max_size=1048576"),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let after = store.stats().unwrap();
+    assert!(after.stored_bytes() <= 1 << 20, "{after:?}");
+    assert!(after.manifests < 100 && after.tags < 100, "{after:?}");
+    d.stop().await;
+}

@@ -580,13 +580,15 @@ async fn prefetch_then_cache_stats_gc_and_verify() {
 
     let gc = run(&["cache", "gc", "--max-size", "0", "--min-free", "0"]);
     assert!(gc.status.success());
+    // Blobs, manifests and tags all go with a limit of 0.
     assert!(
-        String::from_utf8_lossy(&gc.stdout).contains("evicted 1 of 1 blobs"),
+        String::from_utf8_lossy(&gc.stdout).contains("1 of 1 blobs"),
         "{}",
         String::from_utf8_lossy(&gc.stdout)
     );
     let text = String::from_utf8_lossy(&run(&["cache", "stats"]).stdout).to_string();
     assert!(text.contains("blobs:           0 (0 bytes)"), "{text}");
+    assert!(text.contains("manifests:       0 (0 bytes)"), "{text}");
 }
 
 /// A client that follows a blob still being fetched gets it with sendfile

@@ -289,6 +289,7 @@ pub fn test_cache() -> CacheSettings {
         tag_ttl: Duration::from_secs(3600),
         gc_interval: Duration::from_secs(3600),
         verify_rate: 0,
+        max_blob_size: 64 << 30,
     }
 }
 

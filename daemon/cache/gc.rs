@@ -21,6 +21,15 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// What downloads' reservations are held to under these limits.
+    pub fn budget(&self, max_blob_size: u64) -> super::room::Budget {
+        super::room::Budget {
+            max_size: self.max_size,
+            min_free: self.min_free,
+            max_blob_size,
+        }
+    }
+
     /// The limits `settings` describe, a percentage floor taken of the
     /// filesystem holding `root`.
     pub fn from_settings(
@@ -48,26 +57,46 @@ pub struct Stats {
     pub blobs: u64,
     pub blob_bytes: u64,
     pub manifests: u64,
+    pub manifest_bytes: u64,
     pub tags: u64,
+    pub tag_bytes: u64,
     pub temp_files: u64,
     pub free_bytes: u64,
+}
+
+impl Stats {
+    /// What counts against `max_size`: blobs, manifests and tags.
+    pub fn stored_bytes(&self) -> u64 {
+        self.blob_bytes + self.manifest_bytes + self.tag_bytes
+    }
 }
 
 /// What a collection did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Report {
-    pub blobs_before: u64,
+    /// Files (blobs, manifests, tags) and their bytes before.
+    pub files_before: u64,
     pub bytes_before: u64,
+    pub blobs_before: u64,
+    /// Files evicted, of them blobs, and their bytes.
     pub evicted: u64,
+    pub evicted_blobs: u64,
     pub evicted_bytes: u64,
     /// Blobs that would have been evicted but were in use.
     pub skipped_in_use: u64,
     pub bytes_after: u64,
 }
 
+/// What a cached file is.
+enum Kind {
+    Blob(Digest),
+    Manifest(Digest),
+    Tag,
+}
+
 struct Entry {
     path: PathBuf,
-    digest: Digest,
+    kind: Kind,
     size: u64,
     accessed: SystemTime,
 }
@@ -97,21 +126,34 @@ fn sharded_files(dir: &Path) -> io::Result<Vec<(PathBuf, Digest)>> {
     Ok(out)
 }
 
-fn count_files(dir: &Path) -> u64 {
+/// Every file under `dir`, at any depth.
+fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
     let Ok(entries) = fs::read_dir(dir) else {
-        return 0;
+        return;
     };
-    entries
-        .filter_map(|e| e.ok())
-        .map(|e| {
-            let p = e.path();
-            if p.is_dir() {
-                count_files(&p)
-            } else {
-                1
-            }
-        })
-        .sum()
+    for e in entries.filter_map(|e| e.ok()) {
+        let p = e.path();
+        match e.file_type() {
+            Ok(t) if t.is_dir() => files_under(&p, out),
+            Ok(_) => out.push(p),
+            Err(_) => {}
+        }
+    }
+}
+
+fn count_files(dir: &Path) -> u64 {
+    let mut files = Vec::new();
+    files_under(dir, &mut files);
+    files.len() as u64
+}
+
+fn bytes_of(paths: impl Iterator<Item = PathBuf>) -> (u64, u64) {
+    paths.fold((0, 0), |(n, bytes), p| {
+        (
+            n + 1,
+            bytes + fs::metadata(&p).map(|m| m.len()).unwrap_or(0),
+        )
+    })
 }
 
 /// Bytes available to unprivileged users on the cache's filesystem.
@@ -120,70 +162,120 @@ pub fn free_bytes(path: &Path) -> io::Result<u64> {
     Ok((s.blocks_available() as u64).saturating_mul(s.fragment_size() as u64))
 }
 
+/// The share of the cache's room the collector keeps free for new
+/// downloads (a tenth): reservations are never granted by evicting.
+const HEADROOM: u64 = 10;
+
 impl Store {
     pub fn stats(&self) -> io::Result<Stats> {
-        let blobs = sharded_files(&self.root.join("blobs"))?;
-        let mut blob_bytes = 0;
-        for (p, _) in &blobs {
-            blob_bytes += fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-        }
+        let (blobs, blob_bytes) = bytes_of(
+            sharded_files(&self.root.join("blobs"))?
+                .into_iter()
+                .map(|(p, _)| p),
+        );
+        let (manifests, manifest_bytes) = bytes_of(
+            sharded_files(&self.root.join("manifests"))?
+                .into_iter()
+                .map(|(p, _)| p),
+        );
+        let mut tags = Vec::new();
+        files_under(&self.root.join("tags"), &mut tags);
+        let (tags, tag_bytes) = bytes_of(tags.into_iter());
         Ok(Stats {
-            blobs: blobs.len() as u64,
+            blobs,
             blob_bytes,
-            manifests: sharded_files(&self.root.join("manifests"))?.len() as u64,
-            tags: count_files(&self.root.join("tags")),
+            manifests,
+            manifest_bytes,
+            tags,
+            tag_bytes,
             temp_files: count_files(&self.root.join("tmp")),
             free_bytes: free_bytes(&self.root)?,
         })
     }
 
-    /// Evicts least-recently-used blobs until both limits hold, never one
-    /// that is in use.
-    pub fn collect(&self, limits: Limits) -> io::Result<Report> {
-        let mut entries = Vec::new();
-        for (path, digest) in sharded_files(&self.root.join("blobs"))? {
-            // A blob may vanish under a concurrent `nodemirror cache gc`.
-            let Ok(meta) = fs::metadata(&path) else {
-                continue;
-            };
-            entries.push(Entry {
-                path,
-                digest,
-                size: meta.len(),
-                accessed: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-            });
+    /// Every blob, manifest and tag file with its size and last access.
+    fn entries(&self) -> io::Result<Vec<Entry>> {
+        let mut files: Vec<(PathBuf, Kind)> = Vec::new();
+        for (p, d) in sharded_files(&self.root.join("blobs"))? {
+            files.push((p, Kind::Blob(d)));
         }
+        for (p, d) in sharded_files(&self.root.join("manifests"))? {
+            files.push((p, Kind::Manifest(d)));
+        }
+        let mut tags = Vec::new();
+        files_under(&self.root.join("tags"), &mut tags);
+        files.extend(tags.into_iter().map(|p| (p, Kind::Tag)));
+        Ok(files
+            .into_iter()
+            // A file may vanish under a concurrent collection.
+            .filter_map(|(path, kind)| {
+                let meta = fs::metadata(&path).ok()?;
+                Some(Entry {
+                    path,
+                    kind,
+                    size: meta.len(),
+                    accessed: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                })
+            })
+            .collect())
+    }
+
+    /// Evicts the least recently used blobs, manifests and tags until what
+    /// is stored leaves a tenth of the cache's room free: the room is
+    /// `max_size`, or what the filesystem has beyond `min_free` (bytes
+    /// reserved by downloads under way count as free: they never cause an
+    /// eviction), whichever is smaller. A blob in use is never evicted.
+    pub fn collect(&self, limits: Limits) -> io::Result<Report> {
+        let stored_then = self.stored_bytes();
+        let mut entries = self.entries()?;
         entries.sort_by_key(|e| e.accessed);
         let mut report = Report {
-            blobs_before: entries.len() as u64,
+            files_before: entries.len() as u64,
             bytes_before: entries.iter().map(|e| e.size).sum(),
+            blobs_before: entries
+                .iter()
+                .filter(|e| matches!(e.kind, Kind::Blob(_)))
+                .count() as u64,
             ..Default::default()
         };
         let mut size = report.bytes_before;
-        let mut free = free_bytes(&self.root)?;
+        let free = free_bytes(&self.root)?.saturating_add(self.reserved_bytes());
+        let on_disk = size.saturating_add(free).saturating_sub(limits.min_free);
+        let room = limits.max_size.map_or(on_disk, |m| m.min(on_disk));
+        let target = room - room / HEADROOM;
         for e in entries {
-            let over = limits.max_size.is_some_and(|m| size > m) || free < limits.min_free;
-            if !over {
+            if size <= target {
                 break;
             }
-            if self.in_use(&e.digest) {
-                report.skipped_in_use += 1;
-                continue;
+            if let Kind::Blob(d) = &e.kind {
+                if self.in_use(d) {
+                    report.skipped_in_use += 1;
+                    continue;
+                }
             }
             match fs::remove_file(&e.path) {
                 Ok(()) => {
-                    self.content_gone(&e.digest);
                     size -= e.size;
-                    free += e.size;
                     report.evicted += 1;
                     report.evicted_bytes += e.size;
-                    tracing::debug!(digest = %e.digest, bytes = e.size, "evicted blob");
+                    match &e.kind {
+                        Kind::Blob(d) => {
+                            report.evicted_blobs += 1;
+                            self.content_gone(d);
+                            tracing::debug!(digest = %d, bytes = e.size, "evicted blob");
+                        }
+                        Kind::Manifest(d) => self.content_gone(d),
+                        Kind::Tag => {}
+                    }
                 }
                 Err(err) if err.kind() == io::ErrorKind::NotFound => size -= e.size,
                 Err(err) => return Err(err),
             }
         }
         report.bytes_after = size;
+        // What came in while the scan ran still counts.
+        let since = self.stored_bytes().saturating_sub(stored_then);
+        self.set_stored(size.saturating_add(since));
         Ok(report)
     }
 
@@ -261,15 +353,18 @@ mod tests {
         };
         let r = store.collect(limits).unwrap();
         assert_eq!((r.blobs_before, r.bytes_before), (4, 4000));
-        assert_eq!((r.evicted, r.skipped_in_use, r.bytes_after), (2, 1, 2000));
+        // Down to 1800 (a tenth of the room kept free): three go, the
+        // oldest is in use and stays.
+        assert_eq!((r.evicted, r.skipped_in_use, r.bytes_after), (3, 1, 1000));
         assert!(store.blob_path(&oldest).exists(), "in use: kept");
         assert!(!store.blob_path(&old).exists());
         assert!(!store.blob_path(&newer).exists());
-        assert!(store.blob_path(&newest).exists());
+        assert!(!store.blob_path(&newest).exists());
+        assert_eq!(store.stored_bytes(), 1000);
         drop(held);
         let r = store.collect(limits).unwrap();
         assert_eq!(r.evicted, 0, "within limits now");
-        assert_eq!(store.stats().unwrap().blobs, 2);
+        assert_eq!(store.stats().unwrap().blobs, 1);
     }
 
     #[test]
@@ -285,6 +380,46 @@ mod tests {
             })
             .unwrap();
         assert_eq!(r.evicted, 2);
+    }
+
+    #[test]
+    fn manifests_and_tags_count_and_go_least_recently_used_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let blob = put(&store, &[9; 1000], 10);
+        let body = br#"{"schemaVersion":2,"pad":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#;
+        let m = Digest::of(body);
+        store.put_manifest(&m, "application/x-test", body).unwrap();
+        let ns: crate::reference::Namespace = "r.test".parse().unwrap();
+        let repo: crate::reference::Repository = "a".parse().unwrap();
+        store
+            .put_tag(&ns, &repo, "v1", crate::oci::accept::Class::ALL, &m)
+            .unwrap();
+        let stats = store.stats().unwrap();
+        assert_eq!((stats.manifests, stats.tags), (1, 1));
+        assert!(stats.stored_bytes() > 1000);
+        // The blob is the oldest: it goes first; then room for the rest.
+        let r = store
+            .collect(Limits {
+                max_size: Some(stats.stored_bytes() - 1),
+                min_free: 0,
+            })
+            .unwrap();
+        assert_eq!((r.evicted, r.evicted_blobs), (1, 1));
+        assert!(!store.blob_path(&blob).exists());
+        // Nothing left once the limit is tiny: manifests and tags go too.
+        let r = store
+            .collect(Limits {
+                max_size: Some(1),
+                min_free: 0,
+            })
+            .unwrap();
+        assert_eq!(r.evicted, 2);
+        let after = store.stats().unwrap();
+        assert_eq!(
+            (after.manifests, after.tags, after.stored_bytes()),
+            (0, 0, 0)
+        );
     }
 
     #[test]

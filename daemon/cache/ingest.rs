@@ -26,6 +26,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use super::room::{NoRoom, Reservation};
 use super::Store;
 use crate::oci::ServeError;
 use crate::reference::{Digest, Namespace};
@@ -78,6 +79,15 @@ impl Progress {
     }
 }
 
+/// Why an ingest could not begin.
+#[derive(Debug, thiserror::Error)]
+pub enum ReserveError {
+    #[error(transparent)]
+    NoRoom(#[from] NoRoom),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
 /// Why an ingest did not verify.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -101,6 +111,8 @@ pub struct Ingest {
     tmp: PathBuf,
     progress: watch::Sender<Progress>,
     committed: bool,
+    /// The room reserved for the blob (shared with its writes).
+    reservation: Option<Arc<Mutex<Reservation>>>,
 }
 
 /// Written batches kept in memory for the hash, per ingest.
@@ -135,6 +147,7 @@ impl Ingest {
             tmp,
             progress,
             committed: false,
+            reservation: None,
         })
     }
 
@@ -150,17 +163,30 @@ impl Ingest {
         self.progress.subscribe()
     }
 
-    /// The source is found and `total` bytes (when known) will come: one
-    /// extent is allocated up front, so a full disk fails here, early.
-    pub fn reserve(&mut self, total: Option<u64>) -> Result<(), String> {
-        if let (Some(t), Some(file)) = (total.filter(|&t| t > 0), &self.file) {
-            let len = i64::try_from(t).unwrap_or(i64::MAX);
-            if let Err(e) = nix::fcntl::posix_fallocate(file, 0, len) {
-                if e != nix::errno::Errno::EOPNOTSUPP && e != nix::errno::Errno::EINVAL {
-                    return Err(format!("reserving {t} bytes in the cache: {e}"));
+    /// The source is found and `total` bytes (when known) will come: they
+    /// are reserved ([`super::room`]: without evicting anything; a body of
+    /// unknown size reserves as it arrives) and one extent is allocated up
+    /// front, so a full disk fails here, early.
+    pub async fn reserve(&mut self, total: Option<u64>) -> Result<(), ReserveError> {
+        let store = self.store.clone();
+        let file = self.file.as_ref().map(File::try_clone).transpose()?;
+        let reservation = super::pool::run(move || -> Result<Reservation, ReserveError> {
+            let reservation = store.reserve(total.unwrap_or(0))?;
+            if let (Some(t), Some(file)) = (total.filter(|&t| t > 0), file) {
+                let len = i64::try_from(t).unwrap_or(i64::MAX);
+                if let Err(e) = nix::fcntl::posix_fallocate(&file, 0, len) {
+                    if e != nix::errno::Errno::EOPNOTSUPP && e != nix::errno::Errno::EINVAL {
+                        return Err(io::Error::other(format!(
+                            "allocating {t} bytes in the cache: {e}"
+                        ))
+                        .into());
+                    }
                 }
             }
-        }
+            Ok(reservation)
+        })
+        .await??;
+        self.reservation = Some(Arc::new(Mutex::new(reservation)));
         self.progress.send_modify(|p| {
             p.phase = Phase::Streaming;
             p.total = total;
@@ -183,12 +209,17 @@ impl Ingest {
             shared.clone(),
             self.progress.subscribe(),
         ));
+        let reservation = self
+            .reservation
+            .clone()
+            .ok_or_else(|| io::Error::other("ingest written before its room was reserved"))?;
         Ok(Parts {
             file,
             total,
             shared,
             progress: self.progress.clone(),
             hasher,
+            reservation,
         })
     }
 
@@ -249,13 +280,21 @@ impl Ingest {
         let store = self.store.clone();
         let (tmp, d, origin) = (self.tmp.clone(), self.digest.clone(), origin.clone());
         let len = self.progress.borrow().written;
+        let reservation = self.reservation.take();
         super::pool::run(move || {
             store.note(&d, Some(&origin), Some(len))?;
             if store.blob_path(&d).exists() {
                 return std::fs::remove_file(&tmp);
             }
             file.sync_all()?;
-            store.commit_blob(&tmp, &d)
+            store.commit_blob(&tmp, &d)?;
+            // The reserved room is the stored blob now.
+            if let Some(r) = reservation.and_then(|r| Arc::try_unwrap(r).ok()) {
+                r.into_inner().commit(len);
+            } else {
+                store.stored_changed(len, 0);
+            }
+            Ok(())
         })
         .await??;
         self.committed = true;
@@ -290,6 +329,8 @@ pub struct Parts {
     shared: Arc<Mutex<Shared>>,
     progress: watch::Sender<Progress>,
     hasher: JoinHandle<io::Result<Digest>>,
+    /// Grown as bytes of a blob of unknown size arrive.
+    reservation: Arc<Mutex<Reservation>>,
 }
 
 /// What the writes and the hash share.
@@ -338,12 +379,19 @@ impl Parts {
     ) -> impl std::future::Future<Output = io::Result<()>> + Send {
         let (file, shared) = (self.file.clone(), self.shared.clone());
         let (progress, total) = (self.progress.clone(), self.total);
+        let reservation = self.reservation.clone();
         let job = super::pool::run(move || -> io::Result<()> {
             let len: usize = chunks.iter().map(Bytes::len).sum();
             let end = offset + len as u64;
             if total.is_some_and(|t| end > t) {
                 return Err(io::Error::other("part ends past the blob"));
             }
+            // A body of unknown size is held to the same limits as it
+            // arrives.
+            reservation
+                .lock()
+                .grow(end)
+                .map_err(|e| io::Error::new(io::ErrorKind::StorageFull, e.to_string()))?;
             write_all_at(&file, &chunks, offset)?;
             let prefix = {
                 let mut s = shared.lock();
@@ -554,7 +602,7 @@ mod tests {
         let blob: Vec<u8> = (0..40u32 << 20).map(|i| (i % 251) as u8).collect();
         let mut ingest = Ingest::start(&store, &Digest::of(&blob)).unwrap();
         let total = blob.len() as u64;
-        ingest.reserve(Some(total)).unwrap();
+        ingest.reserve(Some(total)).await.unwrap();
         let parts = ingest.parts(Some(total)).unwrap();
         for &i in order {
             let at = (i << 20) as u64;

@@ -32,10 +32,10 @@ use super::access;
 use super::limit::Limits;
 use super::pace::{Ctx, Unranged};
 use super::transfer;
-use crate::cache::ingest::{Ingest, IngestError, Phase, Progress};
+use crate::cache::ingest::{Ingest, IngestError, Phase, Progress, ReserveError};
 use crate::cache::Store;
 use crate::cluster::{Cluster, PeerRole};
-use crate::oci::{content_length, Content};
+use crate::oci::{content_length, Content, ServeError};
 use crate::reference::{Digest, Namespace, Repository};
 use crate::snapshot::Snapshot;
 use crate::upstream::{self, AttemptError, ByteRange, Endpoint, Upstream, UpstreamRequest};
@@ -290,8 +290,17 @@ impl Flights {
         };
         let answered = Instant::now();
         let total = content_length(resp.headers());
-        if let Err(why) = ingest.reserve(total) {
-            return Phase::Failed(why.into());
+        match ingest.reserve(total).await {
+            Ok(()) => {}
+            // No room without evicting: a quick 503 (the client goes to
+            // the registry itself); the collector makes room for the next.
+            Err(ReserveError::NoRoom(e)) => {
+                tracing::warn!(%digest, namespace = %req.namespace, error = %e, "blob not fetched");
+                return Phase::Unavailable(ServeError::Unavailable(format!(
+                    "blob not cached: {e}"
+                )));
+            }
+            Err(e) => return Phase::Failed(e.to_string().into()),
         }
         let readers = || flight.readers();
         let progress = ingest.subscribe();

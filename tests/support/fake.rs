@@ -69,6 +69,8 @@ pub struct Behaviour {
     /// Send each blob answer at most this many bytes per second (a
     /// per-connection cap, as CDNs and object storage have).
     pub rate: Option<u64>,
+    /// Send generated blobs without a length (chunked).
+    pub no_length: bool,
 }
 
 /// A request the fake saw.
@@ -378,8 +380,11 @@ async fn handle(s: &Shared, addr: SocketAddr, req: Request<Incoming>) -> Respons
     };
     let mut r = Response::builder()
         .status(code)
-        .header("content-type", media_type)
-        .header("content-length", end - start);
+        .header("content-type", media_type);
+    let chunked = b.no_length && matches!(content, Content::Repeated { .. });
+    if !chunked {
+        r = r.header("content-length", end - start);
+    }
     if code == StatusCode::PARTIAL_CONTENT {
         r = r.header(
             "content-range",
@@ -444,6 +449,7 @@ async fn handle(s: &Shared, addr: SocketAddr, req: Request<Incoming>) -> Respons
             left: count,
             delay: b.chunk_delay,
             sleep: None,
+            sized: !b.no_length,
         }
         .boxed(),
     };
@@ -553,6 +559,8 @@ struct Repeat {
     left: usize,
     delay: Option<std::time::Duration>,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Tells its length (else it goes out chunked).
+    sized: bool,
 }
 
 impl Body for Repeat {
@@ -574,6 +582,10 @@ impl Body for Repeat {
         Poll::Ready(Some(Ok(Frame::data(self.chunk.clone()))))
     }
     fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact((self.chunk.len() * self.left) as u64)
+        if self.sized {
+            SizeHint::with_exact((self.chunk.len() * self.left) as u64)
+        } else {
+            SizeHint::default()
+        }
     }
 }
