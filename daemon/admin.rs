@@ -131,13 +131,47 @@ pub async fn gc(app: &App, req: Request<Incoming>) -> Response<ResponseBody> {
     }
 }
 
+/// A plain-HTTP request to a daemon (its local listener): the status and
+/// body, within `limit`.
+pub async fn call(
+    method: Method,
+    url: &str,
+    limit: Duration,
+) -> Result<(StatusCode, Bytes), String> {
+    use http_body_util::BodyExt;
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let req = Request::builder()
+        .method(method)
+        .uri(url)
+        .body(http_body_util::Empty::new())
+        .map_err(|e| e.to_string())?;
+    let work = async {
+        let resp = client
+            .request(req)
+            .await
+            .map_err(|e| crate::upstream::error_chain(&e))?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((status, body))
+    };
+    tokio::time::timeout(limit, work)
+        .await
+        .map_err(|_| format!("no answer within {limit:?}"))?
+}
+
 /// Asks the daemon at `base` (`http://ADDR`) to collect: its report.
 pub async fn request_gc(
     base: &str,
     max_size: Option<u64>,
     min_free: Option<u64>,
 ) -> Result<Report, String> {
-    use http_body_util::BodyExt;
     let mut query = url::form_urlencoded::Serializer::new(String::new());
     if let Some(m) = max_size {
         query.append_pair("max_size", &m.to_string());
@@ -146,23 +180,9 @@ pub async fn request_gc(
         query.append_pair("min_free", &m.to_string());
     }
     let url = format!("{}/cache/gc?{}", base.trim_end_matches('/'), query.finish());
-    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http();
-    let req = Request::post(url.as_str())
-        .body(http_body_util::Empty::new())
-        .map_err(|e| e.to_string())?;
-    let resp = tokio::time::timeout(Duration::from_secs(600), client.request(req))
+    let (status, body) = call(Method::POST, &url, Duration::from_secs(600))
         .await
-        .map_err(|_| format!("{url}: no answer within 10 minutes"))?
-        .map_err(|e| format!("{url}: {}", crate::upstream::error_chain(&e)))?;
-    let status = resp.status();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
+        .map_err(|e| format!("{url}: {e}"))?;
     let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| format!("{url}: {e}"))?;
     if status != StatusCode::OK {
         return Err(format!(

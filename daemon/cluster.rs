@@ -452,23 +452,9 @@ fn load_tls(s: &ClusterSettings) -> Result<Tls, String> {
 
 /// GETs `url` (the daemon's `/cluster/status`): its status and body.
 pub async fn fetch_status(url: &str) -> Result<(u16, String), String> {
-    use http_body_util::BodyExt;
-    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http();
-    let uri: http::Uri = url.parse().map_err(|e| format!("{e}"))?;
-    let resp = tokio::time::timeout(Duration::from_secs(10), client.get(uri))
-        .await
-        .map_err(|_| "no answer within 10s".to_string())?
-        .map_err(|e| crate::upstream::error_chain(&e))?;
-    let status = resp.status().as_u16();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    let (status, body) =
+        crate::admin::call(http::Method::GET, url, Duration::from_secs(10)).await?;
+    Ok((status.as_u16(), String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// `/cluster/status` as a table for people.

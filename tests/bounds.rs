@@ -388,12 +388,8 @@ async fn a_damaged_cache_file_is_never_served() {
 /// good pull works again within 10 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetch_slots_come_back_when_the_callers_leave() {
-    let trickle = Fake::start(Behaviour {
-        // 64 KiB/s: well above min_rate (16 KiB/s) in every window.
-        rate: Some(64 << 10),
-        ..Behaviour::default()
-    })
-    .await;
+    // 64 KiB/s: well above min_rate (16 KiB/s) in every window.
+    let trickle = Fake::trickling(64 << 10).await;
     let good = Fake::start(Behaviour::default()).await;
     let fine = good.put_blob("app", &crate::support::noise(100_000, 95));
     let mut b =
@@ -451,11 +447,7 @@ async fn fetch_slots_come_back_when_the_callers_leave() {
 /// than one would, and a configured registry keeps its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registries_without_a_folder_share_one_cap() {
-    let trickle = Fake::start(Behaviour {
-        rate: Some(20 << 10),
-        ..Behaviour::default()
-    })
-    .await;
+    let trickle = Fake::trickling(20 << 10).await;
     let good = Fake::start(Behaviour::default()).await;
     let fine = good.put_blob("app", &crate::support::noise(100_000, 96));
     let d = crate::support::Daemon::builder()
@@ -622,5 +614,90 @@ async fn manifests_and_tags_are_counted_and_evicted() {
     let after = store.stats().unwrap();
     assert!(after.stored_bytes() <= 1 << 20, "{after:?}");
     assert!(after.manifests < 100 && after.tags < 100, "{after:?}");
+    d.stop().await;
+}
+
+/// A 128 MiB tmpfs cache (`min_free` 10%): a claimed 100 MiB body that
+/// would leave less than the floor is refused without touching the 20 MiB
+/// of blobs already there (the collector runs every second meanwhile),
+/// and an endless body without a length stops at the floor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_filesystem_is_never_filled() {
+    if !require(&["mount", "umount"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=128m", "tmpfs"])
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mounting a tmpfs (as root) failed");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(dir.path().to_path_buf());
+    let up = Fake::start(Behaviour {
+        chunk_delay: Some(Duration::from_millis(300)),
+        ..Behaviour::default()
+    })
+    .await;
+    let d = crate::support::Daemon::builder()
+        .hosts("reg.test", hosts_toml(&[], Some(&up.url())))
+        .cache_dir(&dir.path().join("cache"))
+        .cache(nodemirror::config::CacheSettings {
+            min_free: nodemirror::config::MinFree::Percent(10),
+            gc_interval: Duration::from_secs(1),
+            ..crate::support::test_cache()
+        })
+        .start()
+        .await;
+    let mut kept = Vec::new();
+    for i in 0..5 {
+        let digest = up.put_blob("app", &crate::support::noise(4 << 20, 400 + i));
+        let url = d.url(&format!("/v2/app/blobs/{digest}?ns=reg.test"));
+        let (status, _) = stream_on(&http_client(), &url, None, None).await;
+        assert_eq!(status, StatusCode::OK);
+        let path = d.blob_path(&digest);
+        wait_until("stored", Duration::from_secs(10), || path.exists()).await;
+        kept.push(digest);
+    }
+    let claim = format!("sha256:{}", "ab".repeat(32));
+    up.put_repeated_blob("app", &claim, Bytes::from(vec![1u8; 1 << 20]), 100);
+    let r = get(&d.url(&format!("/v2/app/blobs/{claim}?ns=reg.test"))).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    // An endless body without a length.
+    up.set(|b| {
+        b.no_length = true;
+        b.chunk_delay = None;
+    });
+    let endless = format!("sha256:{}", "cd".repeat(32));
+    up.put_repeated_blob("app", &endless, Bytes::from(vec![2u8; 1 << 20]), 1 << 20);
+    let (_, body) = stream_on(
+        &http_client(),
+        &d.url(&format!("/v2/app/blobs/{endless}?ns=reg.test")),
+        None,
+        None,
+    )
+    .await;
+    assert!(body.is_err());
+    let cache = d.cache_dir.clone();
+    wait_until(
+        "the cut download's file gone",
+        Duration::from_secs(10),
+        || crate::support::temp_files(&cache) == 0,
+    )
+    .await;
+    // Several collections later, nothing committed went, and the floor
+    // was never crossed for long.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for digest in &kept {
+        assert!(d.blob_path(digest).exists(), "{digest} was evicted");
+    }
+    let free = nodemirror::cache::gc::free_bytes(dir.path()).unwrap();
+    assert!(free >= 12 << 20, "{free} bytes free");
     d.stop().await;
 }

@@ -317,8 +317,33 @@ async fn the_peer_port_wants_a_members_certificate() {
     }
 }
 
+/// A node at 127.0.<net>.1 whose members are the A records of a name
+/// that `dns` answers (as set before), with `hosts`.
+pub async fn dns_node(
+    pki: &Pki,
+    dns: &Dns,
+    net: u8,
+    hosts: &[(&str, String)],
+) -> (Daemon, SocketAddr) {
+    let port = port_on(Ipv4Addr::new(127, 0, net, 1)).port();
+    let me = SocketAddr::from(([127, 0, net, 1], port));
+    let (cert, key) = pki.node(&format!("dns-node-{net}"), me.ip());
+    let mut b = Daemon::builder().cluster(ClusterSettings {
+        peers: Vec::new(),
+        peers_dns: Some(("peers.cluster.test".into(), port)),
+        dns_server: Some(dns.addr),
+        cert,
+        key,
+        ..settings(pki, "unused", me, &[])
+    });
+    for (ns, text) in hosts {
+        b = b.hosts(ns, text.clone());
+    }
+    (b.start().await, me)
+}
+
 /// The members a node's `/cluster/status` lists, sorted.
-async fn members_at(status_url: &str) -> Vec<String> {
+pub async fn members_at(status_url: &str) -> Vec<String> {
     let v: serde_json::Value = serde_json::from_slice(get(status_url).await.bytes()).unwrap();
     let mut m: Vec<String> = v["members"]
         .as_array()
@@ -336,22 +361,10 @@ async fn members_at(status_url: &str) -> Vec<String> {
 async fn members_follow_the_dns_name() {
     let dns = Dns::start().await;
     let pki = Pki::new();
-    let port = port_on(Ipv4Addr::new(127, 0, 66, 1)).port();
-    let me = SocketAddr::from(([127, 0, 66, 1], port));
-    let (cert, key) = pki.node("dns-node", me.ip());
     let ip = |i| Ipv4Addr::new(127, 0, 66, i);
     dns.set(&[ip(1), ip(2)]);
-    let node = Daemon::builder()
-        .cluster(ClusterSettings {
-            peers: Vec::new(),
-            peers_dns: Some(("peers.cluster.test".into(), port)),
-            dns_server: Some(dns.addr),
-            cert,
-            key,
-            ..settings(&pki, "unused", me, &[])
-        })
-        .start()
-        .await;
+    let (node, me) = dns_node(&pki, &dns, 66, &[]).await;
+    let port = me.port();
     let url = node.url("/cluster/status");
     let members = || members_at(&url);
     let want = |ips: &[u8]| -> Vec<String> {

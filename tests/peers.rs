@@ -9,14 +9,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
-use nodemirror::config::cluster::ClusterSettings;
 
-use crate::cluster::{cluster, mtls_client, mtls_config, peer_get, port_on, settings, url, Pki};
+use crate::cluster::{
+    cluster, dns_node, members_at, mtls_client, mtls_config, peer_get, port_on, settings, url, Pki,
+};
 use crate::proxy::hosts_toml;
 use crate::support::fake::{Behaviour, Fake};
 use crate::support::image::Image;
 use crate::support::real::require;
-use crate::support::{curl_as, get, http_client, noise, stream_on, wait_until, Daemon, Dns};
+use crate::support::{curl_as, http_client, noise, stream_on, wait_until, Daemon, Dns};
 
 /// `n` nodes on 127.0.<net>.1 …, each with `hosts` and `auth`.
 async fn nodes_with_auth(
@@ -123,11 +124,7 @@ async fn private_content_goes_to_no_peer_whatever_namespace_it_names() {
 /// under another namespace, starts that namespace's own fetch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trickling_namespace_captures_no_pull_across_the_cluster() {
-    let hostile = Fake::start(Behaviour {
-        rate: Some(40 << 10),
-        ..Behaviour::default()
-    })
-    .await;
+    let hostile = Fake::trickling(40 << 10).await;
     let good = Fake::start(Behaviour::default()).await;
     let blob = noise(2 << 20, 82);
     let digest = hostile.put_blob("app", &blob);
@@ -178,28 +175,12 @@ async fn a_removed_member_loses_its_open_connection_at_once() {
     let digest = up.put_blob("app", &noise(100_000, 83));
     let dns = Dns::start().await;
     let pki = Pki::new();
-    let port = port_on(Ipv4Addr::new(127, 0, 83, 1)).port();
-    let me = SocketAddr::from(([127, 0, 83, 1], port));
-    let (cert, key) = pki.node("node", me.ip());
     let ip = |i| Ipv4Addr::new(127, 0, 83, i);
     dns.set(&[ip(1), ip(2)]);
-    let node = Daemon::builder()
-        .hosts("shared.test", hosts_toml(&[], Some(&up.url())))
-        .cluster(ClusterSettings {
-            peers: Vec::new(),
-            peers_dns: Some(("peers.cluster.test".into(), port)),
-            dns_server: Some(dns.addr),
-            cert,
-            key,
-            ..settings(&pki, "unused", me, &[])
-        })
-        .start()
-        .await;
+    let hosts = [("shared.test", hosts_toml(&[], Some(&up.url())))];
+    let (node, me) = dns_node(&pki, &dns, 83, &hosts).await;
     let status_url = node.url("/cluster/status");
-    let members = || async {
-        let v: serde_json::Value = serde_json::from_slice(get(&status_url).await.bytes()).unwrap();
-        v["members"].as_array().unwrap().len()
-    };
+    let members = || async { members_at(&status_url).await.len() };
     let deadline = Instant::now() + Duration::from_secs(10);
     while members().await != 2 {
         assert!(Instant::now() < deadline, "the second member never came");

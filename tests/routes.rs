@@ -24,11 +24,7 @@ async fn two_routes(hostile: &Fake, good: &Fake) -> Daemon {
 /// A registry that trickles blobs at 40 KiB/s: above `min_rate`, so
 /// nothing cuts it, and a 2 MiB blob takes about 50 s.
 async fn trickling() -> Fake {
-    Fake::start(Behaviour {
-        rate: Some(40 << 10),
-        ..Behaviour::default()
-    })
-    .await
+    Fake::trickling(40 << 10).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

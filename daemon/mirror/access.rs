@@ -68,17 +68,7 @@ impl Mirror {
         } else {
             Content::Manifest
         };
-        let req = UpstreamRequest {
-            method: Method::HEAD,
-            namespace: pull.ns.clone(),
-            tail: tail.to_string(),
-            repository: Some(repository.clone()),
-            query: Vec::new(),
-            needs_resolve: false,
-            accept,
-            range: None,
-            peers: None,
-        };
+        let req = own_head(pull, repository, tail, accept);
         let want = digest.to_string();
         self.upstream
             .first_success(&pull.snap.upstream, &req, |_, resp| {
@@ -112,17 +102,7 @@ impl Mirror {
         tail: &str,
         accept: Option<HeaderValue>,
     ) -> Result<u64, ServeError> {
-        let req = UpstreamRequest {
-            method: Method::HEAD,
-            namespace: pull.ns.clone(),
-            tail: tail.to_string(),
-            repository: Some(repository.clone()),
-            query: Vec::new(),
-            needs_resolve: false,
-            accept,
-            range: None,
-            peers: None,
-        };
+        let req = own_head(pull, repository, tail, accept);
         let (len, _) = self
             .upstream
             .first_success(&pull.snap.upstream, &req, |_, resp| async move {
@@ -132,6 +112,27 @@ impl Mirror {
             .await
             .map_err(|exhausted| exhausted.into_error(Content::Blob))?;
         Ok(len)
+    }
+}
+
+/// A HEAD of `tail` to the request's namespace's own endpoints (never
+/// peers: their word adds no origin).
+fn own_head(
+    pull: &Pull<'_>,
+    repository: &Repository,
+    tail: &str,
+    accept: Option<HeaderValue>,
+) -> UpstreamRequest {
+    UpstreamRequest {
+        method: Method::HEAD,
+        namespace: pull.ns.clone(),
+        tail: tail.to_string(),
+        repository: Some(repository.clone()),
+        query: Vec::new(),
+        needs_resolve: false,
+        accept,
+        range: None,
+        peers: None,
     }
 }
 

@@ -184,6 +184,15 @@ impl Fake {
         format!("http://{}", self.addr)
     }
 
+    /// A registry that sends every blob answer at `rate` bytes a second.
+    pub async fn trickling(rate: u64) -> Fake {
+        Fake::start(Behaviour {
+            rate: Some(rate),
+            ..Behaviour::default()
+        })
+        .await
+    }
+
     pub fn set(&self, f: impl FnOnce(&mut Behaviour)) {
         f(&mut self.shared.behaviour.lock());
     }
