@@ -106,6 +106,7 @@ impl Store {
     /// removes leftovers of its own interrupted ingests.
     pub fn open(root: &Path) -> io::Result<Arc<Store>> {
         let store = Store::layout(root)?;
+        store.check_writable()?;
         let lock = fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -145,6 +146,18 @@ impl Store {
 
     /// The cache's folders, created when missing, and a check that they
     /// can be written.
+    /// Fails when files cannot be written into the cache (checked at
+    /// start, so that it fails now, not at the first download).
+    pub fn check_writable(&self) -> io::Result<()> {
+        let probe = self
+            .root
+            .join("tmp")
+            .join(format!(".probe.{}", std::process::id()));
+        fs::write(&probe, b"")
+            .and_then(|()| fs::remove_file(&probe))
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot write to it: {e}")))
+    }
+
     fn layout(root: &Path) -> io::Result<Store> {
         for sub in [
             "blobs/sha256",
@@ -158,14 +171,6 @@ impl Store {
                 io::Error::new(e.kind(), format!("cannot write to it ({sub}): {e}"))
             })?;
         }
-        // A cache the daemon cannot write to fails now, not at the first
-        // download.
-        let probe = root
-            .join("tmp")
-            .join(format!(".probe.{}", std::process::id()));
-        fs::write(&probe, b"")
-            .and_then(|()| fs::remove_file(&probe))
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot write to it: {e}")))?;
         Ok(Store {
             root: root.to_path_buf(),
             in_use: Mutex::default(),

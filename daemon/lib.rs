@@ -92,10 +92,12 @@ impl StartError {
 pub fn check(settings: &Settings) -> Result<(), StartError> {
     let upstream = Arc::new(Upstream::new());
     Snapshot::build(&upstream, settings.clone(), 0)?;
-    Store::open_beside(&settings.cache_dir).map_err(|source| StartError::CacheDir {
-        path: settings.cache_dir.clone(),
-        source,
-    })?;
+    Store::open_beside(&settings.cache_dir)
+        .and_then(|(store, _)| store.check_writable())
+        .map_err(|source| StartError::CacheDir {
+            path: settings.cache_dir.clone(),
+            source,
+        })?;
     if let Some(c) = &settings.cluster {
         cluster::Cluster::start(c, upstream, settings.upstream.clone())
             .map_err(StartError::Cluster)?;

@@ -241,6 +241,20 @@ fn an_unwritable_cache_is_an_error_at_start() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(73), "{err}");
     assert!(err.contains("cannot write to it"), "{err}");
+    // Reading it is another matter: `cache stats` works for that user.
+    let out = Command::new("runuser")
+        .args(["-u", "nobody", "--"])
+        .arg(env!("CARGO_BIN_EXE_nodemirror"))
+        .args(["cache", "stats", "--cache-dir"])
+        .arg(&cache)
+        .env("NODEMIRROR_CONFIG", &cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test]
