@@ -90,6 +90,8 @@ pub struct Metrics {
     pub upstream_errors: Family,
     /// Moves to the next endpoint after a failure, by the endpoint left.
     pub fallbacks: Family,
+    /// Requests with credentials an endpoint refused (401/403), by endpoint.
+    pub credentials_refused: Family,
     /// Bytes fetched from upstreams into the cache.
     pub upstream_bytes: Family,
     /// Blob transfers resumed with Range after a connection broke, by the
@@ -138,6 +140,10 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     fallbacks: Family::new(
         "nodemirror_upstream_fallbacks_total",
         "Fallbacks to the next endpoint, by the endpoint that failed.",
+    ),
+    credentials_refused: Family::new(
+        "nodemirror_upstream_credentials_refused_total",
+        "Requests whose credentials an upstream endpoint refused (401/403), by endpoint.",
     ),
     upstream_bytes: Family::new(
         "nodemirror_upstream_fetched_bytes_total",
@@ -189,6 +195,7 @@ impl Metrics {
             &self.cache,
             &self.upstream_errors,
             &self.fallbacks,
+            &self.credentials_refused,
             &self.upstream_bytes,
             &self.resumes,
             &self.parallel,

@@ -455,6 +455,13 @@ fn manifest_type(
             }
             None => return invalid(format!("manifest served as {h} without a mediaType")),
         },
+        // A registry (or a proxy in front of one) that labels a manifest
+        // with another manifest type: the body's own type decides, as it
+        // does for containerd (the digest is checked either way).
+        (Some(h), Some(d)) if h != d && media::is_manifest(&h) && media::is_manifest(&d) => {
+            tracing::debug!(header = %h, body = %d, "manifest labelled with another type; the body's own type is served");
+            d
+        }
         (Some(h), Some(d)) if h != d => {
             return invalid(format!("Content-Type {h} but the manifest says {d}"))
         }
@@ -464,6 +471,11 @@ fn manifest_type(
     };
     if !media::is_manifest(&media_type) && !accept.names(&media_type) {
         return invalid(format!("{media_type} is not a manifest type"));
+    }
+    if !media::has_manifest_shape(&media_type, &fields) {
+        return invalid(format!(
+            "served as {media_type}, but it is no such manifest"
+        ));
     }
     Ok(media_type)
 }

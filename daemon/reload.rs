@@ -143,22 +143,28 @@ pub fn spawn(app: Arc<App>) -> Reloader {
         dir: settings.hosts_dir.clone(),
         only: None,
     }];
-    // The config file's folder may hold anything (logs, even): react to
-    // the config file and the credentials file only.
-    if let Some(file) = settings.config_file() {
+    // The folders of the config file and of the credentials file may hold
+    // anything (logs, even): react to those two files only, wherever
+    // they are.
+    // With no credentials file yet, the default one is watched: creating
+    // it applies it.
+    let auth = settings
+        .auth_file
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_AUTH_FILE));
+    let files = settings.config_file().into_iter().chain(Some(auth));
+    for file in files {
         let dir = file.parent().map(PathBuf::from).unwrap_or_default();
-        let mut only: Vec<PathBuf> = vec![file.clone()];
-        only.extend(
-            settings
-                .auth_file
-                .iter()
-                .filter(|a| a.parent() == Some(&dir))
-                .cloned(),
-        );
-        targets.push(Target {
-            dir,
-            only: Some(only),
-        });
+        match targets
+            .iter_mut()
+            .find(|t| t.dir == dir && t.only.is_some())
+        {
+            Some(t) => t.only.get_or_insert_with(Vec::new).push(file),
+            None => targets.push(Target {
+                dir,
+                only: Some(vec![file]),
+            }),
+        }
     }
     let watcher = watch(targets).map(|(watcher, mut rx)| {
         tasks.push(tokio::spawn(async move {

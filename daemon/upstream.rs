@@ -108,6 +108,10 @@ pub enum AttemptError {
     NotFound,
     #[error("access denied ({0})")]
     Denied(StatusCode),
+    /// 401 or 403 to a request that carried credentials: the registry
+    /// refused them (wrong, expired, or without access to this content).
+    #[error("the registry refused the credentials ({0})")]
+    CredentialsRefused(StatusCode),
     #[error("answered {0}")]
     Status(StatusCode),
     /// 429: not to be asked again for `retry_after`.
@@ -154,6 +158,7 @@ impl AttemptError {
             AttemptError::Timeout(_) => "timeout",
             AttemptError::NotFound => "not_found",
             AttemptError::Denied(_) => "denied",
+            AttemptError::CredentialsRefused(_) => "credentials_refused",
             AttemptError::Throttled { .. } => "rate_limited",
             AttemptError::Status(s) if s.is_server_error() => "server_error",
             AttemptError::Status(_) => "status",
@@ -173,6 +178,7 @@ impl AttemptError {
             self,
             AttemptError::NotFound
                 | AttemptError::Denied(_)
+                | AttemptError::CredentialsRefused(_)
                 | AttemptError::Throttled { .. }
                 | AttemptError::Refused(_)
                 | AttemptError::Unranged
@@ -222,9 +228,24 @@ impl Exhausted {
             .collect::<Option<Vec<_>>>()
             .filter(|t| !t.is_empty())
             .and_then(|t| t.into_iter().min_by_key(|(wait, _)| *wait));
+        let refused_credentials = self
+            .attempts
+            .iter()
+            .any(|(_, e)| matches!(e, AttemptError::CredentialsRefused(_)));
+        let answers_only = self.attempts.iter().all(|(_, e)| {
+            matches!(
+                e,
+                AttemptError::NotFound
+                    | AttemptError::Denied(_)
+                    | AttemptError::Refused(_)
+                    | AttemptError::CredentialsRefused(_)
+            )
+        });
         let (verdict, upstream_body) = match throttled {
             Some((retry_after, body)) => (Verdict::Throttled { retry_after }, body.clone()),
             None if self.all_refused() => (Verdict::Refused, None),
+            // Refused credentials are no "not found": the client is told.
+            None if refused_credentials && answers_only => (Verdict::CredentialsRefused, None),
             None if self.all_not_found() => (Verdict::NotFound, None),
             None => (Verdict::Failed, None),
         };
@@ -315,11 +336,9 @@ impl Config {
     /// namespace it came through.
     pub fn is_private(&self, ns: &Namespace) -> bool {
         self.routes.sharing(ns).private
-            || self
-                .routes
-                .chain(ns)
-                .iter()
-                .any(|ep| self.credentials.for_url(&ep.base).is_some())
+            || self.routes.chain(ns).iter().any(|ep| {
+                !ep.is_peer() && self.credentials.configured_for(ns, &ep.base, !ep.mirror)
+            })
     }
 
     /// Cluster mode: whether the namespace's content may go to peers: it
@@ -463,6 +482,11 @@ impl Upstream {
                         let wait = self.health.throttle(ep.key(), *retry_after, body.clone());
                         tracing::warn!(endpoint = ep.key(), retry_after = ?wait,
                             "endpoint rate limited us (429); trying the next");
+                    } else if let AttemptError::CredentialsRefused(status) = &e {
+                        m.credentials_refused.inc(&[("endpoint", ep.label())]);
+                        tracing::warn!(registry = %req.namespace, endpoint = ep.key(),
+                            status = status.as_u16(),
+                            "the upstream registry refused the credentials in the credentials file");
                     } else if e.marks_unhealthy() {
                         let wait = self.health.failure(ep.key(), &cfg.settings);
                         tracing::warn!(endpoint = ep.key(), origin = %ep.origin, error = %e,
@@ -502,6 +526,14 @@ impl Upstream {
             repository: req.repository.clone(),
         };
         let mut authorization = self.auth.cached(&auth_key);
+        // Peers are members of the cluster: they get no registry's
+        // credentials.
+        let source = (!ep.is_peer())
+            .then(|| cfg.credentials.source(&req.namespace, &ep.base, !ep.mirror))
+            .flatten();
+        // Whether what is sent carries credentials: a 401 or 403 then means
+        // the registry refused them.
+        let mut with_credentials = authorization.is_some() && source.is_some();
         let mut answered_challenge = false;
         loop {
             let resp = self
@@ -520,11 +552,13 @@ impl Upstream {
                     return Err(AttemptError::Denied(status));
                 };
                 self.auth.forget(&auth_key);
-                let header = self
+                let credential = self.auth.credential(cfg.generation, source.clone()).await?;
+                with_credentials = credential.is_some();
+                let (header, life) = self
                     .auth
                     .answer(
                         auth_key.clone(),
-                        &cfg.credentials,
+                        credential.as_ref(),
                         &ep.base,
                         challenge,
                         TokenService {
@@ -533,7 +567,16 @@ impl Upstream {
                             timeout: cfg.settings.first_byte_timeout,
                         },
                     )
-                    .await?;
+                    .await
+                    .map_err(|e| match e {
+                        auth::AuthError::Refused { status, .. } if with_credentials => {
+                            AttemptError::CredentialsRefused(status)
+                        }
+                        e => e.into(),
+                    })?;
+                if let Some(life) = life {
+                    self.auth.helper_yielded(cfg.generation, &source, life);
+                }
                 authorization = Some(header);
                 answered_challenge = true;
                 continue;
@@ -543,7 +586,12 @@ impl Upstream {
                     .follow_redirects(cfg, ep, req, &url, resp, onward_public)
                     .await;
             }
-            return classify(resp, cfg).await;
+            return match classify(resp, cfg).await {
+                Err(AttemptError::Denied(status)) if with_credentials => {
+                    Err(AttemptError::CredentialsRefused(status))
+                }
+                other => other,
+            };
         }
     }
 

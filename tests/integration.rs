@@ -11,6 +11,7 @@ mod e2e;
 mod hostile;
 mod input;
 mod node;
+mod operators;
 mod packaging;
 mod peers;
 mod private;

@@ -587,7 +587,7 @@ async fn reload_picks_up_new_credentials() {
         hosts.path(),
         &[("reg.test", format!("server = \"{}\"\n", up.url()))],
     );
-    // Outside hosts.d, which is watched: only SIGHUP can pick this up.
+    // A folder of its own (watched too; SIGHUP applies it at once).
     let secrets = tempfile::tempdir().unwrap();
     let auth = secrets.path().join("auth.json");
     let creds = |p: &str| {
@@ -604,8 +604,8 @@ async fn reload_picks_up_new_credentials() {
     );
     assert_eq!(
         get(&url).await.status,
-        StatusCode::NOT_FOUND,
-        "old password refused"
+        StatusCode::FORBIDDEN,
+        "old password refused, and said so"
     );
 
     std::fs::write(&auth, creds("new-secret")).unwrap();

@@ -57,6 +57,8 @@ pub enum Verdict {
     /// No endpoint may be contacted for this registry (admission policy,
     /// non-public address).
     Refused,
+    /// The registry refused the credentials the daemon has for it.
+    CredentialsRefused,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -115,6 +117,10 @@ fn upstream_message(what: Content, verdict: Verdict) -> String {
         Verdict::Throttled { .. } => {
             format!("{what} unavailable: the upstream registry is rate limiting; retry later")
         }
+        Verdict::CredentialsRefused => format!(
+            "{what} unavailable: the upstream registry refused the credentials nodemirror has for it \
+             (see the daemon's log and its credentials file)"
+        ),
         Verdict::Refused => format!(
             "{what} unavailable: this registry may not be contacted (a registry without a hosts.d \
              folder must be allowed and at public addresses)"
@@ -153,7 +159,7 @@ impl ServeError {
                 ..
             } => StatusCode::TOO_MANY_REQUESTS,
             ServeError::Upstream {
-                verdict: Verdict::Refused,
+                verdict: Verdict::Refused | Verdict::CredentialsRefused,
                 ..
             } => StatusCode::FORBIDDEN,
             ServeError::Upstream {
@@ -186,7 +192,7 @@ impl ServeError {
                 ..
             } => "TOOMANYREQUESTS",
             ServeError::Upstream {
-                verdict: Verdict::Refused,
+                verdict: Verdict::Refused | Verdict::CredentialsRefused,
                 ..
             } => "DENIED",
             ServeError::Upstream { .. } | ServeError::Unavailable(_) | ServeError::Busy { .. } => {

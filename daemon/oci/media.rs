@@ -34,6 +34,27 @@ pub fn is_schema1(media_type: &str) -> bool {
     t.eq_ignore_ascii_case(DOCKER_SCHEMA1) || t.eq_ignore_ascii_case(DOCKER_SCHEMA1_SIGNED)
 }
 
+/// Whether a JSON object of a manifest type has what that type has: an
+/// index its `manifests`, an image manifest its `config` and `layers`,
+/// schema 1 its `fsLayers`. A JSON object labelled as a manifest is not
+/// one for all that.
+pub fn has_manifest_shape(
+    media_type: &str,
+    fields: &serde_json::Map<String, serde_json::Value>,
+) -> bool {
+    let t = essence(media_type);
+    let array = |k: &str| fields.get(k).is_some_and(|v| v.is_array());
+    if t == OCI_INDEX || t == DOCKER_LIST {
+        array("manifests")
+    } else if t == OCI_MANIFEST || t == DOCKER_MANIFEST {
+        fields.get("config").is_some_and(|v| v.is_object()) && array("layers")
+    } else if is_schema1(&t) {
+        array("fsLayers")
+    } else {
+        true
+    }
+}
+
 /// The manifest and index types of images today, most capable first.
 pub const MANIFESTS: [&str; 4] = [OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST];
 

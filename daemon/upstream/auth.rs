@@ -3,13 +3,12 @@
 //! file, and a cache of what worked, kept until the token expires
 //! ([`tokens`]).
 
+mod credentials;
 mod tokens;
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, USER_AGENT};
 use http::{HeaderValue, Request, StatusCode};
@@ -18,158 +17,9 @@ use parking_lot::Mutex;
 use url::Url;
 
 use super::client::HttpClient;
+pub use credentials::{Credential, Credentials, Source};
 pub use tokens::TokenKey;
 use tokens::{Cached, TokenCache};
-
-/// A username and password for one registry host.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Credential {
-    pub username: String,
-    pub password: String,
-}
-
-impl std::fmt::Debug for Credential {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Credential({}, <redacted>)", self.username)
-    }
-}
-
-impl Credential {
-    fn basic_header(&self) -> Option<HeaderValue> {
-        let raw = format!("{}:{}", self.username, self.password);
-        let enc = base64::engine::general_purpose::STANDARD.encode(raw);
-        let mut v = HeaderValue::try_from(format!("Basic {enc}")).ok()?;
-        v.set_sensitive(true);
-        Some(v)
-    }
-}
-
-/// Credentials by registry host, from `{"auths": {"host": {"auth": ...}}}`.
-#[derive(Debug, Default)]
-pub struct Credentials(HashMap<String, Credential>);
-
-/// One `auths` entry of a docker config.json.
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DockerAuth {
-    auth: Option<String>,
-    username: Option<String>,
-    password: Option<String>,
-    /// Written by `docker login`; not used here.
-    #[serde(default, rename = "email")]
-    _email: Option<String>,
-    #[serde(default, rename = "identitytoken")]
-    _identity_token: Option<String>,
-}
-
-/// Reduces `https://index.docker.io/v1/`, `registry-1.docker.io` and the
-/// like to the host a credential is for.
-fn host_key(s: &str) -> String {
-    let s = s.split_once("://").map_or(s, |(_, rest)| rest);
-    let host = s.split('/').next().unwrap_or("").to_ascii_lowercase();
-    match host.as_str() {
-        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
-            "docker.io".to_string()
-        }
-        _ => host,
-    }
-}
-
-impl Credentials {
-    /// Errors carry the line (0 when it is about the file as a whole).
-    pub fn load(path: &Path) -> Result<Self, (usize, String)> {
-        let text = crate::config::read_config_file(path).map_err(|e| (0, e))?;
-        Self::parse_at(&text)
-    }
-
-    #[cfg(test)]
-    pub fn parse(text: &str) -> Result<Self, String> {
-        Self::parse_at(text).map_err(|(line, e)| format!("line {line}: {e}"))
-    }
-
-    /// A docker `config.json`: an object whose `auths` (if any) maps
-    /// registries to objects with `auth` (base64 `user:password`) or
-    /// `username` and `password`. Other keys docker writes are ignored.
-    fn parse_at(text: &str) -> Result<Self, (usize, String)> {
-        let value: serde_json::Value = serde_json::from_str(text)
-            .map_err(|e| (e.line(), format!("invalid docker config.json: {e}")))?;
-        let Some(top) = value.as_object() else {
-            return Err((
-                0,
-                "a docker config.json is a JSON object: {\"auths\": {\"registry\": {...}}}".into(),
-            ));
-        };
-        let auths = match top.get("auths") {
-            None => return Ok(Credentials::default()),
-            Some(serde_json::Value::Object(m)) => m,
-            Some(_) => {
-                return Err((
-                    line_of_key(text, "auths"),
-                    "`auths` must be an object of registries".into(),
-                ))
-            }
-        };
-        let mut out = HashMap::new();
-        for (key, entry) in auths {
-            let at = line_of_key(text, key);
-            let a: DockerAuth = serde_json::from_value(entry.clone())
-                .map_err(|e| (at, format!("auths.{key}: {e}")))?;
-            let cred = credential(key, a).map_err(|e| (at, e))?;
-            out.insert(host_key(key), cred);
-        }
-        Ok(Credentials(out))
-    }
-
-    /// The credential for an endpoint URL's host, if any.
-    pub fn for_url(&self, url: &Url) -> Option<&Credential> {
-        let host = match (url.host_str(), url.port()) {
-            (Some(h), Some(p)) => format!("{h}:{p}"),
-            (Some(h), None) => h.to_string(),
-            _ => return None,
-        };
-        self.0.get(&host_key(&host))
-    }
-}
-
-/// The credential of one `auths` entry.
-fn credential(key: &str, a: DockerAuth) -> Result<Credential, String> {
-    match (a.auth, a.username, a.password) {
-        (Some(auth), _, _) if !auth.is_empty() => {
-            let raw = base64::engine::general_purpose::STANDARD
-                .decode(auth.trim())
-                .map_err(|e| format!("auths.{key}.auth is not base64: {e}"))?;
-            let raw =
-                String::from_utf8(raw).map_err(|_| format!("auths.{key}.auth is not UTF-8"))?;
-            let (u, p) = raw
-                .split_once(':')
-                .ok_or_else(|| format!("auths.{key}.auth is not user:password"))?;
-            Ok(Credential {
-                username: u.into(),
-                password: p.into(),
-            })
-        }
-        (_, Some(username), Some(password)) => Ok(Credential { username, password }),
-        _ => Err(format!(
-            "auths.{key} has neither auth nor username/password"
-        )),
-    }
-}
-
-/// The line where the object key `key` first appears in a JSON text (1
-/// when it cannot be found).
-fn line_of_key(text: &str, key: &str) -> usize {
-    let quoted = serde_json::to_string(key).unwrap_or_default();
-    let mut from = 0;
-    while let Some(i) = text[from..].find(&quoted) {
-        let at = from + i;
-        let after = text[at + quoted.len()..].trim_start();
-        if after.starts_with(':') {
-            return text[..at].matches('\n').count() + 1;
-        }
-        from = at + quoted.len();
-    }
-    1
-}
 
 /// A parsed `WWW-Authenticate` challenge.
 #[derive(Debug, PartialEq, Eq)]
@@ -254,6 +104,8 @@ pub enum AuthError {
     NotPublic(String),
     #[error("credentials not sent to {realm}: a token service must be https (or plain http on the endpoint's own host, when the endpoint itself is plain http)")]
     Insecure { realm: String },
+    #[error("credential helper: {0}")]
+    Helper(String),
 }
 
 /// Largest token accepted; real ones are a few KiB.
@@ -265,11 +117,22 @@ const MAX_TOKEN_ANSWER: usize = 64 << 10;
 /// Tokens are used at most this long, whatever their service says.
 const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 
-/// Authorization headers that worked.
+/// Authorization headers that worked, and what credential helpers said.
 #[derive(Default)]
 pub struct Auth {
     cache: Mutex<TokenCache>,
+    helpers: Mutex<HashMap<HelperKey, (Instant, Option<Credential>)>>,
 }
+
+/// A helper's answer is good for this configuration, helper and server.
+type HelperKey = (u64, String, String);
+
+/// A helper's answer is kept at least this long, and as long as the
+/// tokens it yields live.
+const HELPER_KEEP: Duration = Duration::from_secs(300);
+
+/// Helper answers kept at most.
+const HELPERS_KEPT: usize = 256;
 
 /// How to reach a token service: the client, whether it must be at a
 /// public address (it was named by an endpoint reached at one), and how
@@ -313,19 +176,65 @@ impl Auth {
         self.cache.lock().remove(key);
     }
 
+    /// The credential `source` names: as written, or what its helper
+    /// answers (kept a while: [`HELPER_KEEP`]), under configuration
+    /// `generation`.
+    pub async fn credential(
+        &self,
+        generation: u64,
+        source: Option<Source>,
+    ) -> Result<Option<Credential>, AuthError> {
+        let (helper, server) = match source {
+            None => return Ok(None),
+            Some(Source::Static(c)) => return Ok(Some(c)),
+            Some(Source::Helper { helper, server }) => (helper, server),
+        };
+        let key = (generation, helper.clone(), server.clone());
+        if let Some((until, c)) = self.helpers.lock().get(&key) {
+            if *until > Instant::now() {
+                return Ok(c.clone());
+            }
+        }
+        let answer = credentials::run_helper(&helper, &server)
+            .await
+            .map_err(AuthError::Helper)?;
+        let mut kept = self.helpers.lock();
+        if kept.len() >= HELPERS_KEPT {
+            let now = Instant::now();
+            kept.retain(|k, (until, _)| *until > now && k.0 >= generation);
+            if kept.len() >= HELPERS_KEPT {
+                kept.clear();
+            }
+        }
+        kept.insert(key, (Instant::now() + HELPER_KEEP, answer.clone()));
+        Ok(answer)
+    }
+
+    /// Keeps a helper's answer as long as a token it yielded lives.
+    pub fn helper_yielded(&self, generation: u64, source: &Option<Source>, life: Duration) {
+        if let Some(Source::Helper { helper, server }) = source {
+            let key = (generation, helper.clone(), server.clone());
+            if let Some((until, _)) = self.helpers.lock().get_mut(&key) {
+                if let Some(later) = Instant::now().checked_add(life.min(MAX_TOKEN_LIFETIME)) {
+                    *until = (*until).max(later);
+                }
+            }
+        }
+    }
+
     /// Answers `challenge` for a request to `endpoint` about the key's
-    /// repository, caches the resulting header under `key` and returns it.
+    /// repository with `credential` (if any), caches the resulting header
+    /// under `key` and returns it, with the token's life.
     pub async fn answer(
         &self,
         key: TokenKey,
-        credentials: &Credentials,
+        credential: Option<&Credential>,
         endpoint: &Url,
         challenge: &str,
         service: TokenService<'_>,
-    ) -> Result<HeaderValue, AuthError> {
+    ) -> Result<(HeaderValue, Option<Duration>), AuthError> {
         let parsed =
             parse_challenge(challenge).ok_or_else(|| AuthError::Unsupported(challenge.into()))?;
-        let credential = credentials.for_url(endpoint);
         // The scope a challenge omits: pull of the repository, or the catalog.
         let scope = match &key.repository {
             Some(r) => format!("repository:{r}:pull"),
@@ -356,7 +265,7 @@ impl Auth {
         let expires = match lifetime {
             Some(l) => match Instant::now().checked_add(l.min(MAX_TOKEN_LIFETIME) / 10 * 9) {
                 Some(t) => Some(t),
-                None => return Ok(header),
+                None => return Ok((header, lifetime)),
             },
             None => None,
         };
@@ -367,7 +276,7 @@ impl Auth {
                 expires,
             },
         );
-        Ok(header)
+        Ok((header, lifetime))
     }
 }
 
@@ -520,61 +429,5 @@ mod tests {
         assert_eq!(c.params["realm"], "http://x/token");
         assert_eq!(c.params["service"], "svc");
         assert!(parse_challenge("").is_none());
-    }
-
-    #[test]
-    fn docker_config_credentials() {
-        let creds = Credentials::parse(
-            r#"{"auths": {
-                "https://index.docker.io/v1/": {"auth": "dXNlcjpwYXNz"},
-                "127.0.0.1:5001": {"username": "u2", "password": "p:2"}
-            }}"#,
-        )
-        .unwrap();
-        let hub = creds
-            .for_url(&Url::parse("https://registry-1.docker.io/v2").unwrap())
-            .unwrap();
-        assert_eq!(
-            (hub.username.as_str(), hub.password.as_str()),
-            ("user", "pass")
-        );
-        let local = creds
-            .for_url(&Url::parse("http://127.0.0.1:5001/v2").unwrap())
-            .unwrap();
-        assert_eq!(local.password, "p:2");
-        assert!(creds
-            .for_url(&Url::parse("http://127.0.0.1:5002/v2").unwrap())
-            .is_none());
-        assert!(format!("{hub:?}").contains("redacted"));
-    }
-
-    #[test]
-    fn bad_docker_config() {
-        assert!(Credentials::parse(r#"{"auths": {"x": {"auth": "!!"}}}"#).is_err());
-        assert!(Credentials::parse(r#"{"auths": {"x": {}}}"#).is_err());
-        let e = Credentials::parse("{\n  \"auths\": [\n").unwrap_err();
-        assert!(e.starts_with("line "), "{e}");
-        // Shapes, with the line of the entry at fault.
-        let e = Credentials::parse("[]").unwrap_err();
-        assert!(
-            e.starts_with("line 0: a docker config.json is a JSON object"),
-            "{e}"
-        );
-        let e = Credentials::parse("{\n\"auths\": []\n}").unwrap_err();
-        assert!(e.starts_with("line 2: `auths` must be an object"), "{e}");
-        let text = "{\"auths\": {\n  \"a.test\": {\"auth\": \"dTpw\"},\n  \"b.test\": {\"auth\": \"!!\"}\n}}";
-        let e = Credentials::parse(text).unwrap_err();
-        assert!(
-            e.starts_with("line 3: auths.b.test.auth is not base64"),
-            "{e}"
-        );
-        let e = Credentials::parse("{\"auths\": {\n\"c.test\": 5}}").unwrap_err();
-        assert!(e.starts_with("line 2: auths.c.test"), "{e}");
-        let e =
-            Credentials::parse("{\"auths\": {\n\"c.test\": {\"usernme\": \"u\"}}}").unwrap_err();
-        assert!(e.contains("unknown field `usernme`"), "{e}");
-        // What docker itself writes beside auths is fine.
-        let ok = r#"{"auths": {"d.test": {"auth": "dTpw", "email": "x@y"}}, "credsStore": "desktop", "HttpHeaders": {}}"#;
-        assert!(Credentials::parse(ok).is_ok());
     }
 }

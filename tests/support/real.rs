@@ -203,30 +203,72 @@ impl Binary {
 pub struct Registry {
     _proc: Process,
     pub port: u16,
+    /// The Basic credentials it wants (htpasswd), if any.
+    basic: Option<String>,
 }
 
 impl Registry {
     pub async fn start() -> Registry {
+        Self::start_with(None).await
+    }
+
+    /// A registry that wants `user`:`password` (htpasswd, bcrypt).
+    pub async fn with_htpasswd(user: &str, password: &str) -> Registry {
+        Self::start_with(Some((user, password))).await
+    }
+
+    async fn start_with(login: Option<(&str, &str)>) -> Registry {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-                dir.path().join("data").display()
-            ),
-        )
-        .unwrap();
+        let mut text = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("data").display()
+        );
+        if let Some((user, password)) = login {
+            let file = dir.path().join("htpasswd");
+            let out = Command::new("htpasswd")
+                .args(["-Bbn", user, password])
+                .output()
+                .expect("htpasswd (apache2-utils)");
+            assert!(out.status.success());
+            std::fs::write(&file, out.stdout).unwrap();
+            text.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: nodemirror-test\n    path: {}\n",
+                file.display()
+            ));
+        }
+        std::fs::write(&config, text).unwrap();
         let mut cmd = Command::new("docker-registry");
         cmd.arg("serve").arg(&config);
         let proc = Process::spawn(cmd, dir, "registry");
+        let basic = login.map(|(u, p)| {
+            use base64::Engine as _;
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+            )
+        });
         let url = format!("http://127.0.0.1:{port}/v2/");
-        wait_for("docker-registry to start", Duration::from_secs(20), || {
-            answers_ok(&url)
-        })
-        .await;
-        Registry { _proc: proc, port }
+        let ready = || {
+            let (url, basic) = (url.clone(), basic.clone());
+            async move {
+                let headers: Vec<(&str, &str)> = basic
+                    .iter()
+                    .map(|b| ("authorization", b.as_str()))
+                    .collect();
+                matches!(
+                    super::try_request(Method::GET, &url, &headers).await,
+                    Ok(r) if r.status == StatusCode::OK
+                )
+            }
+        };
+        wait_for("docker-registry to start", Duration::from_secs(20), ready).await;
+        Registry {
+            _proc: proc,
+            port,
+            basic,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -244,6 +286,7 @@ impl Registry {
             &url,
             Some(&image.media_type),
             image.manifest.clone(),
+            self.basic.as_deref(),
         )
         .await;
         assert_eq!(status, StatusCode::CREATED, "manifest push to {url}");
@@ -252,13 +295,27 @@ impl Registry {
     /// Pushes a manifest (an index, say) as `repo:reference`.
     pub async fn push_manifest(&self, repo: &str, reference: &str, media_type: &str, body: &[u8]) {
         let url = format!("{}/v2/{repo}/manifests/{reference}", self.url());
-        let (status, _) = send(Method::PUT, &url, Some(media_type), body.to_vec()).await;
+        let (status, _) = send(
+            Method::PUT,
+            &url,
+            Some(media_type),
+            body.to_vec(),
+            self.basic.as_deref(),
+        )
+        .await;
         assert_eq!(status, StatusCode::CREATED, "manifest push to {url}");
     }
 
     async fn upload(&self, repo: &str, blob: &[u8]) {
         let start = format!("{}/v2/{repo}/blobs/uploads/", self.url());
-        let (status, location) = send(Method::POST, &start, None, Vec::new()).await;
+        let (status, location) = send(
+            Method::POST,
+            &start,
+            None,
+            Vec::new(),
+            self.basic.as_deref(),
+        )
+        .await;
         assert_eq!(status, StatusCode::ACCEPTED, "upload start");
         let location = location.expect("upload Location");
         let mut url = if location.starts_with("http") {
@@ -273,6 +330,7 @@ impl Registry {
             &url,
             Some("application/octet-stream"),
             blob.to_vec(),
+            self.basic.as_deref(),
         )
         .await;
         assert_eq!(status, StatusCode::CREATED, "blob upload");
@@ -284,11 +342,15 @@ async fn send(
     url: &str,
     content_type: Option<&str>,
     body: Vec<u8>,
+    authorization: Option<&str>,
 ) -> (StatusCode, Option<String>) {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let mut b = Request::builder().method(method).uri(url);
     if let Some(ct) = content_type {
         b = b.header("content-type", ct);
+    }
+    if let Some(a) = authorization {
+        b = b.header("authorization", a);
     }
     let resp = client
         .request(b.body(Full::new(Bytes::from(body))).unwrap())
