@@ -99,12 +99,20 @@ enum ContainerdAction {
         /// Where the originals are kept for uninstall.
         #[arg(long, default_value = "/var/lib/nodemirror")]
         state_dir: PathBuf,
+        /// The containerd that reads the files, e.g. 1.7 or 2.1 [default: asked of `containerd --version`]
+        #[arg(long, value_parser = parse_containerd_version)]
+        containerd_version: Option<nodemirror::node::containerd::Version>,
     },
     /// Restore what install changed.
     Uninstall {
         #[arg(long, default_value = "/var/lib/nodemirror")]
         state_dir: PathBuf,
     },
+}
+
+fn parse_containerd_version(s: &str) -> Result<nodemirror::node::containerd::Version, String> {
+    nodemirror::node::containerd::Version::parse(s)
+        .ok_or_else(|| format!("{s:?} is not a containerd version such as 1.7 or 2.1"))
 }
 
 #[derive(Subcommand)]
@@ -525,6 +533,7 @@ fn containerd_command(action: ContainerdAction) -> Result<(), CliError> {
             registries,
             mirror,
             state_dir,
+            containerd_version,
         } => {
             let own = ServeArgs {
                 config: std::env::var_os("NODEMIRROR_CONFIG").map(PathBuf::from),
@@ -540,9 +549,17 @@ fn containerd_command(action: ContainerdAction) -> Result<(), CliError> {
                 mirror: mirror_url(mirror, &own)?,
                 registries,
                 state_dir,
+                version: containerd_version,
+                detected: nodemirror::node::containerd::Version::detect(std::path::Path::new(
+                    "containerd",
+                ))
+                .ok(),
             };
             let r =
                 install(&opts).map_err(|e| CliError::Failed(format!("containerd install: {e}")))?;
+            for note in &r.notes {
+                println!("note      {note}");
+            }
             for p in &r.changed {
                 println!("updated   {}", p.display());
             }

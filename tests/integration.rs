@@ -18,4 +18,5 @@ mod private;
 mod proxy;
 mod ranged;
 mod routes;
+mod runtimes;
 mod tls;

@@ -46,7 +46,7 @@ pub struct Process {
 }
 
 impl Process {
-    fn spawn(mut cmd: Command, dir: TempDir, name: &str) -> Process {
+    pub fn spawn(mut cmd: Command, dir: TempDir, name: &str) -> Process {
         let log = dir.path().join(format!("{name}.log"));
         let f = std::fs::File::create(&log).unwrap();
         cmd.stdout(f.try_clone().unwrap())
@@ -366,14 +366,71 @@ async fn send(
     (status, location)
 }
 
+/// One containerd build: its version and the folder of its `containerd`
+/// and `ctr`.
+#[derive(Clone, Debug)]
+pub struct ContainerdBuild {
+    pub version: nodemirror::node::containerd::Version,
+    pub bin: PathBuf,
+}
+
+/// Every containerd build here: the system's (on PATH: Debian bookworm's
+/// 1.6) and those `scripts/fetch-containerd` unpacked (1.7 and 2.x). In CI
+/// both major versions must be present.
+pub fn containerd_builds() -> Vec<ContainerdBuild> {
+    use nodemirror::node::containerd::Version;
+    let mut dirs = Vec::new();
+    if let Ok(o) = Command::new("sh")
+        .args(["-c", "command -v containerd"])
+        .output()
+    {
+        let p = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+        if let Some(d) = p.parent().filter(|_| o.status.success()) {
+            dirs.push(d.to_path_buf());
+        }
+    }
+    let fetched = std::env::var_os("NODEMIRROR_CONTAINERDS").map_or_else(
+        || PathBuf::from("/opt/nodemirror-test/containerd"),
+        PathBuf::from,
+    );
+    if let Ok(rd) = std::fs::read_dir(&fetched) {
+        let mut more: Vec<PathBuf> = rd.flatten().map(|e| e.path().join("usr/bin")).collect();
+        more.sort();
+        dirs.extend(more);
+    }
+    let builds: Vec<ContainerdBuild> = dirs
+        .into_iter()
+        .filter_map(|bin| {
+            let version = Version::detect(&bin.join("containerd")).ok()?;
+            Some(ContainerdBuild { version, bin })
+        })
+        .collect();
+    if std::env::var_os("CI").is_some() {
+        for major in [1, 2] {
+            assert!(
+                builds.iter().any(|b| b.version.major == major),
+                "no containerd {major}.x here ({builds:?}): run scripts/fetch-containerd"
+            );
+        }
+    }
+    builds
+}
+
 /// A private containerd (as root), its state under a temporary directory.
 pub struct Containerd {
     pub proc: Process,
     pub socket: PathBuf,
+    /// The folder of the `containerd` and `ctr` used.
+    pub bin: Option<PathBuf>,
 }
 
 impl Containerd {
     pub async fn start() -> Containerd {
+        Self::start_build(None).await
+    }
+
+    /// Starts the containerd in `bin` (the one on PATH if `None`).
+    pub async fn start_build(bin: Option<&Path>) -> Containerd {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         let socket = root.join("containerd.sock");
@@ -390,10 +447,15 @@ impl Containerd {
             ),
         )
         .unwrap();
-        let mut cmd = Command::new("containerd");
+        let mut cmd =
+            Command::new(bin.map_or_else(|| "containerd".into(), |b| b.join("containerd")));
         cmd.arg("--config").arg(&config);
         let proc = Process::spawn(cmd, dir, "containerd");
-        let c = Containerd { proc, socket };
+        let c = Containerd {
+            proc,
+            socket,
+            bin: bin.map(Path::to_path_buf),
+        };
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while !c.ctr(&["version"]).status.success() {
             assert!(
@@ -407,11 +469,15 @@ impl Containerd {
     }
 
     pub fn ctr(&self, args: &[&str]) -> Output {
-        Command::new("ctr")
-            .arg("--address")
-            .arg(&self.socket)
-            .args(args)
-            .output()
-            .expect("ctr")
+        Command::new(
+            self.bin
+                .as_ref()
+                .map_or_else(|| "ctr".into(), |b| b.join("ctr")),
+        )
+        .arg("--address")
+        .arg(&self.socket)
+        .args(args)
+        .output()
+        .expect("ctr")
     }
 }
