@@ -138,13 +138,28 @@ pub async fn call(
     url: &str,
     limit: Duration,
 ) -> Result<(StatusCode, Bytes), String> {
+    request(method, url, &[], limit)
+        .await
+        .map(|(status, _, body)| (status, body))
+}
+
+/// A plain-HTTP request with these headers: the status, headers and body
+/// (at most 1 MiB of it), within `limit`.
+pub async fn request(
+    method: Method,
+    url: &str,
+    headers: &[(http::header::HeaderName, String)],
+    limit: Duration,
+) -> Result<(StatusCode, http::HeaderMap, Bytes), String> {
     use http_body_util::BodyExt;
     let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<Bytes>> =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build_http();
-    let req = Request::builder()
-        .method(method)
-        .uri(url)
+    let mut req = Request::builder().method(method).uri(url);
+    for (name, value) in headers {
+        req = req.header(name, value);
+    }
+    let req = req
         .body(http_body_util::Empty::new())
         .map_err(|e| e.to_string())?;
     let work = async {
@@ -152,14 +167,13 @@ pub async fn call(
             .request(req)
             .await
             .map_err(|e| crate::upstream::error_chain(&e))?;
-        let status = resp.status();
-        let body = resp
-            .into_body()
+        let (parts, body) = resp.into_parts();
+        let body = http_body_util::Limited::new(body, 1 << 20)
             .collect()
             .await
             .map_err(|e| e.to_string())?
             .to_bytes();
-        Ok((status, body))
+        Ok((parts.status, parts.headers, body))
     };
     tokio::time::timeout(limit, work)
         .await

@@ -60,6 +60,42 @@ enum Command {
         #[command(subcommand)]
         action: ClusterAction,
     },
+    /// Check this node end to end, one line per check with its fix; exit 1 when anything is wrong.
+    ///
+    /// The daemon answers; containerd's config_path and hosts.toml files (read as the containerd
+    /// here reads them) send pulls to the daemon first; the CRI-O/podman drop-in; rke2/k3s
+    /// registries.yaml; and a manifest HEAD through the daemon exactly as containerd sends it.
+    Doctor {
+        /// The daemon [default: http://<listen address from the configuration>]
+        #[arg(long)]
+        server: Option<String>,
+        /// containerd's config.toml.
+        #[arg(
+            long = "containerd-config",
+            default_value = "/etc/containerd/config.toml"
+        )]
+        containerd_config: PathBuf,
+        /// The containerd program, asked for its version and `config dump`.
+        #[arg(long, default_value = "containerd")]
+        containerd: PathBuf,
+        /// The containerd version, e.g. 1.7 [default: asked of the program]
+        #[arg(long, value_parser = parse_containerd_version)]
+        containerd_version: Option<nodemirror::node::containerd::Version>,
+        /// containerd's hosts folder [default: its config_path]
+        #[arg(long)]
+        certs_dir: Option<PathBuf>,
+        /// containers/image's drop-in folder (CRI-O, podman).
+        #[arg(long, default_value = nodemirror::node::crio::DEFAULT_DIR)]
+        crio_dir: PathBuf,
+        /// rke2/k3s registries.yaml, checked where its folder exists (repeatable) [default: /etc/rancher/k3s/registries.yaml and /etc/rancher/rke2/registries.yaml]
+        #[arg(long = "registries-yaml")]
+        registries_yaml: Vec<PathBuf>,
+        /// Image whose manifest to ask for [default: containerd's sandbox image, else registry.k8s.io/pause:3.10]
+        #[arg(long)]
+        image: Option<String>,
+        #[command(flatten)]
+        args: ServeArgs,
+    },
     /// Pull an image through the running daemon so it is cached.
     Prefetch {
         /// Image reference, e.g. `busybox`, `quay.io/org/app:v1`, `reg/x@sha256:...`
@@ -320,6 +356,50 @@ fn run(cli: Cli) -> Result<(), CliError> {
             all_platforms,
             args,
         }) => prefetch_command(&image, server, platform, all_platforms, &args),
+        Some(Command::Doctor {
+            server,
+            containerd_config,
+            containerd,
+            containerd_version,
+            certs_dir,
+            crio_dir,
+            registries_yaml,
+            image,
+            args,
+        }) => {
+            let opts = nodemirror::node::doctor::Options {
+                server: mirror_url(server, &args)?,
+                containerd_config,
+                containerd,
+                containerd_version,
+                certs_dir,
+                crio_dir,
+                registries_yaml: if registries_yaml.is_empty() {
+                    vec![
+                        "/etc/rancher/k3s/registries.yaml".into(),
+                        "/etc/rancher/rke2/registries.yaml".into(),
+                    ]
+                } else {
+                    registries_yaml
+                },
+                image,
+            };
+            let checks = runtime()?.block_on(nodemirror::node::doctor::run(&opts));
+            for c in &checks {
+                println!("{c}");
+            }
+            let failed = checks
+                .iter()
+                .filter(|c| c.outcome == nodemirror::node::doctor::Outcome::Fail)
+                .count();
+            if failed > 0 {
+                return Err(CliError::Failed(format!(
+                    "doctor: {failed} of {} checks failed",
+                    checks.len()
+                )));
+            }
+            Ok(())
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 
 pub mod containerd;
 pub mod crio;
+pub mod doctor;
 pub mod registries;
 
 use std::fs;

@@ -249,3 +249,253 @@ async fn start_on_ipv6(hosts_dir: &Path) -> (Process, u16) {
     }
     (proc, port)
 }
+
+/// `nodemirror doctor` on a node wired by the installers (a real
+/// containerd's `config dump`, real config files, a running daemon in front
+/// of a real registry): every line ok and exit 0, and the real containerd
+/// pulls through what doctor passed. Then one fault at a time, each failing
+/// its own line with exit 1: the daemon down, a per-registry hosts.toml
+/// without the mirror, an IPv6 mirror in a table header for containerd
+/// 1.x, a two-folder config_path for containerd 2.x, the drop-in missing
+/// or overridden, registries.yaml without the mirror, an unknown tag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_checks_the_node_end_to_end() {
+    if !require(&["containerd", "ctr", "docker-registry"]) {
+        return;
+    }
+    let registry = Registry::start().await;
+    let image = Image::build(&[("doctor.txt", b"healthy")]);
+    registry.push("team/app", "v1", &image).await;
+    let hosts = tempfile::tempdir().unwrap();
+    write_hosts(
+        hosts.path(),
+        &[("reg.test", format!("server = \"{}\"\n", registry.url()))],
+    );
+    let nm = crate::support::real::Binary::start(hosts.path(), &[]).await;
+    let server = format!("http://127.0.0.1:{}", nm.port);
+
+    // The node: containerd (the system's), the drop-in, k3s.
+    let node = tempfile::tempdir().unwrap();
+    let certs = node.path().join("certs.d");
+    write_hosts(
+        &certs,
+        &[("_default", "server = \"http://127.0.0.1:9\"\n".to_string())],
+    );
+    let config = node.path().join("config.toml");
+    std::fs::write(&config, "version = 2\n").unwrap();
+    let state = node.path().join("state");
+    let crio_dir = node.path().join("containers/registries.conf.d");
+    std::fs::create_dir_all(&crio_dir).unwrap();
+    let k3s = node.path().join("rancher/k3s/registries.yaml");
+    std::fs::create_dir_all(k3s.parent().unwrap()).unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    for args in [
+        vec![
+            "containerd".to_string(),
+            "install".into(),
+            "--certs-dir".into(),
+            s(&certs),
+            "--config".into(),
+            s(&config),
+            "--state-dir".into(),
+            s(&state),
+            "--mirror".into(),
+            server.clone(),
+        ],
+        vec![
+            "crio".into(),
+            "install".into(),
+            "--dir".into(),
+            s(&crio_dir),
+            "--state-dir".into(),
+            s(&state),
+            "--mirror".into(),
+            server.clone(),
+            "--config".into(),
+            "/dev/null".into(),
+            "--hosts-dir".into(),
+            s(hosts.path()),
+        ],
+        vec![
+            "k3s-registries".into(),
+            "--merge".into(),
+            s(&k3s),
+            "--mirror".into(),
+            server.clone(),
+        ],
+    ] {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = nm_with_path(None, &a);
+        assert!(out.status.success(), "{a:?}: {}", text(&out));
+    }
+    let doctor = |server: &str, config: &Path, bin: Option<&Path>, image: &str| {
+        let mut a = vec![
+            "doctor".to_string(),
+            "--config".into(),
+            "/dev/null".into(),
+            "--server".into(),
+            server.to_string(),
+            "--containerd-config".into(),
+            s(config),
+            "--crio-dir".into(),
+            s(&crio_dir),
+            "--registries-yaml".into(),
+            s(&k3s),
+            "--image".into(),
+            image.to_string(),
+        ];
+        if let Some(b) = bin {
+            a.extend(["--containerd".into(), s(&b.join("containerd"))]);
+        }
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        nm_with_path(None, &a)
+    };
+    let line = |out: &Output, name: &str| {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l[6..].starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} line: {}", text(out)))
+            .to_string()
+    };
+    let fails = |out: &Output, name: &str, says: &str| {
+        assert_eq!(out.status.code(), Some(1), "{}", text(out));
+        let l = line(out, name);
+        assert!(
+            l.starts_with("FAIL") && l.contains(says) && l.contains("fix: "),
+            "{l}"
+        );
+    };
+
+    // All well.
+    let image_ref = "reg.test/team/app:v1";
+    let out = doctor(&server, &config, None, image_ref);
+    assert!(out.status.success(), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(said.lines().all(|l| l.starts_with("ok")), "{said}");
+    for name in [
+        "daemon",
+        "containerd config_path",
+        "hosts.toml _default",
+        "manifest",
+        "containers/image drop-in",
+        "registries.yaml",
+    ] {
+        line(&out, name);
+    }
+    assert!(line(&out, "manifest").contains(&image.digest), "{said}");
+    let c = Containerd::start().await;
+    let pulled = c.ctr(&["images", "pull", "--hosts-dir", &s(&certs), image_ref]);
+    assert!(pulled.status.success(), "{}", text(&pulled));
+
+    // The daemon down.
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    fails(
+        &doctor(&closed, &config, None, image_ref),
+        "daemon",
+        "no answer",
+    );
+
+    // An unknown tag: the registry's 404 said.
+    let out = doctor(&server, &config, None, "reg.test/team/app:missing");
+    fails(&out, "manifest", "404");
+
+    // A registry with a hosts.toml of its own that leaves the mirror out.
+    write_hosts(
+        &certs,
+        &[("reg.test", format!("server = \"{}\"\n", registry.url()))],
+    );
+    fails(
+        &doctor(&server, &config, None, image_ref),
+        "hosts.toml reg.test",
+        "bypass the mirror",
+    );
+    std::fs::remove_dir_all(certs.join("reg.test")).unwrap();
+
+    // An IPv6 mirror in a table header, for containerd 1.x.
+    let default = certs.join("_default/hosts.toml");
+    let good = std::fs::read_to_string(&default).unwrap();
+    std::fs::write(
+        &default,
+        "server = \"http://127.0.0.1:9\"\n[host.\"http://[::1]:5780\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+    )
+    .unwrap();
+    let out = doctor(&server, &config, None, image_ref);
+    if containerd_builds()
+        .first()
+        .is_some_and(|b| b.version.major == 1)
+    {
+        fails(&out, "hosts.toml _default", "cannot parse");
+    }
+    std::fs::write(&default, &good).unwrap();
+
+    // containerd 2.x with a two-folder config_path (2.2's default).
+    if let Some(two) = containerd_builds()
+        .into_iter()
+        .find(|b| b.version.major == 2)
+    {
+        let v3 = node.path().join("config-v3.toml");
+        std::fs::write(
+            &v3,
+            format!(
+                "version = 3\n[plugins.'io.containerd.cri.v1.images'.registry]\n  config_path = '{}:{}'\n",
+                certs.display(),
+                node.path().join("docker-certs.d").display()
+            ),
+        )
+        .unwrap();
+        fails(
+            &doctor(&server, &v3, Some(&two.bin), image_ref),
+            "containerd config_path",
+            "one folder",
+        );
+        // Fixed by install, and then doctor is content with 2.x too.
+        let out = nm_with_path(
+            Some(&two.bin),
+            &[
+                "containerd",
+                "install",
+                "--config",
+                &s(&v3),
+                "--state-dir",
+                &s(&node.path().join("state-v3")),
+                "--mirror",
+                &server,
+            ],
+        );
+        assert!(out.status.success(), "{}", text(&out));
+        let out = doctor(&server, &v3, Some(&two.bin), image_ref);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+
+    // The drop-in overridden by a later one, then missing.
+    let later = crio_dir.join("90-late.conf");
+    std::fs::write(
+        &later,
+        "[[registry]]\nprefix = \"docker.io\"\nlocation = \"docker.io\"\n",
+    )
+    .unwrap();
+    fails(
+        &doctor(&server, &config, None, image_ref),
+        "containers/image drop-in",
+        "replaces its entry for docker.io",
+    );
+    std::fs::remove_file(&later).unwrap();
+    std::fs::remove_file(crio_dir.join("50-nodemirror.conf")).unwrap();
+    fails(
+        &doctor(&server, &config, None, image_ref),
+        "containers/image drop-in",
+        "pull without the mirror",
+    );
+
+    // registries.yaml without the mirror.
+    std::fs::write(
+        &k3s,
+        "mirrors:\n  \"*\":\n    endpoint:\n      - \"https://elsewhere.test\"\n",
+    )
+    .unwrap();
+    fails(
+        &doctor(&server, &config, None, image_ref),
+        "registries.yaml",
+        "not the daemon",
+    );
+}
