@@ -321,13 +321,25 @@ impl Mirror {
         };
         let want = reference.digest();
         let _slot = self.limits.acquire(&snap.upstream, ns).await?;
-        self.upstream
+        let started = std::time::Instant::now();
+        let found = self
+            .upstream
             .first_success(&snap.upstream, &req, |ep, resp| {
                 self.take_manifest(snap, ep, resp, &req, want, accept)
             })
             .await
             .map(|(m, _)| m)
-            .map_err(|exhausted| exhausted.into_error(Content::Manifest))
+            .map_err(|exhausted| exhausted.into_error(Content::Manifest));
+        let result = if found.is_ok() { "ok" } else { "error" };
+        METRICS.upstream_duration.observe_since(
+            &[
+                ("ns", crate::metrics::ns_label(snap, ns.as_str())),
+                ("kind", "manifest"),
+                ("result", result),
+            ],
+            started,
+        );
+        found
     }
 
     /// Checks one endpoint's manifest response. For HEAD, the headers must

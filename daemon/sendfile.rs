@@ -28,7 +28,6 @@ use std::fs::File;
 use std::io::{self, IoSlice};
 use std::os::fd::AsFd;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
@@ -237,9 +236,7 @@ impl Stream {
             });
             match sent {
                 Ok(n) => {
-                    METRICS
-                        .sent_by_sendfile
-                        .fetch_add(n as u64, Ordering::Relaxed);
+                    METRICS.sent_by_sendfile.inc_by(n as u64);
                     if n == len {
                         self.cork(false);
                     }

@@ -84,7 +84,7 @@ impl App {
                 };
             }
             "/metrics" => {
-                let text = METRICS.render(self.mirror.flights.len());
+                let text = METRICS.render(&self.scrape().await);
                 return plain(StatusCode::OK, "text/plain; version=0.0.4", text);
             }
             _ => {}
@@ -94,6 +94,7 @@ impl App {
             "/cache/gc" => return crate::admin::gc(self, req).await,
             _ => {}
         }
+        let arrived = std::time::Instant::now();
         let snap = self.live.load();
         let (labels, parsed) = parse_request(&snap, &req, crate::upstream::via());
         let head = req.method() == Method::HEAD;
@@ -115,15 +116,20 @@ impl App {
         });
         // Namespaces named by requests alone are counted together, so no
         // caller can grow the metrics without bound.
-        let ns = &labels.ns;
-        let configured =
-            snap.upstream.configures(ns.as_str()) || *ns == snap.settings.default_namespace;
+        let ns = crate::metrics::ns_label(&snap, labels.ns.as_str());
         METRICS.requests.inc(&[
-            ("ns", if configured { ns.as_str() } else { "other" }),
+            ("ns", ns),
             ("kind", labels.kind),
             ("status", resp.status().as_str()),
         ]);
-        resp
+        let timing = [
+            ("ns", ns),
+            ("kind", labels.kind),
+            ("status_class", crate::metrics::status_class(resp.status())),
+        ];
+        METRICS.first_byte.observe_since(&timing, arrived);
+        let done = METRICS.request_duration.with(&timing);
+        resp.map(|body| crate::metrics::timed(body, arrived, done))
     }
 
     /// A private namespace (credentials or `private = true`) is served only
@@ -269,6 +275,51 @@ impl App {
 
     /// `/cluster/status`: the members as this node sees them, each one's
     /// health, and this node's share of the digests.
+    /// What the gauges say now; the filesystem is asked off the async
+    /// workers.
+    async fn scrape(&self) -> crate::metrics::Scrape {
+        let snap = self.live.load();
+        let root = self.mirror.store.root().to_path_buf();
+        let cache = snap.settings.cache.clone();
+        let disk = tokio::task::spawn_blocking(move || {
+            let s = nix::sys::statvfs::statvfs(&root).ok()?;
+            let frag = s.fragment_size() as u64;
+            let size = (s.blocks() as u64).saturating_mul(frag);
+            let free = (s.blocks_available() as u64).saturating_mul(frag);
+            let min_free = crate::cache::Limits::from_settings(&cache, &root)
+                .map(|l| l.min_free)
+                .unwrap_or(0);
+            Some((free, size, min_free))
+        })
+        .await
+        .ok()
+        .flatten();
+        let peers = self.mirror.cluster.as_ref().map(|c| {
+            let others: Vec<_> = c
+                .members()
+                .iter()
+                .copied()
+                .filter(|m| *m != c.me())
+                .collect();
+            let down = others
+                .iter()
+                .filter(|m| {
+                    let key = crate::cluster::peer_base(**m);
+                    self.mirror.upstream.health.backing_off_for(&key).is_some()
+                })
+                .count();
+            (others.len() - down, down)
+        });
+        crate::metrics::Scrape {
+            in_flight: self.mirror.flights.len(),
+            slots: self.mirror.limits.slots(),
+            peers,
+            max_size: snap.settings.cache.max_size.unwrap_or(0),
+            min_free: disk.map_or(0, |d| d.2),
+            fs: disk.map(|d| (d.0, d.1)),
+        }
+    }
+
     fn cluster_status(&self) -> Response<ResponseBody> {
         let Some(c) = &self.mirror.cluster else {
             return plain(

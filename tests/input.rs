@@ -104,13 +104,17 @@ async fn namespaces_named_by_requests_do_not_grow_the_metrics() {
     }
     let metrics = get(&d.url("/metrics")).await;
     let text = String::from_utf8_lossy(metrics.bytes()).to_string();
+    // The registry is process-wide (other tests' in-process daemons share
+    // it, each with registries of its own): what counts is that these
+    // requests all went to the one `other` label.
+    let others = text.lines().filter(|l| l.contains("ns=\"other\"")).count();
     assert!(
-        metrics.bytes().len() < 100 << 10,
-        "/metrics is {} bytes",
+        others > 0 && others < 600,
+        "{others} series lines for `other` in {} bytes",
         metrics.bytes().len()
     );
     assert!(
-        !text.contains("n49999.example"),
+        !text.contains(".example"),
         "an unconfigured registry became a label"
     );
     assert!(

@@ -347,3 +347,104 @@ async fn a_manifest_labelled_with_another_type_is_served_as_what_it_is() {
         assert!(String::from_utf8_lossy(&listed.stdout).contains(&img.digest));
     }
 }
+
+/// The sum and count of a histogram's series, from `/metrics`.
+async fn histogram(d: &crate::support::Daemon, name: &str, labels: &str) -> (f64, u64) {
+    let text = String::from_utf8_lossy(get(&d.url("/metrics")).await.bytes()).to_string();
+    let value = |suffix: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}_{suffix}{{{labels}}} ")))
+            .map_or(0.0, |v| v.parse::<f64>().unwrap())
+    };
+    (value("sum"), value("count") as u64)
+}
+
+/// Latency an operator can graph: a blob fetched from a registry that
+/// sends 1 MiB a second shows a fetch of a second or more in
+/// `nodemirror_upstream_fetch_duration_seconds`, and its request's first
+/// byte well before its last. A cached 24 MiB blob (sent with sendfile)
+/// read by a client at about 12 MiB/s shows a request duration of the
+/// client's pace, not the moment the daemon handed the file over; its
+/// first byte is quick. Registries named by requests alone are `other`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latency_histograms_cover_the_whole_transfer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let slow = Fake::trickling(1 << 20).await;
+    let small = crate::support::noise(1 << 20, 71);
+    let small_digest = slow.put_blob("app", &small);
+    let fast = Fake::start(Behaviour::default()).await;
+    let big = crate::support::noise(24 << 20, 72);
+    let big_digest = fast.put_blob("app", &big);
+    let d = crate::support::Daemon::builder()
+        .hosts("slow-hist.test", hosts_toml(&[], Some(&slow.url())))
+        .hosts("fast-hist.test", hosts_toml(&[], Some(&fast.url())))
+        .start()
+        .await;
+
+    let r = get(&d.url(&format!("/v2/app/blobs/{small_digest}?ns=slow-hist.test"))).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.bytes().len(), small.len());
+    // The fetch ends (verified and committed) just after the last byte.
+    let fetch_labels = "ns=\"slow-hist.test\",kind=\"blob\",result=\"ok\"";
+    let name = "nodemirror_upstream_fetch_duration_seconds";
+    wait_for("the fetch's duration", Duration::from_secs(10), || async {
+        histogram(&d, name, fetch_labels).await.1 == 1
+    })
+    .await;
+    let (fetch, n) = histogram(&d, name, fetch_labels).await;
+    assert!(n == 1 && fetch >= 0.7, "fetch took {fetch} s ({n})");
+    let labels = "ns=\"slow-hist.test\",kind=\"blob\",status_class=\"2xx\"";
+    let (whole, n) = histogram(&d, "nodemirror_request_duration_seconds", labels).await;
+    assert!(n == 1 && whole >= 0.7, "request took {whole} s ({n})");
+    let (first, _) = histogram(&d, "nodemirror_request_first_byte_seconds", labels).await;
+    assert!(first < whole / 2.0, "first byte {first} s of {whole} s");
+
+    // Cached: warm it, then read it slowly over a small receive buffer.
+    let path = format!("/v2/app/blobs/{big_digest}?ns=fast-hist.test");
+    assert_eq!(get(&d.url(&path)).await.bytes().len(), big.len());
+    let labels = "ns=\"fast-hist.test\",kind=\"blob\",status_class=\"2xx\"";
+    let before = histogram(&d, "nodemirror_request_duration_seconds", labels).await;
+    let first_before = histogram(&d, "nodemirror_request_first_byte_seconds", labels).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(64 << 10).unwrap();
+    let mut conn = socket.connect(d.addr).await.unwrap();
+    conn.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut read = 0usize;
+    loop {
+        let n = conn.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        read += n;
+        // About 12 MiB a second.
+        let due = Duration::from_secs_f64(read as f64 / (12 << 20) as f64);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+    }
+    assert!(read > big.len(), "headers and the whole body");
+    let after = histogram(&d, "nodemirror_request_duration_seconds", labels).await;
+    let first_after = histogram(&d, "nodemirror_request_first_byte_seconds", labels).await;
+    let took = after.0 - before.0;
+    assert_eq!(after.1, before.1 + 1);
+    assert!(
+        took >= 1.0,
+        "the cached blob's request took {took} s by the histogram; the client read for {:?}",
+        started.elapsed()
+    );
+    assert!(first_after.0 - first_before.0 < 0.5);
+
+    // A registry named by a request alone is counted as `other`.
+    let _ = get(&d.url("/v2/app/manifests/v1?ns=10.255.0.1")).await;
+    let text = String::from_utf8_lossy(get(&d.url("/metrics")).await.bytes()).to_string();
+    assert!(!text.contains("10.255.0.1"), "{text}");
+    assert!(
+        text.contains("nodemirror_request_duration_seconds_count{ns=\"other\",kind=\"manifest\"")
+    );
+}

@@ -55,9 +55,7 @@ impl Body for FileBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.rx.poll_recv(cx) {
             Poll::Ready(Some(Ok(b))) => {
-                METRICS
-                    .served_from_cache
-                    .fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                METRICS.served_from_cache.inc_by(b.len() as u64);
                 if let Some(r) = self.remaining.as_mut() {
                     *r = r.saturating_sub(b.len() as u64);
                 }
@@ -150,9 +148,7 @@ impl Body for TeeBody {
                 Tee::Memory(rx) => match rx.poll_recv(cx) {
                     Poll::Ready(Some(b)) => {
                         this.received += b.len() as u64;
-                        METRICS
-                            .served_from_upstream
-                            .fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                        METRICS.served_from_upstream.inc_by(b.len() as u64);
                         if this.received < this.total {
                             return Poll::Ready(Some(Ok(Frame::data(b))));
                         }
@@ -182,9 +178,7 @@ impl Body for TeeBody {
                     Poll::Ready(Ok(())) => {
                         let last = last.take();
                         if let Some(b) = &last {
-                            METRICS
-                                .served_from_upstream
-                                .fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                            METRICS.served_from_upstream.inc_by(b.len() as u64);
                         }
                         this.state = Tee::Finished;
                         this.held = None;

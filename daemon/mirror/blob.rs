@@ -11,7 +11,6 @@
 //! other falls behind.
 
 use std::fs::File;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -328,9 +327,7 @@ fn body(
     let part = zero_copy.cloned().map(|mappings| -> read::Part {
         Box::new(move |file, start, end, held| {
             let frame = mappings.part(file, start, end, held)?;
-            METRICS
-                .sent_in_flight
-                .fetch_add(end - start, Ordering::Relaxed);
+            METRICS.sent_in_flight.inc_by(end - start);
             Ok(frame)
         })
     });
@@ -372,9 +369,7 @@ fn sendfile_frame(
     }
     match mappings.blob(file, total, start, end, held) {
         Ok(frame) => {
-            METRICS
-                .served_from_cache
-                .fetch_add(end - start, Ordering::Relaxed);
+            METRICS.served_from_cache.inc_by(end - start);
             Ok(frame)
         }
         Err((e, held)) => {

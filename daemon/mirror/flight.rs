@@ -466,8 +466,27 @@ impl Landing {
         };
         let outcome = match this.limits.acquire(&snap.upstream, &req.namespace).await {
             Ok(_slot) => {
-                this.fetch(&snap, &req, &digest, &flight, ingest, leader)
-                    .await
+                let started = Instant::now();
+                let outcome = this
+                    .fetch(&snap, &req, &digest, &flight, ingest, leader)
+                    .await;
+                let result = match outcome {
+                    Phase::Done | Phase::Verified => "ok",
+                    Phase::Unavailable(_) => "unavailable",
+                    _ => "error",
+                };
+                crate::metrics::METRICS.upstream_duration.observe_since(
+                    &[
+                        (
+                            "ns",
+                            crate::metrics::ns_label(&snap, req.namespace.as_str()),
+                        ),
+                        ("kind", "blob"),
+                        ("result", result),
+                    ],
+                    started,
+                );
+                outcome
             }
             Err(busy) => Phase::Unavailable(busy),
         };

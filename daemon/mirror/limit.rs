@@ -108,6 +108,15 @@ impl Limits {
         }
     }
 
+    /// Fetch slots in use, and how many there are.
+    pub fn slots(&self) -> (usize, usize) {
+        let global = self.global.lock();
+        (
+            global.max.saturating_sub(global.slots.available_permits()),
+            global.max,
+        )
+    }
+
     /// Why the daemon is saturated, if it is: no fetch slot is free.
     pub fn saturated(&self) -> Option<String> {
         let global = self.global.lock();
