@@ -345,6 +345,22 @@ impl Metrics {
             "nodemirror_cache_filesystem_size_bytes",
             "Size of the cache's filesystem",
         );
+        // Series whose labels are known start at zero, so that rate() and
+        // the shipped alerts see them before the first event.
+        for kind in ["manifest", "tag", "blob"] {
+            for result in ["hit", "miss"] {
+                cache.add(&[("kind", kind), ("result", result)], 0);
+            }
+        }
+        for source in ["upstream", "peer"] {
+            blob_fetches.add(&[("source", source)], 0);
+        }
+        for direction in ["received", "sent"] {
+            peer_bytes.add(&[("direction", direction)], 0);
+        }
+        for f in [&upstream_bytes, &evictions, &quarantined, &verified_bytes] {
+            f.add(&[], 0);
+        }
         let source = |s: &str| served.0.get_or_create(&key(&[("source", s)])).clone();
         let (served_from_cache, served_from_upstream) = (source("cache"), source("upstream"));
         Metrics {

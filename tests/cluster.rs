@@ -458,7 +458,7 @@ pub async fn peer_get(client: &PeerClient, url: &str) -> Result<(StatusCode, usi
 
 /// A node as its own process (the binary), so it can be stopped and
 /// killed: `[cluster]` at `at` with `members`.
-async fn binary_node(
+pub(crate) async fn binary_node(
     pki: &Pki,
     name: &str,
     at: SocketAddr,

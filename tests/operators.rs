@@ -448,3 +448,192 @@ async fn latency_histograms_cover_the_whole_transfer() {
         text.contains("nodemirror_request_duration_seconds_count{ns=\"other\",kind=\"manifest\"")
     );
 }
+
+/// The dashboard and alert rules the packages ship: the rules pass
+/// `promtool check rules` and `promtool test rules` (each alert fires on
+/// its fault and not on a healthy node), every dashboard query is valid
+/// PromQL (as recording rules), the dashboard shows p50 and p99 of the
+/// request, first-byte and upstream-fetch histograms, and every metric
+/// they name is on `/metrics` of a running daemon (the binary, in cluster
+/// mode with a dead peer, after pulls, a dead endpoint, refused
+/// credentials and a collection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitoring_ships_dashboards_and_alerts_that_name_real_metrics() {
+    if !require(&["promtool", "docker-registry", "htpasswd"]) {
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let alerts = root.join("packaging/monitoring/nodemirror-alerts.yml");
+    let dashboard = root.join("packaging/monitoring/nodemirror-dashboard.json");
+    let promtool = |args: &[&str]| {
+        let out = std::process::Command::new("promtool")
+            .args(args)
+            .output()
+            .unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && said.contains("SUCCESS"),
+            "promtool {args:?}: {said}"
+        );
+        said
+    };
+    let said = promtool(&["check", "rules", alerts.to_str().unwrap()]);
+    assert!(said.contains("9 rules found"), "{said}");
+    promtool(&[
+        "test",
+        "rules",
+        root.join("tests/fixtures/monitoring/alerts-test.yml")
+            .to_str()
+            .unwrap(),
+    ]);
+
+    // The dashboard's queries, as recording rules promtool parses.
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&dashboard).unwrap()).unwrap();
+    let mut exprs = Vec::new();
+    for panel in dash["panels"].as_array().unwrap() {
+        assert!(panel["title"].as_str().is_some_and(|t| !t.is_empty()));
+        if panel["type"] == "row" {
+            continue;
+        }
+        let targets = panel["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "{panel}");
+        exprs.extend(
+            targets
+                .iter()
+                .map(|t| t["expr"].as_str().unwrap().to_string()),
+        );
+    }
+    for histogram in [
+        "nodemirror_request_duration_seconds_bucket",
+        "nodemirror_request_first_byte_seconds_bucket",
+        "nodemirror_upstream_fetch_duration_seconds_bucket",
+    ] {
+        for q in ["0.5", "0.99"] {
+            assert!(
+                exprs
+                    .iter()
+                    .any(|e| e.starts_with(&format!("histogram_quantile({q},"))
+                        && e.contains(histogram)),
+                "no p{q} of {histogram} on the dashboard"
+            );
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, e) in exprs.iter().enumerate() {
+        let e = e
+            .replace("$__rate_interval", "5m")
+            .replace("$instance", ".*");
+        rules.push_str(&format!(
+            "      - record: nodemirror:dashboard:{i}\n        expr: {}\n",
+            serde_json::to_string(&e).unwrap()
+        ));
+    }
+    let recording = dir.path().join("dashboard.yml");
+    std::fs::write(&recording, rules).unwrap();
+    promtool(&["check", "rules", recording.to_str().unwrap()]);
+
+    // A running daemon: cluster mode with one dead peer, a registry with a
+    // dead first endpoint, one refusing the credentials.
+    let reg = Registry::start().await;
+    let img = Image::build(&[("m", b"monitored")]);
+    reg.push("team/app", "v1", &img).await;
+    let locked = Registry::with_htpasswd("robot", "s3cret").await;
+    let hosts = tempfile::tempdir().unwrap();
+    let dead = crate::support::free_port();
+    write_hosts(
+        hosts.path(),
+        &[
+            (
+                "reg.test",
+                hosts_toml(&[format!("http://127.0.0.1:{dead}")], Some(&reg.url())),
+            ),
+            ("corp.test", hosts_toml(&[], Some(&locked.url()))),
+        ],
+    );
+    let auth = dir.path().join("auth.json");
+    std::fs::write(
+        &auth,
+        r#"{"auths": {"corp.test": {"username": "robot", "password": "wrong"}}}"#,
+    )
+    .unwrap();
+    let pki = crate::cluster::Pki::new();
+    let me = crate::cluster::port_on(std::net::Ipv4Addr::new(127, 0, 69, 1));
+    let gone = crate::cluster::port_on(std::net::Ipv4Addr::new(127, 0, 69, 2));
+    let bin = crate::cluster::binary_node(
+        &pki,
+        "a",
+        me,
+        &[me, gone],
+        hosts.path(),
+        &format!("auth_file = \"{}\"\n", auth.display()),
+    )
+    .await;
+    let base = format!("http://127.0.0.1:{}", bin.port);
+    for _ in 0..2 {
+        let m = get(&format!("{base}/v2/team/app/manifests/v1?ns=reg.test")).await;
+        assert_eq!(m.status, StatusCode::OK);
+        for blob in img.blobs() {
+            let digest = crate::support::sha256(blob);
+            let r = get(&format!("{base}/v2/team/app/blobs/{digest}?ns=reg.test")).await;
+            assert_eq!(r.bytes(), &blob[..]);
+        }
+    }
+    let r = get(&format!("{base}/v2/team/app/manifests/v1?ns=corp.test")).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let gc = crate::support::request(Method::POST, &format!("{base}/cache/gc"), &[]).await;
+    assert_eq!(gc.status, StatusCode::OK);
+    let metrics = || async {
+        String::from_utf8_lossy(get(&format!("{base}/metrics")).await.bytes()).to_string()
+    };
+    wait_for(
+        "the dead peer seen down",
+        Duration::from_secs(20),
+        || async {
+            metrics()
+                .await
+                .contains("nodemirror_cluster_peers{state=\"down\"} 1")
+        },
+    )
+    .await;
+    let text = metrics().await;
+    // Sample names, and the families they belong to (a histogram's).
+    let exposed: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter_map(|l| match l.strip_prefix("# TYPE ") {
+            Some(t) => t.split(' ').next(),
+            None if l.starts_with('#') => None,
+            None => l.split(['{', ' ']).next(),
+        })
+        .collect();
+    let rules_text = std::fs::read_to_string(&alerts).unwrap();
+    let mut named = std::collections::BTreeSet::new();
+    for source in exprs
+        .iter()
+        .map(String::as_str)
+        .chain([rules_text.as_str()])
+    {
+        let mut rest = source;
+        while let Some(at) = rest.find("nodemirror_") {
+            let name: String = rest[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[at + name.len()..];
+            named.insert(name);
+        }
+    }
+    // Names in the alerts' prose (`nodemirror doctor`) are not metrics.
+    named.retain(|n| n != "nodemirror_");
+    assert!(named.len() > 15, "{named:?}");
+    let missing: Vec<&String> = named
+        .iter()
+        .filter(|n| !exposed.contains(n.as_str()))
+        .collect();
+    assert!(missing.is_empty(), "not on /metrics: {missing:?}\n{text}");
+}

@@ -73,8 +73,27 @@ fn deb_installs_and_removes_cleanly_and_rpm_is_well_formed() {
         "/etc/nodemirror/hosts.d/registry.k8s.io/hosts.toml",
         "/usr/share/doc/nodemirror/README.md",
         "/usr/share/man/man8/nodemirror.8.gz",
+        "/usr/share/nodemirror/grafana/nodemirror.json",
+        "/usr/share/nodemirror/prometheus/nodemirror-alerts.yml",
     ] {
         assert!(files.lines().any(|l| l == f), "{f} not installed:\n{files}");
+    }
+    // What was installed is what the monitoring test checked.
+    for (installed, source) in [
+        (
+            "/usr/share/nodemirror/grafana/nodemirror.json",
+            "packaging/monitoring/nodemirror-dashboard.json",
+        ),
+        (
+            "/usr/share/nodemirror/prometheus/nodemirror-alerts.yml",
+            "packaging/monitoring/nodemirror-alerts.yml",
+        ),
+    ] {
+        assert_eq!(
+            std::fs::read(installed).unwrap(),
+            std::fs::read(format!("{root}/{source}")).unwrap(),
+            "{installed}"
+        );
     }
     // The installed defaults are a valid configuration.
     let cache = tempfile::tempdir().unwrap();
@@ -108,6 +127,8 @@ fn deb_installs_and_removes_cleanly_and_rpm_is_well_formed() {
         "/usr/lib/systemd/system/nodemirror.service",
         "/etc/nodemirror/hosts.d/quay.io/hosts.toml",
         "/usr/share/man/man8/nodemirror.8.gz",
+        "/usr/share/nodemirror/grafana/nodemirror.json",
+        "/usr/share/nodemirror/prometheus/nodemirror-alerts.yml",
     ] {
         assert!(list.lines().any(|l| l == f), "{f} not in rpm:\n{list}");
     }
