@@ -1,8 +1,10 @@
-//! Every runtime wired right: `nodemirror containerd install` against the
-//! default configuration of each containerd version and with the real
-//! containerd builds here (bookworm's 1.6, and the 1.7 and 2.x that
-//! `scripts/fetch-containerd` unpacks), pulling through a mirror on an IPv6
-//! address.
+//! Every runtime wired right, with the real runtimes: `nodemirror
+//! containerd install` against the default configuration of each containerd
+//! version and with the containerd builds here (bookworm's 1.6, and the 1.7
+//! and 2.x that `scripts/fetch-containerd` unpacks), pulling through a
+//! mirror on an IPv6 address; `nodemirror doctor` on a wired node and on
+//! each fault; Docker Engine (Debian's docker.io 20.10) with
+//! `--registry-mirror`, and what it does when the mirror fails.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -497,5 +499,171 @@ async fn doctor_checks_the_node_end_to_end() {
         &doctor(&server, &config, None, image_ref),
         "registries.yaml",
         "not the daemon",
+    );
+}
+
+/// A private Docker Engine (Debian's docker.io, dockerd 20.10) whose
+/// Docker Hub names (registry-1.docker.io and the rest) point at a closed
+/// loopback port in its own mount namespace (/etc/hosts and resolv.conf
+/// bound over), so nothing it does reaches the machine's resolver.
+struct Dockerd {
+    proc: Process,
+    socket: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Dockerd {
+    async fn start(mirror: &str) -> Dockerd {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let hosts = d.join("hosts");
+        std::fs::write(
+            &hosts,
+            "127.0.0.1 localhost\n127.0.0.1 registry-1.docker.io index.docker.io docker.io \
+             auth.docker.io registry.docker.io production.cloudflare.docker.com\n",
+        )
+        .unwrap();
+        let resolv = d.join("resolv.conf");
+        std::fs::write(
+            &resolv,
+            "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
+        )
+        .unwrap();
+        let socket = d.join("docker.sock");
+        let script = format!(
+            "mount --bind {hosts} /etc/hosts && mount --bind {resolv} /etc/resolv.conf && \
+             exec dockerd --data-root {d}/data --exec-root {d}/exec --pidfile {d}/docker.pid \
+             -H unix://{socket} --iptables=false --ip6tables=false --bridge=none \
+             --storage-driver=vfs --registry-mirror {mirror}",
+            hosts = hosts.display(),
+            resolv = resolv.display(),
+            d = d.display(),
+            socket = socket.display(),
+        );
+        let mut cmd = Command::new("unshare");
+        cmd.args(["-m", "--propagation", "private", "sh", "-c", &script]);
+        let log_dir = tempfile::tempdir().unwrap();
+        let mut proc = Process::spawn(cmd, log_dir, "dockerd");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = proc.child.try_wait().unwrap() {
+                panic!("dockerd exited with {status}: {}", proc.log_text());
+            }
+            let ok = Command::new(DOCKER)
+                .args(["-H", &format!("unix://{}", socket.display()), "version"])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ok {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "dockerd did not start: {}",
+                proc.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Dockerd {
+            proc,
+            socket,
+            _dir: dir,
+        }
+    }
+
+    fn docker(&self, args: &[&str]) -> Output {
+        Command::new(DOCKER)
+            .args(["-H", &format!("unix://{}", self.socket.display())])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+/// Debian's docker.io client (another `docker` may come first on PATH).
+const DOCKER: &str = "/usr/bin/docker";
+
+/// Docker Engine with `--registry-mirror`: Docker Hub images come through
+/// nodemirror (the digest is the registry's), and again from its cache
+/// with the registry gone. When the mirror fails (down, or it has not the
+/// image), Docker goes on to Docker Hub itself: here Hub is a closed
+/// loopback port, so the pull fails naming registry-1.docker.io.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_engine_pulls_docker_hub_images_through_the_mirror() {
+    if !require(&["dockerd", "unshare", "docker-registry", "containerd"]) {
+        return;
+    }
+    let registry = Registry::start().await;
+    let image = Image::build_docker(&[("hub.txt", b"from docker hub, via the node")]);
+    registry.push("library/hello", "v1", &image).await;
+    // docker.io's hosts.d folder sends Docker Hub to the local registry.
+    let hosts = tempfile::tempdir().unwrap();
+    write_hosts(
+        hosts.path(),
+        &[("docker.io", format!("server = \"{}\"\n", registry.url()))],
+    );
+    let nm = crate::support::real::Binary::start(hosts.path(), &[]).await;
+    let mirror = format!("http://127.0.0.1:{}", nm.port);
+    let dockerd = Dockerd::start(&mirror).await;
+
+    let pulled = dockerd.docker(&["pull", "hello:v1"]);
+    let said = text(&pulled);
+    assert!(
+        pulled.status.success(),
+        "{said}\n{}",
+        dockerd.proc.log_text()
+    );
+    assert!(
+        said.contains(&format!("Digest: {}", image.digest)),
+        "{said}"
+    );
+    let log = nm.proc.log_text();
+    assert!(log.contains("blob cached"), "through the mirror: {log}");
+
+    // An image the registry has not: the mirror says 404, and Docker
+    // tries Docker Hub itself.
+    let missing = dockerd.docker(&["pull", "absent:v1"]);
+    assert!(!missing.status.success());
+    assert!(
+        text(&missing).contains("https://registry-1.docker.io/v2/"),
+        "{}",
+        text(&missing)
+    );
+    let log = dockerd.proc.log_text();
+    assert!(
+        log.contains("Attempting next endpoint for pull after error: manifest unknown"),
+        "{log}"
+    );
+
+    // The registry gone: Docker still pulls, from the mirror's cache.
+    drop(registry);
+    let removed = dockerd.docker(&["rmi", "hello:v1"]);
+    assert!(removed.status.success(), "{}", text(&removed));
+    let again = dockerd.docker(&["pull", "hello:v1"]);
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(text(&again).contains(&image.digest));
+    // ... and what is not cached gets a 503, after which Docker asks Hub.
+    let uncached = dockerd.docker(&["pull", "other:v1"]);
+    assert!(!uncached.status.success());
+    assert!(text(&uncached).contains("https://registry-1.docker.io/v2/"));
+    assert!(dockerd.proc.log_text().contains(
+        "Attempting next endpoint for pull after error: received unexpected HTTP status: 503"
+    ));
+
+    // The mirror down: Docker goes on to Docker Hub.
+    drop(nm);
+    let _ = dockerd.docker(&["rmi", "hello:v1"]);
+    let down = dockerd.docker(&["pull", "hello:v1"]);
+    assert!(!down.status.success());
+    assert!(
+        text(&down).contains("https://registry-1.docker.io/v2/"),
+        "{}",
+        text(&down)
+    );
+    let log = dockerd.proc.log_text();
+    assert!(
+        log.contains(&format!(
+            "Attempting next endpoint for pull after error: Get \\\"{mirror}/v2/\\\""
+        )),
+        "{log}"
     );
 }
