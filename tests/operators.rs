@@ -34,6 +34,21 @@ fn helper(dir: &Path, name: &str, body: &str) {
 const ROBOT: &str =
     r#"read server; printf '{"ServerURL":"%s","Username":"robot","Secret":"s3cret"}' "$server""#;
 
+/// The binary with `auth` as its credentials file and the credential
+/// helpers in `helpers` first on its PATH.
+async fn with_helpers(hosts: &Path, config: &str, auth: &Path, helpers: &Path) -> Binary {
+    let path = format!("{}:{}", helpers.display(), std::env::var("PATH").unwrap());
+    Binary::start_with(
+        hosts,
+        None,
+        config,
+        &["--auth-file", auth.to_str().unwrap()],
+        &[("PATH", &path)],
+        None,
+    )
+    .await
+}
+
 fn calls(dir: &Path, name: &str) -> usize {
     std::fs::read_to_string(dir.join(format!("{name}.calls"))).map_or(0, |t| t.lines().count())
 }
@@ -78,20 +93,7 @@ async fn credentials_as_docker_and_podman_write_them() {
     let bin_dir = tempfile::tempdir().unwrap();
     helper(bin_dir.path(), "nmtest", ROBOT);
     helper(bin_dir.path(), "nmstore", ROBOT);
-    let path = format!(
-        "{}:{}",
-        bin_dir.path().display(),
-        std::env::var("PATH").unwrap()
-    );
-    let bin = Binary::start_with(
-        hosts.path(),
-        None,
-        "",
-        &["--auth-file", auth.to_str().unwrap()],
-        &[("PATH", &path)],
-        None,
-    )
-    .await;
+    let bin = with_helpers(hosts.path(), "", &auth, bin_dir.path()).await;
     let url = |ns: &str, repo: &str| {
         format!(
             "http://127.0.0.1:{}/v2/{repo}/manifests/v1?ns={ns}",
@@ -172,20 +174,8 @@ async fn a_credential_helper_that_hangs_is_given_up() {
     let creds = tempfile::tempdir().unwrap();
     let auth = creds.path().join("auth.json");
     std::fs::write(&auth, r#"{"credHelpers": {"corp.test": "slow"}}"#).unwrap();
-    let path = format!(
-        "{}:{}",
-        bin_dir.path().display(),
-        std::env::var("PATH").unwrap()
-    );
-    let bin = Binary::start_with(
-        hosts.path(),
-        None,
-        "[upstream]\nfirst_byte_timeout = \"30s\"\n",
-        &["--auth-file", auth.to_str().unwrap()],
-        &[("PATH", &path)],
-        None,
-    )
-    .await;
+    let config = "[upstream]\nfirst_byte_timeout = \"30s\"\n";
+    let bin = with_helpers(hosts.path(), config, &auth, bin_dir.path()).await;
     let began = Instant::now();
     let r = get(&format!(
         "http://127.0.0.1:{}/v2/team/app/manifests/v1?ns=corp.test",

@@ -26,6 +26,46 @@ fn nm_with_path(path_first: Option<&Path>, args: &[&str]) -> Output {
     cmd.args(args).output().unwrap()
 }
 
+/// `nodemirror containerd install` of `mirror` into `config` (and `certs`,
+/// else the folder the config names), originals kept in `dir`/state.
+fn install(
+    path_first: Option<&Path>,
+    certs: Option<&Path>,
+    config: &Path,
+    dir: &Path,
+    mirror: &str,
+    extra: &[&str],
+) -> Output {
+    let state = dir.join("state");
+    let mut args = vec!["containerd", "install"];
+    if let Some(c) = certs {
+        args.extend(["--certs-dir", c.to_str().unwrap()]);
+    }
+    args.extend([
+        "--config",
+        config.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--mirror",
+        mirror,
+    ]);
+    args.extend_from_slice(extra);
+    nm_with_path(path_first, &args)
+}
+
+/// A real registry holding `image` as `repo:v1`, and a hosts.d sending
+/// `ns` to it.
+async fn registry_with(ns: &str, repo: &str, image: &Image) -> (Registry, tempfile::TempDir) {
+    let registry = Registry::start().await;
+    registry.push(repo, "v1", image).await;
+    let hosts = tempfile::tempdir().unwrap();
+    write_hosts(
+        hosts.path(),
+        &[(ns, format!("server = \"{}\"\n", registry.url()))],
+    );
+    (registry, hosts)
+}
+
 fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -54,22 +94,13 @@ fn containerd_install_fits_the_default_config_of_each_version() {
             .replace("/etc/containerd/certs.d", certs.to_str().unwrap())
             .replace("/etc/docker/certs.d", docker.to_str().unwrap());
         std::fs::write(&config, &default).unwrap();
-        let out = nm_with_path(
+        let out = install(
             None,
-            &[
-                "containerd",
-                "install",
-                "--certs-dir",
-                certs.to_str().unwrap(),
-                "--config",
-                config.to_str().unwrap(),
-                "--state-dir",
-                dir.path().join("state").to_str().unwrap(),
-                "--mirror",
-                "http://[::1]:5780",
-                "--containerd-version",
-                name,
-            ],
+            Some(&certs),
+            &config,
+            dir.path(),
+            "http://[::1]:5780",
+            &["--containerd-version", name],
         );
         let said = text(&out);
         assert!(out.status.success(), "{name}: {said}");
@@ -162,14 +193,8 @@ async fn each_containerd_pulls_through_an_ipv6_mirror_it_was_installed_for() {
     if !require(&["containerd", "ctr", "docker-registry"]) {
         return;
     }
-    let registry = Registry::start().await;
     let image = Image::build(&[("v6.txt", b"through [::1]")]);
-    registry.push("team/app", "v1", &image).await;
-    let hosts = tempfile::tempdir().unwrap();
-    write_hosts(
-        hosts.path(),
-        &[("reg-v6.test", format!("server = \"{}\"\n", registry.url()))],
-    );
+    let (_registry, hosts) = registry_with("reg-v6.test", "team/app", &image).await;
     let nm = start_on_ipv6(hosts.path()).await;
 
     let builds = containerd_builds();
@@ -184,20 +209,13 @@ async fn each_containerd_pulls_through_an_ipv6_mirror_it_was_installed_for() {
         let config = dir.path().join("config.toml");
         std::fs::write(&config, "version = 2\n").unwrap();
         let mirror = format!("http://[::1]:{}", nm.1);
-        let out = nm_with_path(
+        let out = install(
             Some(&b.bin),
-            &[
-                "containerd",
-                "install",
-                "--certs-dir",
-                certs.to_str().unwrap(),
-                "--config",
-                config.to_str().unwrap(),
-                "--state-dir",
-                dir.path().join("state").to_str().unwrap(),
-                "--mirror",
-                &mirror,
-            ],
+            Some(&certs),
+            &config,
+            dir.path(),
+            &mirror,
+            &[],
         );
         assert!(out.status.success(), "{}: {}", b.version, text(&out));
         let c = Containerd::start_build(Some(&b.bin)).await;
@@ -265,14 +283,8 @@ async fn doctor_checks_the_node_end_to_end() {
     if !require(&["containerd", "ctr", "docker-registry"]) {
         return;
     }
-    let registry = Registry::start().await;
     let image = Image::build(&[("doctor.txt", b"healthy")]);
-    registry.push("team/app", "v1", &image).await;
-    let hosts = tempfile::tempdir().unwrap();
-    write_hosts(
-        hosts.path(),
-        &[("reg.test", format!("server = \"{}\"\n", registry.url()))],
-    );
+    let (registry, hosts) = registry_with("reg.test", "team/app", &image).await;
     let nm = crate::support::real::Binary::start(hosts.path(), &[]).await;
     let server = format!("http://127.0.0.1:{}", nm.port);
 
@@ -451,18 +463,13 @@ async fn doctor_checks_the_node_end_to_end() {
             "one folder",
         );
         // Fixed by install, and then doctor is content with 2.x too.
-        let out = nm_with_path(
+        let out = install(
             Some(&two.bin),
-            &[
-                "containerd",
-                "install",
-                "--config",
-                &s(&v3),
-                "--state-dir",
-                &s(&node.path().join("state-v3")),
-                "--mirror",
-                &server,
-            ],
+            None,
+            &v3,
+            &node.path().join("v3"),
+            &server,
+            &[],
         );
         assert!(out.status.success(), "{}", text(&out));
         let out = doctor(&server, &v3, Some(&two.bin), image_ref);
@@ -592,15 +599,9 @@ async fn docker_engine_pulls_docker_hub_images_through_the_mirror() {
     if !require(&["dockerd", "unshare", "docker-registry", "containerd"]) {
         return;
     }
-    let registry = Registry::start().await;
     let image = Image::build_docker(&[("hub.txt", b"from docker hub, via the node")]);
-    registry.push("library/hello", "v1", &image).await;
     // docker.io's hosts.d folder sends Docker Hub to the local registry.
-    let hosts = tempfile::tempdir().unwrap();
-    write_hosts(
-        hosts.path(),
-        &[("docker.io", format!("server = \"{}\"\n", registry.url()))],
-    );
+    let (registry, hosts) = registry_with("docker.io", "library/hello", &image).await;
     let nm = crate::support::real::Binary::start(hosts.path(), &[]).await;
     let mirror = format!("http://127.0.0.1:{}", nm.port);
     let dockerd = Dockerd::start(&mirror).await;
