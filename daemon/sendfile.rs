@@ -43,9 +43,13 @@ use crate::metrics::METRICS;
 /// registering costs more than copying a few pages.
 pub const MIN_LEN: u64 = 64 << 10;
 
-/// Bytes per sendfile(2) call, like nginx's `sendfile_max_chunk`: the
-/// socket is released between calls and the worker can serve other tasks.
-const MAX_SEND: usize = 2 << 20;
+/// Bytes per sendfile(2) call, like nginx's `sendfile_max_chunk`; after
+/// each such call the connection's task yields (its writer answers
+/// `Pending` and wakes itself at once), so one big body on a fast socket
+/// cannot hold a worker from the other connections: without the yield,
+/// hyper's write loop went on until the socket was full, which on loopback
+/// is the whole blob (a 4 KiB GET beside a 256 MiB one waited ~100 ms).
+const MAX_SEND: usize = 512 << 10;
 
 /// The file mappings of one connection's responses in progress.
 #[derive(Default)]
@@ -188,6 +192,9 @@ pub struct Stream {
     mappings: Arc<Mappings>,
     /// `TCP_CORK` is on: a mapped slice is being sent.
     corked: bool,
+    /// A sendfile call was made in this turn of the task: the next one
+    /// yields first.
+    sent_this_turn: bool,
 }
 
 impl Stream {
@@ -196,6 +203,7 @@ impl Stream {
             tcp,
             mappings: Arc::default(),
             corked: false,
+            sent_this_turn: false,
         }
     }
 
@@ -225,6 +233,11 @@ impl Stream {
         offset: u64,
         len: usize,
     ) -> Poll<io::Result<usize>> {
+        if std::mem::take(&mut self.sent_this_turn) {
+            // One chunk per turn: let the worker run other tasks first.
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
         self.cork(true);
         let count = len.min(MAX_SEND);
         loop {
@@ -237,6 +250,7 @@ impl Stream {
             match sent {
                 Ok(n) => {
                     METRICS.sent_by_sendfile.inc_by(n as u64);
+                    self.sent_this_turn = true;
                     if n == len {
                         self.cork(false);
                     }

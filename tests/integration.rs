@@ -19,4 +19,5 @@ mod proxy;
 mod ranged;
 mod routes;
 mod runtimes;
+mod scale;
 mod tls;
