@@ -26,7 +26,7 @@ pub async fn collect(app: &App, limits: Limits) -> std::io::Result<Report> {
     if report.evicted > 0 || report.skipped_in_use > 0 {
         METRICS.evictions.add(&[], report.evicted_blobs);
         METRICS.cache_scanned(
-            report.blobs_before - report.evicted_blobs,
+            report.blobs_before.saturating_sub(report.evicted_blobs),
             report.bytes_after,
         );
         tracing::info!(
@@ -114,6 +114,7 @@ pub async fn gc(app: &App, req: Request<Incoming>) -> Response<ResponseBody> {
         Ok(r) => answer(
             StatusCode::OK,
             serde_json::json!({
+                "walked": r.walked,
                 "files_before": r.files_before,
                 "bytes_before": r.bytes_before,
                 "blobs_before": r.blobs_before,
@@ -206,6 +207,7 @@ pub async fn request_gc(
     }
     let n = |k: &str| v[k].as_u64().unwrap_or(0);
     Ok(Report {
+        walked: v["walked"].as_bool().unwrap_or(true),
         files_before: n("files_before"),
         bytes_before: n("bytes_before"),
         blobs_before: n("blobs_before"),

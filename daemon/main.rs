@@ -531,6 +531,13 @@ fn cache_command(action: CacheAction) -> Result<(), CliError> {
                 limits.min_free = min_free.unwrap_or(limits.min_free);
                 store.collect(limits).map_err(failed)?
             };
+            if !r.walked {
+                println!(
+                    "{} bytes stored, within every limit: nothing to evict",
+                    r.bytes_after
+                );
+                return Ok(());
+            }
             println!(
                 "evicted {} of {} files ({} of {} blobs; {} bytes); {} bytes remain; {} in use kept",
                 r.evicted,

@@ -169,6 +169,8 @@ pub struct Scrape {
     pub min_free: u64,
     /// The cache filesystem's free (for unprivileged users) and total bytes.
     pub fs: Option<(u64, u64)>,
+    /// The cache's running total of stored bytes, once counted.
+    pub stored: Option<u64>,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -411,6 +413,9 @@ impl Metrics {
             self.peers
                 .get_or_create(&key(&[("state", "down")]))
                 .set(down as u64);
+        }
+        if let Some(stored) = now.stored {
+            self.cache_bytes.set(stored);
         }
         self.max_size.set(now.max_size);
         self.min_free.set(now.min_free);

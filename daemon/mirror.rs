@@ -25,7 +25,7 @@ use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::cache::Store;
+use crate::cache::{pool, Store};
 use crate::cluster::{Cluster, PeerRole};
 use crate::metrics::METRICS;
 use crate::oci::{
@@ -116,16 +116,17 @@ impl Mirror {
         accept: &Accept,
     ) -> Result<Manifest, ServeError> {
         let (snap, ns, peer) = (&*pull.snap, &pull.ns, pull.peer);
-        if let Some(m) = self
-            .cached_manifest(d)
-            .filter(|m| accept.admits(&m.media_type))
+        if let Some((m, seen)) = self
+            .cached_manifest(pull, d)
+            .await
+            .filter(|(m, _)| accept.admits(&m.media_type))
         {
             let hit = || {
                 METRICS
                     .cache
                     .inc(&[("kind", "manifest"), ("result", "hit")])
             };
-            if self.sees(pull, d) {
+            if seen {
                 hit();
                 return Ok(m);
             }
@@ -156,7 +157,7 @@ impl Mirror {
         let m = self
             .fetch_manifest(snap, Method::GET, ns, repository, &reference, accept, peers)
             .await?;
-        self.keep(&m, ns);
+        self.keep(&m, ns).await;
         Ok(m)
     }
 
@@ -172,17 +173,29 @@ impl Mirror {
         // another class have their own record, so no client's list can
         // change what another gets.
         let class = accept.class();
-        let known = self
-            .store
-            .tag(ns, repository, tag, class)
-            .unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "unreadable tag record; asking upstream");
-                None
-            });
-        let cached = known.and_then(|(d, confirmed)| {
-            let m = self.cached_manifest(&d)?;
-            (accept.admits(&m.media_type) && self.sees(pull, &d)).then_some((m, confirmed))
-        });
+        let known = {
+            let (store, ns, repository, tag) = (
+                self.store.clone(),
+                ns.clone(),
+                repository.clone(),
+                tag.to_string(),
+            );
+            pool::run(move || store.tag(&ns, &repository, &tag, class))
+                .await
+                .and_then(|r| r)
+                .unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "unreadable tag record; asking upstream");
+                    None
+                })
+        };
+        let cached = match known {
+            Some((d, confirmed)) => self
+                .cached_manifest(pull, &d)
+                .await
+                .filter(|(m, seen)| accept.admits(&m.media_type) && *seen)
+                .map(|(m, _)| (m, confirmed)),
+            None => None,
+        };
         if let Some((m, confirmed)) = &cached {
             let age = SystemTime::now()
                 .duration_since(*confirmed)
@@ -227,14 +240,20 @@ impl Mirror {
             .cache
             .inc(&[("kind", "tag"), ("result", revalidated)]);
         if !media::is_schema1(&fetched.media_type) {
-            if let Err(e) = self
-                .store
-                .put_tag(ns, repository, tag, class, &fetched.digest)
-            {
+            let (store, ns, repository, tag, d) = (
+                self.store.clone(),
+                ns.clone(),
+                repository.clone(),
+                tag.to_string(),
+                fetched.digest.clone(),
+            );
+            let recorded =
+                pool::run(move || store.put_tag(&ns, &repository, &tag, class, &d)).await;
+            if let Err(e) = recorded.and_then(|r| r) {
                 tracing::warn!(error = %e, "could not record tag");
             }
         }
-        self.keep(&fetched, ns);
+        self.keep(&fetched, ns).await;
         if let Some((m, _)) = cached.filter(|(m, _)| m.digest == fetched.digest) {
             return Ok(m);
         }
@@ -244,8 +263,8 @@ impl Mirror {
         // The tag moved: the new content from the cache if this namespace
         // may see it there (its upstream just named the digest, which is
         // believed of a namespace the operator configured), else by digest.
-        if let Some(m) = self.cached_manifest(&fetched.digest) {
-            if self.sees(pull, &fetched.digest) {
+        if let Some((m, seen)) = self.cached_manifest(pull, &fetched.digest).await {
+            if seen {
                 return Ok(m);
             }
             if snap.upstream.vouches_for(ns) {
@@ -259,39 +278,67 @@ impl Mirror {
         let m = self
             .fetch_manifest(snap, Method::GET, ns, repository, &by_digest, accept, peers)
             .await?;
-        self.keep(&m, ns);
+        self.keep(&m, ns).await;
         Ok(m)
     }
 
-    fn cached_manifest(&self, d: &Digest) -> Option<Manifest> {
-        match self.store.manifest(d) {
-            Ok(Some((media_type, body))) => Some(Manifest {
+    /// The cached manifest `d`, and whether the request may see it (its
+    /// origins), both read on the disk pool.
+    async fn cached_manifest(&self, pull: &Pull<'_>, d: &Digest) -> Option<(Manifest, bool)> {
+        let (store, dd) = (self.store.clone(), d.clone());
+        let read = pool::run(move || (store.manifest(&dd), store.origins(&dd))).await;
+        let (found, origins) = match read {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(digest = %d, error = %e, "cannot read the cache");
+                return None;
+            }
+        };
+        let m = match found {
+            Ok(Some((media_type, body))) => Manifest {
                 digest: d.clone(),
                 media_type,
                 length: body.len() as u64,
                 body: Some(body),
-            }),
-            Ok(None) => None,
+            },
+            Ok(None) => return None,
             Err(e) => {
                 tracing::warn!(digest = %d, error = %e, "cached manifest unusable; fetching again");
-                None
+                return None;
             }
-        }
+        };
+        let seen = match origins {
+            Ok(o) => access::visible(&pull.snap.upstream, &o, &pull.ns, pull.peer.is_some()),
+            Err(e) => {
+                tracing::warn!(digest = %d, error = %e, "unreadable origins; content not served from the cache");
+                false
+            }
+        };
+        Some((m, seen))
     }
 
-    /// Stores a fetched manifest, with `ns` as an origin; schema 1 never
-    /// (a registry's conversion for one old client, not the image the
-    /// registry holds).
-    fn keep(&self, m: &Manifest, ns: &Namespace) {
+    /// Stores a fetched manifest, with `ns` as an origin, on the disk pool;
+    /// schema 1 never (a registry's conversion for one old client, not the
+    /// image the registry holds).
+    async fn keep(&self, m: &Manifest, ns: &Namespace) {
         if media::is_schema1(&m.media_type) {
             return;
         }
         if let Some(body) = &m.body {
-            let stored = self
-                .store
-                .add_origin(&m.digest, ns)
-                .and_then(|()| self.store.put_manifest(&m.digest, &m.media_type, body));
-            if let Err(e) = stored {
+            let (store, d, media_type, body, ns) = (
+                self.store.clone(),
+                m.digest.clone(),
+                m.media_type.clone(),
+                body.clone(),
+                ns.clone(),
+            );
+            let stored = pool::run(move || {
+                store
+                    .add_origin(&d, &ns)
+                    .and_then(|()| store.put_manifest(&d, &media_type, &body))
+            })
+            .await;
+            if let Err(e) = stored.and_then(|r| r) {
                 tracing::warn!(digest = %m.digest, error = %e, "could not cache manifest");
             }
         }

@@ -294,6 +294,7 @@ impl App {
         .await
         .ok()
         .flatten();
+        let store = &self.mirror.store;
         let peers = self.mirror.cluster.as_ref().map(|c| {
             let others: Vec<_> = c
                 .members()
@@ -317,6 +318,7 @@ impl App {
             max_size: snap.settings.cache.max_size.unwrap_or(0),
             min_free: disk.map_or(0, |d| d.2),
             fs: disk.map(|d| (d.0, d.1)),
+            stored: store.counted().then(|| store.stored_bytes()),
         }
     }
 

@@ -12,9 +12,14 @@ fn send(states: &[NotifyState<'_>]) {
     }
 }
 
-/// READY=1 with a status line: listening and the cache scanned.
+/// READY=1 with a status line.
 pub fn ready(status: &str) {
     send(&[NotifyState::Ready, NotifyState::Status(status)]);
+}
+
+/// A new status line (what `systemctl status` shows).
+pub fn status(status: &str) {
+    send(&[NotifyState::Status(status)]);
 }
 
 /// RELOADING=1 with the monotonic timestamp `Type=notify-reload` expects.

@@ -58,10 +58,16 @@ async fn speaks_the_systemd_notify_protocol() {
     let ready = seen.last().unwrap().clone();
     assert!(
         ready.contains(&format!(
-            "STATUS=serving on 127.0.0.1:{}; 0 blobs",
+            "STATUS=serving on 127.0.0.1:{}; counting the cache",
             bin.port
         )),
         "{ready}"
+    );
+    // The count of the cache runs beside serving, and says when done.
+    expect(
+        &sock,
+        &format!("STATUS=serving on 127.0.0.1:{}; 0 blobs", bin.port),
+        &mut seen,
     );
     expect(&sock, "WATCHDOG=1", &mut seen);
     expect(&sock, "WATCHDOG=1", &mut seen);

@@ -107,3 +107,168 @@ async fn a_big_body_does_not_starve_a_small_one() {
         "a small cached GET waited {p99:?} (p99) beside big bodies of {big_median:?}"
     );
 }
+
+/// A cache of 150,000 blobs: the daemon answers, a cached blob included,
+/// before its count of the cache is done (the log says when it is), and
+/// the count keeps nothing per blob: peak memory stays that of an empty
+/// cache's daemon plus a little.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_answers_before_its_cache_is_counted() {
+    let hosts = tempfile::tempdir().unwrap();
+    crate::support::write_hosts(
+        hosts.path(),
+        &[(
+            "many.test",
+            format!("server = \"http://127.0.0.1:{}\"\n", free_port()),
+        )],
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let blobs = cache.path().join("blobs/sha256");
+    for shard in 0..=255u8 {
+        std::fs::create_dir_all(blobs.join(format!("{shard:02x}"))).unwrap();
+    }
+    // Real blobs (the background check would quarantine wrong ones).
+    for i in 0..150_000u32 {
+        let hex = sha256(&i.to_le_bytes());
+        let hex = hex.strip_prefix("sha256:").unwrap();
+        std::fs::write(blobs.join(&hex[..2]).join(hex), i.to_le_bytes()).unwrap();
+    }
+    let real = plant_blob(cache.path(), "many.test", b"cached before the start");
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let log = dir.path().join("log");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_nodemirror"))
+        .args([
+            "serve",
+            "--config",
+            "/dev/null",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .arg("--cache-dir")
+        .arg(cache.path())
+        .arg("--hosts-dir")
+        .arg(hosts.path())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(dir.path().join("err")).unwrap())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = Kill(child);
+    let logged = || {
+        std::fs::read_to_string(dir.path().join("err")).unwrap_or_default()
+            + &std::fs::read_to_string(&log).unwrap_or_default()
+    };
+    let url = format!("http://127.0.0.1:{port}/v2/app/blobs/{real}?ns=many.test");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = crate::support::try_request(http::Method::GET, &url, &[]).await {
+            assert_eq!(r.status, StatusCode::OK);
+            assert_eq!(&r.bytes()[..], b"cached before the start");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no answer: {}", logged());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(
+        !logged().contains("cache counted"),
+        "the first answer came after the count: {}",
+        logged()
+    );
+    crate::support::wait_until("the count", Duration::from_secs(60), || {
+        logged().contains("cache counted")
+    })
+    .await;
+    assert!(logged().contains("blobs=150001"), "{}", logged());
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.0.id())).unwrap();
+    let peak: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    eprintln!("peak RSS {} KiB", peak);
+    assert!(
+        peak < 40 << 10,
+        "peak RSS {peak} KiB counting 150,000 blobs"
+    );
+}
+
+/// A cache file that blocks whoever opens it (a FIFO in place of a blob's
+/// origins record, as a stuck disk would): the request for that blob
+/// waits, and only it. Other blobs, health and metrics are answered at
+/// once, because the store is read on the disk pool and never under the
+/// lock every blob request takes. Once the file gives way, the waiting
+/// request is answered too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_cache_file_holds_only_its_own_request() {
+    let hosts = tempfile::tempdir().unwrap();
+    crate::support::write_hosts(
+        hosts.path(),
+        &[(
+            "disk.test",
+            format!("server = \"http://127.0.0.1:{}\"\n", free_port()),
+        )],
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let stuck = plant_blob(cache.path(), "disk.test", b"behind a stuck file");
+    let others: Vec<String> = (0..20u8)
+        .map(|i| plant_blob(cache.path(), "disk.test", &[i; 100]))
+        .collect();
+    let hex = stuck.strip_prefix("sha256:").unwrap();
+    let record = cache
+        .path()
+        .join("origins/sha256")
+        .join(&hex[..2])
+        .join(hex);
+    std::fs::remove_file(&record).unwrap();
+    nix::unistd::mkfifo(&record, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let bin = Binary::start_in(
+        hosts.path(),
+        Some(cache.path()),
+        "[cache]\nverify_rate = 0\n",
+        &[],
+    )
+    .await;
+    let base = format!("http://127.0.0.1:{}", bin.port);
+    let waiting = {
+        let url = format!("{base}/v2/app/blobs/{stuck}?ns=disk.test");
+        tokio::spawn(async move { get(&url).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "the stuck file's request waits");
+    for d in &others {
+        let url = format!("{base}/v2/app/blobs/{d}?ns=disk.test");
+        let r = tokio::time::timeout(Duration::from_secs(2), get(&url))
+            .await
+            .unwrap_or_else(|_| panic!("{d} waited behind the stuck file"));
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    for path in ["/healthz", "/metrics"] {
+        let r = tokio::time::timeout(Duration::from_secs(2), get(&format!("{base}{path}")))
+            .await
+            .unwrap_or_else(|_| panic!("{path} waited behind the stuck file"));
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    // The file gives way: the request that waited is answered.
+    let fifo = record.clone();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut w = std::fs::OpenOptions::new().write(true).open(fifo).unwrap();
+        w.write_all(b"disk.test\n").unwrap();
+    })
+    .await
+    .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("answered once the file gave way")
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(&r.bytes()[..], b"behind a stuck file");
+}

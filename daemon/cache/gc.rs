@@ -74,7 +74,11 @@ impl Stats {
 /// What a collection did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Report {
-    /// Files (blobs, manifests, tags) and their bytes before.
+    /// Whether the cache was walked: not when the running totals showed
+    /// every limit out of reach.
+    pub walked: bool,
+    /// Files (blobs, manifests, tags) and their bytes before (files and
+    /// blobs counted only when walked).
     pub files_before: u64,
     pub bytes_before: u64,
     pub blobs_before: u64,
@@ -101,13 +105,31 @@ struct Entry {
     accessed: SystemTime,
 }
 
-/// Files two levels under `dir/sha256`, named by their digest.
-fn sharded_files(dir: &Path) -> io::Result<Vec<(PathBuf, Digest)>> {
-    let mut out = Vec::new();
+// Ordered by last access (then path), for the selection heap.
+impl PartialEq for Entry {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == std::cmp::Ordering::Equal
+    }
+}
+impl Eq for Entry {}
+impl PartialOrd for Entry {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Entry {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.accessed, &self.path).cmp(&(other.accessed, &other.path))
+    }
+}
+
+/// Calls `f` with each file two levels under `dir/sha256`, named by its
+/// digest, one shard folder at a time: nothing grows with the cache.
+fn each_sharded(dir: &Path, f: &mut dyn FnMut(PathBuf, Digest)) -> io::Result<()> {
     let top = dir.join("sha256");
     let shards = match fs::read_dir(&top) {
         Ok(s) => s,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
     };
     for shard in shards {
@@ -115,45 +137,30 @@ fn sharded_files(dir: &Path) -> io::Result<Vec<(PathBuf, Digest)>> {
         if !shard.is_dir() {
             continue;
         }
-        for f in fs::read_dir(&shard)? {
-            let path = f?.path();
+        for e in fs::read_dir(&shard)? {
+            let path = e?.path();
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
             if let Ok(d) = format!("sha256:{name}").parse::<Digest>() {
-                out.push((path, d));
+                f(path, d);
             }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
-/// Every file under `dir`, at any depth.
-fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
+/// Calls `f` with every file under `dir`, at any depth.
+fn each_file_under(dir: &Path, f: &mut dyn FnMut(PathBuf)) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };
     for e in entries.filter_map(|e| e.ok()) {
         let p = e.path();
         match e.file_type() {
-            Ok(t) if t.is_dir() => files_under(&p, out),
-            Ok(_) => out.push(p),
+            Ok(t) if t.is_dir() => each_file_under(&p, f),
+            Ok(_) => f(p),
             Err(_) => {}
         }
     }
-}
-
-fn count_files(dir: &Path) -> u64 {
-    let mut files = Vec::new();
-    files_under(dir, &mut files);
-    files.len() as u64
-}
-
-fn bytes_of(paths: impl Iterator<Item = PathBuf>) -> (u64, u64) {
-    paths.fold((0, 0), |(n, bytes), p| {
-        (
-            n + 1,
-            bytes + fs::metadata(&p).map(|m| m.len()).unwrap_or(0),
-        )
-    })
 }
 
 /// Bytes available to unprivileged users on the cache's filesystem.
@@ -166,58 +173,103 @@ pub fn free_bytes(path: &Path) -> io::Result<u64> {
 /// downloads (a tenth): reservations are never granted by evicting.
 const HEADROOM: u64 = 10;
 
+/// Walks that a collection may make before it stops with what it freed
+/// (an entry in use, or one that came in meanwhile, can leave it short).
+const PASSES: usize = 4;
+
+/// One walk over what the cache stores.
+#[derive(Default)]
+struct Walk {
+    files: u64,
+    blobs: u64,
+    bytes: u64,
+    /// The oldest entries, not in use, whose bytes cover what was wanted
+    /// (newest on top).
+    oldest: std::collections::BinaryHeap<Entry>,
+    oldest_bytes: u64,
+    /// When blobs in use were last read.
+    in_use: Vec<SystemTime>,
+}
+
 impl Store {
     pub fn stats(&self) -> io::Result<Stats> {
-        let (blobs, blob_bytes) = bytes_of(
-            sharded_files(&self.root.join("blobs"))?
-                .into_iter()
-                .map(|(p, _)| p),
-        );
-        let (manifests, manifest_bytes) = bytes_of(
-            sharded_files(&self.root.join("manifests"))?
-                .into_iter()
-                .map(|(p, _)| p),
-        );
-        let mut tags = Vec::new();
-        files_under(&self.root.join("tags"), &mut tags);
-        let (tags, tag_bytes) = bytes_of(tags.into_iter());
-        Ok(Stats {
-            blobs,
-            blob_bytes,
-            manifests,
-            manifest_bytes,
-            tags,
-            tag_bytes,
-            temp_files: count_files(&self.root.join("tmp")),
+        let mut stats = Stats {
+            temp_files: 0,
             free_bytes: free_bytes(&self.root)?,
-        })
+            ..Stats::default()
+        };
+        let size = |p: &Path| fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        each_sharded(&self.root.join("blobs"), &mut |p, _| {
+            stats.blobs += 1;
+            stats.blob_bytes += size(&p);
+        })?;
+        each_sharded(&self.root.join("manifests"), &mut |p, _| {
+            stats.manifests += 1;
+            stats.manifest_bytes += size(&p);
+        })?;
+        each_file_under(&self.root.join("tags"), &mut |p| {
+            stats.tags += 1;
+            stats.tag_bytes += size(&p);
+        });
+        each_file_under(&self.root.join("tmp"), &mut |_| stats.temp_files += 1);
+        Ok(stats)
     }
 
-    /// Every blob, manifest and tag file with its size and last access.
-    fn entries(&self) -> io::Result<Vec<Entry>> {
-        let mut files: Vec<(PathBuf, Kind)> = Vec::new();
-        for (p, d) in sharded_files(&self.root.join("blobs"))? {
-            files.push((p, Kind::Blob(d)));
-        }
-        for (p, d) in sharded_files(&self.root.join("manifests"))? {
-            files.push((p, Kind::Manifest(d)));
-        }
-        let mut tags = Vec::new();
-        files_under(&self.root.join("tags"), &mut tags);
-        files.extend(tags.into_iter().map(|p| (p, Kind::Tag)));
-        Ok(files
-            .into_iter()
-            // A file may vanish under a concurrent collection.
-            .filter_map(|(path, kind)| {
-                let meta = fs::metadata(&path).ok()?;
-                Some(Entry {
+    /// Calls `f` with every blob, manifest and tag file, its size and last
+    /// access (a file that vanished meanwhile is left out).
+    fn each_entry(&self, f: &mut dyn FnMut(Entry)) -> io::Result<()> {
+        let mut visit = |path: PathBuf, kind: Kind| {
+            if let Ok(meta) = fs::metadata(&path) {
+                f(Entry {
                     path,
                     kind,
                     size: meta.len(),
                     accessed: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                })
-            })
-            .collect())
+                });
+            }
+        };
+        each_sharded(&self.root.join("blobs"), &mut |p, d| {
+            visit(p, Kind::Blob(d))
+        })?;
+        each_sharded(&self.root.join("manifests"), &mut |p, d| {
+            visit(p, Kind::Manifest(d))
+        })?;
+        each_file_under(&self.root.join("tags"), &mut |p| visit(p, Kind::Tag));
+        Ok(())
+    }
+
+    /// Walks the cache once: its totals, and the oldest entries not in use
+    /// that together hold at least `want` bytes. Memory grows with what is
+    /// selected, never with the cache.
+    fn walk(&self, want: u64) -> io::Result<Walk> {
+        let mut w = Walk::default();
+        self.each_entry(&mut |e| {
+            w.files += 1;
+            w.bytes += e.size;
+            if let Kind::Blob(d) = &e.kind {
+                w.blobs += 1;
+                if self.in_use(d) {
+                    w.in_use.push(e.accessed);
+                    return;
+                }
+            }
+            if want == 0 {
+                return;
+            }
+            w.oldest_bytes += e.size;
+            w.oldest.push(e);
+            // Drop the newest while the rest still cover `want`.
+            while w
+                .oldest
+                .peek()
+                .is_some_and(|top| w.oldest_bytes - top.size >= want)
+            {
+                if let Some(top) = w.oldest.pop() {
+                    w.oldest_bytes -= top.size;
+                }
+            }
+        })?;
+        Ok(w)
     }
 
     /// Evicts the least recently used blobs, manifests and tags until what
@@ -225,57 +277,89 @@ impl Store {
     /// `max_size`, or what the filesystem has beyond `min_free` (bytes
     /// reserved by downloads under way count as free: they never cause an
     /// eviction), whichever is smaller. A blob in use is never evicted.
+    ///
+    /// When the running totals are known (the daemon, once its start-up
+    /// count is done) and show every limit out of reach, nothing is
+    /// walked. Otherwise one walk finds the oldest entries that cover what
+    /// must go, without listing or sorting the whole cache.
     pub fn collect(&self, limits: Limits) -> io::Result<Report> {
         let stored_then = self.stored_bytes();
-        let mut entries = self.entries()?;
-        entries.sort_by_key(|e| e.accessed);
-        let mut report = Report {
-            files_before: entries.len() as u64,
-            bytes_before: entries.iter().map(|e| e.size).sum(),
-            blobs_before: entries
-                .iter()
-                .filter(|e| matches!(e.kind, Kind::Blob(_)))
-                .count() as u64,
-            ..Default::default()
-        };
-        let mut size = report.bytes_before;
         let free = free_bytes(&self.root)?.saturating_add(self.reserved_bytes());
-        let on_disk = size.saturating_add(free).saturating_sub(limits.min_free);
-        let room = limits.max_size.map_or(on_disk, |m| m.min(on_disk));
-        let target = room - room / HEADROOM;
-        for e in entries {
-            if size <= target {
-                break;
+        // The room is the same whatever is evicted: what goes frees as
+        // much on the filesystem.
+        let target = |size: u64| {
+            let on_disk = size.saturating_add(free).saturating_sub(limits.min_free);
+            let room = limits.max_size.map_or(on_disk, |m| m.min(on_disk));
+            room - room / HEADROOM
+        };
+        let mut report = Report::default();
+        let mut size = if self.counted() {
+            stored_then
+        } else {
+            // No running total (a tool, or the daemon before its count):
+            // count first, in one walk that keeps nothing.
+            let w = self.walk(0)?;
+            report.walked = true;
+            (report.files_before, report.blobs_before) = (w.files, w.blobs);
+            w.bytes
+        };
+        report.bytes_before = size;
+        if size <= target(size) {
+            report.bytes_after = size;
+            if report.walked {
+                self.set_counted(size);
             }
-            if let Kind::Blob(d) = &e.kind {
-                if self.in_use(d) {
-                    report.skipped_in_use += 1;
-                    continue;
+            return Ok(report);
+        }
+        let target = target(size);
+        for pass in 0..PASSES {
+            let w = self.walk(size.saturating_sub(target))?;
+            report.walked = true;
+            if pass == 0 {
+                (report.files_before, report.blobs_before) = (w.files, w.blobs);
+                report.bytes_before = w.bytes;
+            }
+            size = w.bytes;
+            let selected = w.oldest.into_sorted_vec();
+            let cutoff = selected.last().map(|e| e.accessed);
+            report.skipped_in_use = w
+                .in_use
+                .iter()
+                .filter(|t| cutoff.is_some_and(|c| **t <= c))
+                .count() as u64;
+            let mut freed_any = false;
+            for e in selected {
+                if size <= target {
+                    break;
                 }
-            }
-            match fs::remove_file(&e.path) {
-                Ok(()) => {
-                    size -= e.size;
-                    report.evicted += 1;
-                    report.evicted_bytes += e.size;
-                    match &e.kind {
-                        Kind::Blob(d) => {
-                            report.evicted_blobs += 1;
-                            self.content_gone(d);
-                            tracing::debug!(digest = %d, bytes = e.size, "evicted blob");
+                match fs::remove_file(&e.path) {
+                    Ok(()) => {
+                        size -= e.size;
+                        freed_any = true;
+                        report.evicted += 1;
+                        report.evicted_bytes += e.size;
+                        match &e.kind {
+                            Kind::Blob(d) => {
+                                report.evicted_blobs += 1;
+                                self.content_gone(d);
+                                tracing::debug!(digest = %d, bytes = e.size, "evicted blob");
+                            }
+                            Kind::Manifest(d) => self.content_gone(d),
+                            Kind::Tag => {}
                         }
-                        Kind::Manifest(d) => self.content_gone(d),
-                        Kind::Tag => {}
                     }
+                    Err(err) if err.kind() == io::ErrorKind::NotFound => size -= e.size,
+                    Err(err) => return Err(err),
                 }
-                Err(err) if err.kind() == io::ErrorKind::NotFound => size -= e.size,
-                Err(err) => return Err(err),
+            }
+            if size <= target || !freed_any {
+                break;
             }
         }
         report.bytes_after = size;
-        // What came in while the scan ran still counts.
+        // What came in while the walk ran still counts.
         let since = self.stored_bytes().saturating_sub(stored_then);
-        self.set_stored(size.saturating_add(since));
+        self.set_counted(size.saturating_add(since));
         Ok(report)
     }
 
@@ -292,26 +376,42 @@ impl Store {
     pub fn verify(&self) -> io::Result<(u64, Vec<PathBuf>)> {
         let mut checked = 0;
         let mut bad = Vec::new();
+        let mut failed = None;
         for kind in ["blobs", "manifests"] {
-            for (path, digest) in sharded_files(&self.root.join(kind))? {
+            each_sharded(&self.root.join(kind), &mut |path, digest| {
+                if failed.is_some() {
+                    return;
+                }
                 checked += 1;
                 let ok = match kind {
-                    "blobs" => hash_file(&path)? == digest,
-                    _ => self.manifest(&digest).is_ok(),
+                    "blobs" => hash_file(&path).map(|h| h == digest),
+                    _ => Ok(self.manifest(&digest).is_ok()),
                 };
-                if !ok {
-                    let dest = self
-                        .root
-                        .join("quarantine")
-                        .join(format!("{kind}-{}", digest.hex()));
-                    fs::rename(&path, &dest)?;
-                    self.content_gone(&digest);
-                    tracing::warn!(path = %path.display(), moved_to = %dest.display(), "corrupt cache file quarantined");
-                    bad.push(dest);
+                let dest = self
+                    .root
+                    .join("quarantine")
+                    .join(format!("{kind}-{}", digest.hex()));
+                match ok.and_then(|ok| {
+                    if ok {
+                        Ok(false)
+                    } else {
+                        fs::rename(&path, &dest).map(|()| true)
+                    }
+                }) {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        self.content_gone(&digest);
+                        tracing::warn!(path = %path.display(), moved_to = %dest.display(), "corrupt cache file quarantined");
+                        bad.push(dest);
+                    }
+                    Err(e) => failed = Some(e),
                 }
-            }
+            })?;
         }
-        Ok((checked, bad))
+        match failed {
+            Some(e) => Err(e),
+            None => Ok((checked, bad)),
+        }
     }
 }
 
@@ -420,6 +520,68 @@ mod tests {
             (after.manifests, after.tags, after.stored_bytes()),
             (0, 0, 0)
         );
+    }
+
+    #[test]
+    fn nothing_is_walked_while_the_running_total_is_within_every_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for i in 0..3u8 {
+            put(&store, &[i; 1000], 10);
+        }
+        // A running total that says 10 bytes: a walk would find 3,000.
+        store.set_counted(10);
+        let generous = Limits {
+            max_size: Some(1 << 30),
+            min_free: 0,
+        };
+        let r = store.collect(generous).unwrap();
+        assert!(!r.walked, "{r:?}");
+        assert_eq!((r.bytes_before, r.bytes_after, r.evicted), (10, 10, 0));
+        // A limit in reach of the (true) total: one walk, which evicts.
+        store.set_counted(3000);
+        let r = store
+            .collect(Limits {
+                max_size: Some(2000),
+                min_free: 0,
+            })
+            .unwrap();
+        assert!(r.walked);
+        assert_eq!((r.bytes_before, r.evicted, r.bytes_after), (3000, 2, 1000));
+        assert_eq!(store.stored_bytes(), 1000);
+        // A tool's store has no running total: it counts, keeping nothing.
+        let (tool, _) = Store::open_beside(dir.path()).unwrap();
+        let r = tool.collect(generous).unwrap();
+        assert!(r.walked);
+        assert_eq!((r.files_before, r.evicted), (1, 0));
+    }
+
+    #[test]
+    fn the_oldest_are_found_without_listing_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let blobs: Vec<Digest> = (0..1000u32)
+            .map(|i| {
+                let mut body = [0u8; 100];
+                body[..4].copy_from_slice(&i.to_le_bytes());
+                put(&store, &body, 10_000 - u64::from(i))
+            })
+            .collect();
+        // The selection for 100 blobs' bytes holds 100 entries, not 1,000.
+        let w = store.walk(100 * 100).unwrap();
+        assert_eq!((w.files, w.bytes), (1000, 100_000));
+        assert_eq!(w.oldest.len(), 100);
+        // Evicting a tenth takes exactly the oldest tenth.
+        let r = store
+            .collect(Limits {
+                max_size: Some(100_000),
+                min_free: 0,
+            })
+            .unwrap();
+        assert_eq!((r.evicted, r.bytes_after), (100, 90_000));
+        for (i, d) in blobs.iter().enumerate() {
+            assert_eq!(store.blob_path(d).exists(), i >= 100, "blob {i}");
+        }
     }
 
     #[test]

@@ -252,7 +252,8 @@ pub struct Foreign {
     /// A source of the blob on the reader's own route (its own fetch,
     /// started if need be, or the stored blob), when the followed fetch
     /// fails or falls behind; with a guard kept while reading it.
-    pub takeover: Box<dyn FnMut() -> Option<Takeover> + Send>,
+    pub takeover:
+        Box<dyn FnMut() -> futures_util::future::BoxFuture<'static, Option<Takeover>> + Send>,
     /// Bytes per second the followed fetch must keep up over `window`.
     pub healthy_rate: u64,
     pub window: Duration,
@@ -353,7 +354,7 @@ async fn same_bytes(a: Arc<File>, b: Arc<File>, start: u64, end: u64) -> Result<
 impl Read {
     /// Switches to a source on the reader's own route: the bytes sent so
     /// far (`start..pos`) came from the other route's file.
-    fn take_over(
+    async fn take_over(
         &mut self,
         start: u64,
         pos: u64,
@@ -362,7 +363,7 @@ impl Read {
         let Some(mut foreign) = self.foreign.take() else {
             return Err(why.to_string().into());
         };
-        let Some((file, progress, guard)) = (foreign.takeover)() else {
+        let Some((file, progress, guard)) = (foreign.takeover)().await else {
             return Err(format!("{why}; no fetch of the request's own route").into());
         };
         self._guard = guard;
@@ -399,7 +400,7 @@ async fn feed(
         let p = progress.borrow_and_update().clone();
         if let Some(why) = p.phase.failure() {
             if read.foreign.is_some() {
-                progress = read.take_over(start, pos, "failed")?;
+                progress = read.take_over(start, pos, "failed").await?;
                 (lag, closed) = (Lag::new(), false);
                 continue;
             }
@@ -480,7 +481,7 @@ async fn feed(
         }
         if closed {
             if read.foreign.is_some() {
-                progress = read.take_over(start, pos, "ended early")?;
+                progress = read.take_over(start, pos, "ended early").await?;
                 (lag, closed) = (Lag::new(), false);
                 continue;
             }
@@ -502,7 +503,7 @@ async fn feed(
             None => false,
         };
         if behind {
-            progress = read.take_over(start, pos, "fell behind")?;
+            progress = read.take_over(start, pos, "fell behind").await?;
             (lag, closed) = (Lag::new(), false);
         }
     }

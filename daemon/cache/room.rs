@@ -49,6 +49,9 @@ pub struct Room {
 #[derive(Default)]
 struct Counts {
     stored: u64,
+    /// `stored` is a count of what is there (the start-up count is done),
+    /// kept as files come and go; not yet: only what came in since start.
+    counted: bool,
     reserved: u64,
     budget: Budget,
 }
@@ -182,6 +185,19 @@ impl Store {
     /// Sets the bytes held, as a scan found them.
     pub fn set_stored(&self, bytes: u64) {
         self.room.counts.lock().stored = bytes;
+    }
+
+    /// Sets the bytes held, as a walk over the cache counted them: from
+    /// now on the running total stands for the cache.
+    pub fn set_counted(&self, bytes: u64) {
+        let mut c = self.room.counts.lock();
+        c.stored = bytes;
+        c.counted = true;
+    }
+
+    /// Whether the running total stands for the cache ([`Self::set_counted`]).
+    pub fn counted(&self) -> bool {
+        self.room.counts.lock().counted
     }
 
     /// A file of `added` bytes came in, or one of `removed` bytes went.

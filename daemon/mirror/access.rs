@@ -31,17 +31,6 @@ pub fn visible(cfg: &Config, origins: &[Namespace], ns: &Namespace, peer: bool) 
 }
 
 impl Mirror {
-    /// Whether the request may see the cached content `d` (its origins).
-    pub(super) fn sees(&self, pull: &Pull<'_>, d: &Digest) -> bool {
-        match self.store.origins(d) {
-            Ok(origins) => visible(&pull.snap.upstream, &origins, &pull.ns, pull.peer.is_some()),
-            Err(e) => {
-                tracing::warn!(digest = %d, error = %e, "unreadable origins; content not served from the cache");
-                false
-            }
-        }
-    }
-
     /// Records that `d` came through `ns` (off the async threads).
     pub(super) async fn record_origin(&self, d: &Digest, ns: &Namespace) {
         let (store, d, ns) = (self.store.clone(), d.clone(), ns.clone());

@@ -118,6 +118,7 @@ impl Mirror {
                     peer: pull.peer,
                     follow_others,
                 })
+                .await
                 .map_err(internal)?;
             let (flight, leader, own) = match source {
                 Source::Cached(file, len) => return Ok(Opened::cached(file, len)),
@@ -197,26 +198,35 @@ impl Mirror {
         let healthy_rate = snap.upstream.settings.takeover_rate;
         read::Foreign {
             takeover: Box::new(move || {
-                let want = Want {
-                    snap: &snap,
-                    ns: &ns,
-                    repository: &repository,
-                    digest: &digest,
-                    peer,
-                    follow_others: false,
-                };
-                match flights.get_or_start(want) {
-                    Ok(Source::Cached(file, len)) => {
-                        let (_, progress) = watch::channel(Progress::complete(len));
-                        Some((file, progress, None))
+                let (flights, snap, ns, repository, digest) = (
+                    flights.clone(),
+                    snap.clone(),
+                    ns.clone(),
+                    repository.clone(),
+                    digest.clone(),
+                );
+                Box::pin(async move {
+                    let want = Want {
+                        snap: &snap,
+                        ns: &ns,
+                        repository: &repository,
+                        digest: &digest,
+                        peer,
+                        follow_others: false,
+                    };
+                    match flights.get_or_start(want).await {
+                        Ok(Source::Cached(file, len)) => {
+                            let (_, progress) = watch::channel(Progress::complete(len));
+                            Some((file, progress, None))
+                        }
+                        Ok(Source::Flight { flight, .. }) => {
+                            let file = flight.file.try_clone().ok()?;
+                            let guard: Box<dyn Send + Sync> = Box::new(flight.reading());
+                            Some((file, flight.progress.clone(), Some(guard)))
+                        }
+                        _ => None,
                     }
-                    Ok(Source::Flight { flight, .. }) => {
-                        let file = flight.file.try_clone().ok()?;
-                        let guard: Box<dyn Send + Sync> = Box::new(flight.reading());
-                        Some((file, flight.progress.clone(), Some(guard)))
-                    }
-                    _ => None,
-                }
+                })
             }),
             healthy_rate,
             window: TAKEOVER_WINDOW,
@@ -234,7 +244,13 @@ impl Mirror {
         digest: Digest,
     ) -> Result<Response<ResponseBody>, ServeError> {
         let (snap, ns) = (&pull.snap, &pull.ns);
-        let cached = self.store.cached_blob(&digest).map_err(internal)?;
+        let cached = {
+            let (store, d) = (self.store.clone(), digest.clone());
+            crate::cache::pool::run(move || store.cached_blob(&d))
+                .await
+                .and_then(|r| r)
+                .map_err(internal)?
+        };
         let visible = cached
             .as_ref()
             .is_some_and(|b| access::visible(&snap.upstream, &b.origins, ns, pull.peer.is_some()));

@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -33,7 +33,7 @@ use super::limit::Limits;
 use super::pace::{Ctx, Unranged};
 use super::transfer;
 use crate::cache::ingest::{Ingest, IngestError, Phase, Progress, ReserveError};
-use crate::cache::Store;
+use crate::cache::{pool, Store};
 use crate::cluster::{Cluster, PeerRole};
 use crate::oci::{content_length, Content, ServeError};
 use crate::reference::{Digest, Namespace, Repository};
@@ -119,6 +119,8 @@ pub struct Flights {
     limits: Arc<Limits>,
     cluster: Option<Arc<Cluster>>,
     map: Mutex<HashMap<Digest, Vec<Arc<Flight>>>>,
+    /// Flights that have left the map, counted ([`Flights::get_or_start`]).
+    landed: AtomicU64,
     /// Told each time the last fetch under way ends.
     idle: Notify,
 }
@@ -136,6 +138,7 @@ impl Flights {
             limits,
             cluster,
             map: Mutex::default(),
+            landed: AtomicU64::new(0),
             idle: Notify::new(),
         })
     }
@@ -170,6 +173,7 @@ impl Flights {
                 map.remove(digest);
             }
         }
+        self.landed.fetch_add(1, Ordering::Release);
         if map.is_empty() {
             self.idle.notify_one();
         }
@@ -181,7 +185,12 @@ impl Flights {
     /// for a peer asking as the owner goes to the upstreams only; a peer
     /// asking as a holder gets what is here or nothing. Peers never get
     /// content not shared with them, and never make a namespace an origin.
-    pub fn get_or_start(self: &Arc<Self>, want: Want<'_>) -> io::Result<Source> {
+    ///
+    /// The store is looked at on the disk pool, outside the lock (opening
+    /// the file, reading its origins, refreshing its time); a new fetch's
+    /// temp file is made there too. Under the lock only the map is read
+    /// and changed, so a slow disk holds no other request.
+    pub async fn get_or_start(self: &Arc<Self>, want: Want<'_>) -> io::Result<Source> {
         let Want {
             snap,
             ns,
@@ -191,83 +200,144 @@ impl Flights {
             follow_others,
         } = want;
         let cfg = &snap.upstream;
-        let mut map = self.map.lock();
-        // The store first: a blob committed by a flight still about to
-        // leave the map is answered from its file (sendfile), not by
-        // following the finished flight. Checked under the lock: a flight
-        // commits before it leaves the map, so a blob is either in the
-        // store or in the map, never neither while it is being fetched.
-        if let Some(blob) = self.store.cached_blob(digest)? {
-            let (file, len) = (blob.file, blob.len);
-            if access::visible(cfg, &blob.origins, ns, peer.is_some()) {
-                return Ok(Source::Cached(file, len));
+        /// What the map says, decided under its lock.
+        enum Step {
+            Answer(Source),
+            LookAgain,
+            Prepare,
+            Started(Arc<Flight>, Ingest, Option<Arc<upstream::PeerPlan>>),
+        }
+        let mut prepared: Option<(Ingest, File)> = None;
+        // Looks again after a landing, a few times at most (then, at
+        // worst, a blob is fetched twice, which is still right).
+        let mut relooks = 0;
+        'look: loop {
+            // A flight that lands between this look and the lock below
+            // bumps `landed`: its blob may be in the store now, so look
+            // again rather than fetch it twice.
+            let seen = self.landed.load(Ordering::Acquire);
+            let cached = {
+                let (store, d) = (self.store.clone(), digest.clone());
+                pool::run(move || store.cached_blob(&d)).await??
+            };
+            loop {
+                let step = {
+                    let mut map = self.map.lock();
+                    let under_way = map.get(digest).map(Vec::as_slice).unwrap_or_default();
+                    let own = under_way.iter().find(|f| f.route == *ns).cloned();
+                    let other = under_way
+                        .iter()
+                        .find(|f| f.public && follow_others)
+                        .cloned();
+                    let visible = cached
+                        .as_ref()
+                        .map(|b| access::visible(cfg, &b.origins, ns, peer.is_some()));
+                    match (&cached, visible) {
+                        (None, _)
+                            if under_way.is_empty()
+                                && relooks < 3
+                                && self.landed.load(Ordering::Acquire) != seen =>
+                        {
+                            Step::LookAgain
+                        }
+                        (Some(b), Some(true)) => {
+                            Step::Answer(Source::Cached(b.file.try_clone()?, b.len))
+                        }
+                        (Some(_), _) if peer.is_some() => Step::Answer(Source::NotHeld),
+                        (Some(b), _) if cfg.vouches_for(ns) => {
+                            Step::Answer(Source::Unconfirmed(b.file.try_clone()?, b.len))
+                        }
+                        // Not cached, or cached under origins this namespace
+                        // may not see and it is one anyone may name: it
+                        // proves it serves the digest only by serving it, a
+                        // fetch of its own, verified.
+                        _ => match (own, other) {
+                            (Some(flight), _) => Step::Answer(Source::Flight {
+                                flight,
+                                leader: None,
+                                own: true,
+                            }),
+                            (None, Some(flight)) => Step::Answer(Source::Flight {
+                                flight,
+                                leader: None,
+                                own: false,
+                            }),
+                            _ if peer == Some(PeerRole::Holder) => Step::Answer(Source::NotHeld),
+                            _ => match prepared.take() {
+                                None => Step::Prepare,
+                                Some((ingest, file)) => {
+                                    let peers = match (peer, &self.cluster) {
+                                        (None, Some(c)) => c.plan(cfg, ns, digest),
+                                        _ => None,
+                                    };
+                                    let flight = Arc::new(Flight {
+                                        progress: ingest.subscribe(),
+                                        file,
+                                        route: ns.clone(),
+                                        public: !cfg.is_private(ns),
+                                        readers: AtomicUsize::new(0),
+                                    });
+                                    map.entry(digest.clone()).or_default().push(flight.clone());
+                                    Step::Started(flight, ingest, peers)
+                                }
+                            },
+                        },
+                    }
+                };
+                match step {
+                    Step::Answer(source) => {
+                        if let Some(unused) = prepared.take() {
+                            // Another request started the fetch meanwhile.
+                            let _ = pool::run(move || drop(unused)).await;
+                        }
+                        return Ok(source);
+                    }
+                    Step::LookAgain => {
+                        relooks += 1;
+                        continue 'look;
+                    }
+                    Step::Prepare => {
+                        // The temp file, off the lock; then the map again
+                        // (another request may have started meanwhile).
+                        let (store, d) = (self.store.clone(), digest.clone());
+                        prepared = Some(
+                            pool::run(move || -> io::Result<(Ingest, File)> {
+                                let ingest = Ingest::start(&store, &d)?;
+                                let file = ingest.reader()?;
+                                Ok((ingest, file))
+                            })
+                            .await??,
+                        );
+                    }
+                    Step::Started(flight, ingest, peers) => {
+                        let (leader, leader_rx) = mpsc::channel(LEADER_FRAMES);
+                        let req = UpstreamRequest {
+                            method: Method::GET,
+                            namespace: ns.clone(),
+                            repository: Some(repository.clone()),
+                            query: Vec::new(),
+                            tail: format!("blobs/{digest}"),
+                            needs_resolve: false,
+                            accept: None,
+                            range: None,
+                            peers,
+                        };
+                        let landing = Landing {
+                            flights: self.clone(),
+                            digest: digest.clone(),
+                            flight: flight.clone(),
+                            ingest: Some(ingest),
+                        };
+                        tokio::spawn(landing.fly(snap.clone(), req, leader));
+                        return Ok(Source::Flight {
+                            flight,
+                            leader: Some(leader_rx),
+                            own: true,
+                        });
+                    }
+                }
             }
-            if peer.is_some() {
-                return Ok(Source::NotHeld);
-            }
-            if cfg.vouches_for(ns) {
-                return Ok(Source::Unconfirmed(file, len));
-            }
-            // A namespace anyone may name proves it serves the digest
-            // only by serving it: a fetch of its own, verified.
         }
-        let under_way = map.get(digest).map(Vec::as_slice).unwrap_or_default();
-        if let Some(f) = under_way.iter().find(|f| f.route == *ns) {
-            return Ok(Source::Flight {
-                flight: f.clone(),
-                leader: None,
-                own: true,
-            });
-        }
-        let other = under_way.iter().find(|f| f.public && follow_others);
-        if let Some(f) = other {
-            return Ok(Source::Flight {
-                flight: f.clone(),
-                leader: None,
-                own: false,
-            });
-        }
-        if peer == Some(PeerRole::Holder) {
-            return Ok(Source::NotHeld);
-        }
-        let peers = match (peer, &self.cluster) {
-            (None, Some(c)) => c.plan(cfg, ns, digest),
-            _ => None,
-        };
-        let ingest = Ingest::start(&self.store, digest)?;
-        let flight = Arc::new(Flight {
-            progress: ingest.subscribe(),
-            file: ingest.reader()?,
-            route: ns.clone(),
-            public: !cfg.is_private(ns),
-            readers: AtomicUsize::new(0),
-        });
-        map.entry(digest.clone()).or_default().push(flight.clone());
-        drop(map);
-        let (leader, leader_rx) = mpsc::channel(LEADER_FRAMES);
-        let req = UpstreamRequest {
-            method: Method::GET,
-            namespace: ns.clone(),
-            repository: Some(repository.clone()),
-            query: Vec::new(),
-            tail: format!("blobs/{digest}"),
-            needs_resolve: false,
-            accept: None,
-            range: None,
-            peers,
-        };
-        let landing = Landing {
-            flights: self.clone(),
-            digest: digest.clone(),
-            flight: flight.clone(),
-            ingest: Some(ingest),
-        };
-        tokio::spawn(landing.fly(snap.clone(), req, leader));
-        Ok(Source::Flight {
-            flight,
-            leader: Some(leader_rx),
-            own: true,
-        })
     }
 
     /// Find an endpoint, reserve the space, move the body in
