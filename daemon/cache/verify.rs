@@ -37,8 +37,11 @@ const NEXT_FILE: &str = "verify.next";
 /// second (read anew for every blob, so a reload changes it).
 pub async fn run(store: Arc<Store>, rate: impl Fn() -> u64) {
     let next = store.root().join(NEXT_FILE);
-    let mut shard = fs::read_to_string(&next)
+    let path = next.clone();
+    let mut shard = pool::run(move || fs::read_to_string(path))
+        .await
         .ok()
+        .and_then(Result::ok)
         .and_then(|t| u8::from_str_radix(t.trim(), 16).ok())
         .unwrap_or(0);
     loop {
@@ -56,7 +59,8 @@ pub async fn run(store: Arc<Store>, rate: impl Fn() -> u64) {
             }
         }
         shard = shard.wrapping_add(1);
-        let _ = fs::write(&next, format!("{shard:02x}\n"));
+        let (path, text) = (next.clone(), format!("{shard:02x}\n"));
+        let _ = pool::run(move || fs::write(path, text)).await;
         if shard == 0 {
             tracing::debug!("background verification finished a pass over the cache");
             tokio::time::sleep(BETWEEN_PASSES).await;
@@ -89,7 +93,8 @@ async fn blobs_of(store: &Arc<Store>, shard: u8) -> Vec<Digest> {
 
 /// Hashes one blob at `rate` bytes a second; a mismatch quarantines it.
 async fn check(store: &Arc<Store>, d: &Digest, rate: u64) -> io::Result<()> {
-    let file = match fs::File::open(store.blob_path(d)) {
+    let path = store.blob_path(d);
+    let file = match pool::run(move || fs::File::open(path)).await? {
         Ok(f) => Arc::new(f),
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
@@ -120,7 +125,11 @@ async fn check(store: &Arc<Store>, d: &Digest, rate: u64) -> io::Result<()> {
         }
     }
     if Digest::from_hasher(hasher) != *d {
-        store.quarantine_blob(d, "its bytes no longer match its digest (background check)");
+        let (store, d) = (store.clone(), d.clone());
+        pool::run(move || {
+            store.quarantine_blob(&d, "its bytes no longer match its digest (background check)")
+        })
+        .await?;
     }
     Ok(())
 }
