@@ -127,7 +127,10 @@ async fn check(store: &Arc<Store>, d: &Digest, rate: u64) -> io::Result<()> {
     if Digest::from_hasher(hasher) != *d {
         let (store, d) = (store.clone(), d.clone());
         pool::run(move || {
-            store.quarantine_blob(&d, "its bytes no longer match its digest (background check)")
+            store.quarantine_blob(
+                &d,
+                "its bytes no longer match its digest (background check)",
+            )
         })
         .await?;
     }
