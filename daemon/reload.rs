@@ -27,19 +27,20 @@ const SETTLE: Duration = Duration::from_millis(300);
 /// stays and the reload's result, should it come, is dropped.
 const RELOAD_TIME: Duration = Duration::from_secs(30);
 
-/// Reloads everything (blocking: files are read); returns a status line
-/// for systemd. Nothing is published once `abandoned` is set.
-pub fn apply(app: &App, abandoned: &AtomicBool) -> String {
+/// Reloads everything (blocking: files are read) and puts it in force;
+/// returns a status line for systemd and the snapshot that was replaced,
+/// if one was. Nothing is published once `abandoned` is set.
+fn publish(app: &App, abandoned: &AtomicBool) -> (String, Option<Arc<Snapshot>>) {
     let current = &app.live.load().settings;
     let next = current
         .reload()
         .and_then(|new| Snapshot::build(&app.mirror.upstream, new, app.live.next_generation()));
     let next = match next {
         Ok(s) => s,
-        Err(errors) => return failed(&errors.0),
+        Err(errors) => return (failed(&errors.0), None),
     };
     if abandoned.load(Ordering::Acquire) {
-        return "reload abandoned".into();
+        return ("reload abandoned".into(), None);
     }
     let new = &next.settings;
     if new.listen != current.listen {
@@ -70,9 +71,65 @@ pub fn apply(app: &App, abandoned: &AtomicBool) -> String {
         Err(e) => tracing::warn!(error = %e, "cache limits not applied"),
     }
     let status = format!("reloaded {}", new.hosts_dir.display());
-    app.live.publish(next);
+    let old = app.live.publish(next);
     tracing::info!("configuration reloaded");
-    status
+    (status, Some(old))
+}
+
+/// How long the reload waits for the requests that hold the snapshot it
+/// replaced, to free it itself.
+const RETIRE_WAIT: Duration = Duration::from_secs(1);
+
+/// Drops the replaced snapshot here, on the reload's thread, once the
+/// requests that started with it are done (a big configuration's drop is
+/// work no request should do); after [`RETIRE_WAIT`] the last holder
+/// drops it.
+fn retire(old: Arc<Snapshot>) {
+    let deadline = std::time::Instant::now() + RETIRE_WAIT;
+    while Arc::strong_count(&old) > 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(old);
+}
+
+/// Reloads on a thread of its own at a lower CPU priority (nice 10):
+/// reading and parsing a large configuration never takes a core from the
+/// requests. The status line comes back as soon as the new snapshot is
+/// in force; the old one is retired after that.
+fn in_background(
+    app: Arc<App>,
+    abandoned: Arc<AtomicBool>,
+) -> tokio::sync::oneshot::Receiver<String> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    // What the reload starts (the cluster's DNS refresher) runs on the
+    // daemon's runtime.
+    let runtime = tokio::runtime::Handle::current();
+    let spawned = std::thread::Builder::new()
+        .name("nodemirror-reload".into())
+        .spawn(move || {
+            let _runtime = runtime.enter();
+            lower_priority();
+            let (status, old) = publish(&app, &abandoned);
+            let _ = tx.send(status);
+            if let Some(old) = old {
+                retire(old);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the reload thread");
+    }
+    rx
+}
+
+/// Nice 10 for the calling thread (on Linux a thread's own).
+#[allow(unsafe_code)]
+fn lower_priority() {
+    // SAFETY: setpriority with PRIO_PROCESS and 0 changes only the calling
+    // thread's nice value; it touches no memory.
+    let r = unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, 10) };
+    if r != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "reload thread keeps its priority");
+    }
 }
 
 /// Logs each problem; returns the status line of a failed reload.
@@ -108,7 +165,7 @@ async fn reload_now(app: &Arc<App>) {
     let abandoned = Arc::new(AtomicBool::new(false));
     let work = {
         let (app, abandoned) = (app.clone(), abandoned.clone());
-        tokio::task::spawn_blocking(move || apply(&app, &abandoned))
+        in_background(app, abandoned)
     };
     let status = match tokio::time::timeout(RELOAD_TIME, work).await {
         Ok(Ok(status)) => status,

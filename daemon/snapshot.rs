@@ -66,9 +66,10 @@ impl Live {
         self.generation.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Puts `next` in force: requests that start from now on see it.
-    pub fn publish(&self, next: Snapshot) {
-        self.current.store(Arc::new(next));
+    /// Puts `next` in force: requests that start from now on see it. The
+    /// snapshot it replaces comes back.
+    pub fn publish(&self, next: Snapshot) -> Arc<Snapshot> {
+        self.current.swap(Arc::new(next))
     }
 }
 
