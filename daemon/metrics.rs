@@ -113,6 +113,9 @@ pub struct Metrics {
     pub sent_by_sendfile: Counter,
     /// Of those, bytes of blobs still being fetched (handed out as parts).
     pub sent_in_flight: Counter,
+    /// sendfile(2) chunks whose pages were not in the page cache, read
+    /// from disk on the disk pool first.
+    pub sendfile_disk_reads: Counter,
     /// Failed attempts, by endpoint and reason.
     pub upstream_errors: Family,
     /// Moves to the next endpoint after a failure, by the endpoint left.
@@ -304,6 +307,13 @@ impl Metrics {
             "Of those, bytes of blobs still being fetched (clients following a download)",
             sent_in_flight.clone(),
         );
+        let sendfile_disk_reads = Counter::default();
+        r.register(
+            "nodemirror_sendfile_disk_reads",
+            "Chunks of cached blobs that were not in the page cache, read from disk on the disk \
+             pool before sendfile(2) sent them (never on a request worker)",
+            sendfile_disk_reads.clone(),
+        );
         let cache_bytes = gauge(
             r,
             "nodemirror_cache_size_bytes",
@@ -376,6 +386,7 @@ impl Metrics {
             served_from_upstream,
             sent_by_sendfile,
             sent_in_flight,
+            sendfile_disk_reads,
             upstream_errors,
             fallbacks,
             credentials_refused,

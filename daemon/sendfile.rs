@@ -25,6 +25,7 @@
 //! 0.022).
 
 use std::fs::File;
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::os::fd::AsFd;
 use std::pin::Pin;
@@ -111,10 +112,7 @@ impl Mappings {
         end: u64,
         held: &Arc<InUse>,
     ) -> io::Result<Bytes> {
-        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-            .ok()
-            .flatten()
-            .map_or(4096, |p| p as u64);
+        let page = page_size() as u64;
         let aligned = start - start % page;
         let map = map_read_only(file, aligned, end - aligned)?;
         let frame = self.register(map, file.clone(), aligned, held.clone());
@@ -195,6 +193,16 @@ pub struct Stream {
     /// A sendfile call was made in this turn of the task: the next one
     /// yields first.
     sent_this_turn: bool,
+    /// The next chunk, not in the page cache, being read on the disk pool.
+    warming: Option<Warming>,
+}
+
+/// A chunk of a mapped file being read from disk on the disk pool, so
+/// that the sendfile(2) that follows finds its pages in the page cache and
+/// does not wait for the disk on the connection's worker.
+struct Warming {
+    offset: u64,
+    done: Pin<Box<dyn Future<Output = io::Result<()>> + Send>>,
 }
 
 impl Stream {
@@ -204,6 +212,7 @@ impl Stream {
             mappings: Arc::default(),
             corked: false,
             sent_this_turn: false,
+            warming: None,
         }
     }
 
@@ -224,22 +233,27 @@ impl Stream {
         self.mappings.clone()
     }
 
-    /// Sends up to [`MAX_SEND`] bytes of a mapped slice of `len` bytes,
-    /// corked until the slice's last byte is sent.
+    /// Sends up to [`MAX_SEND`] bytes of a mapped slice (`slice`, which
+    /// shows `file` from `offset`), corked until the slice's last byte is
+    /// sent. A chunk whose pages are not all in the page cache is first
+    /// read on the disk pool: sendfile then copies from memory and never
+    /// waits for the disk here.
     fn poll_sendfile(
         &mut self,
         cx: &mut Context<'_>,
-        file: &File,
+        file: &Arc<File>,
         offset: u64,
-        len: usize,
+        slice: &[u8],
     ) -> Poll<io::Result<usize>> {
         if std::mem::take(&mut self.sent_this_turn) {
             // One chunk per turn: let the worker run other tasks first.
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
-        self.cork(true);
+        let len = slice.len();
         let count = len.min(MAX_SEND);
+        ready!(self.poll_warm(cx, file, offset, &slice[..count]));
+        self.cork(true);
         loop {
             ready!(self.tcp.poll_write_ready(cx))?;
             let sent = self.tcp.try_io(Interest::WRITABLE, || {
@@ -265,6 +279,104 @@ impl Stream {
     }
 }
 
+impl Stream {
+    /// Ready once `chunk` (file bytes from `offset`) is in the page cache:
+    /// at once when it already is (mincore(2) on the mapping says so),
+    /// else after a read of it on the disk pool.
+    fn poll_warm(
+        &mut self,
+        cx: &mut Context<'_>,
+        file: &Arc<File>,
+        offset: u64,
+        chunk: &[u8],
+    ) -> Poll<()> {
+        let mut warming = match self.warming.take() {
+            Some(w) if w.offset == offset => w,
+            // A chunk read for another write is no longer wanted.
+            _ => {
+                if resident(chunk) {
+                    return Poll::Ready(());
+                }
+                METRICS.sendfile_disk_reads.inc();
+                let (file, count) = (file.clone(), chunk.len());
+                let read = crate::cache::pool::run(move || read_through(&file, offset, count));
+                Warming {
+                    offset,
+                    done: Box::pin(async move { read.await? }),
+                }
+            }
+        };
+        match warming.done.as_mut().poll(cx) {
+            // A read error is left for sendfile to meet and report.
+            Poll::Ready(_) => Poll::Ready(()),
+            Poll::Pending => {
+                self.warming = Some(warming);
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// The system's page size.
+fn page_size() -> usize {
+    static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *PAGE.get_or_init(|| {
+        nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .map_or(4096, |p| p as usize)
+    })
+}
+
+/// Whether every page under `chunk`, a slice of a live file mapping, is in
+/// the page cache. When mincore(2) cannot tell (an error, or a chunk over
+/// more pages than [`MAX_SEND`] makes), it says yes: the chunk is then
+/// sent as it would be without the check.
+#[allow(unsafe_code)]
+fn resident(chunk: &[u8]) -> bool {
+    const MOST: usize = MAX_SEND / 4096 + 2;
+    let page = page_size();
+    let at = chunk.as_ptr() as usize;
+    let start = at - at % page;
+    let span = at + chunk.len() - start;
+    let pages = span.div_ceil(page);
+    if chunk.is_empty() || pages > MOST {
+        return true;
+    }
+    let mut flags = [0u8; MOST];
+    // SAFETY: `start..start + span` lies inside the mapping that `chunk`
+    // is a slice of (mappings start on a page boundary and `chunk` is
+    // borrowed, so the mapping is live); mincore only reads the page
+    // tables and writes one byte per page into `flags`, which has room
+    // for `pages` bytes.
+    let r =
+        unsafe { nix::libc::mincore(start as *mut nix::libc::c_void, span, flags.as_mut_ptr()) };
+    r != 0 || flags[..pages].iter().all(|f| f & 1 == 1)
+}
+
+/// Reads `count` bytes of `file` from `offset` (on the disk pool), so that
+/// they are in the page cache; the bytes themselves are dropped.
+fn read_through(file: &File, offset: u64, count: usize) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    const STEP: usize = 64 << 10;
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; STEP]);
+    }
+    SCRATCH.with_borrow_mut(|buf| {
+        let mut done = 0;
+        while done < count {
+            let want = (count - done).min(STEP);
+            match file.read_at(&mut buf[..want], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    })
+}
+
 impl AsyncRead for Stream {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -282,7 +394,7 @@ impl AsyncWrite for Stream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         if let Some((file, offset)) = self.mappings.find(buf) {
-            return self.poll_sendfile(cx, &file, offset, buf.len());
+            return self.poll_sendfile(cx, &file, offset, buf);
         }
         Pin::new(&mut self.tcp).poll_write(cx, buf)
     }
@@ -301,7 +413,7 @@ impl AsyncWrite for Stream {
             }
             if let Some((file, offset)) = self.mappings.find(b) {
                 if before == 0 {
-                    return self.poll_sendfile(cx, &file, offset, b.len());
+                    return self.poll_sendfile(cx, &file, offset, b);
                 }
                 return Pin::new(&mut self.tcp).poll_write_vectored(cx, &bufs[..i]);
             }

@@ -272,3 +272,77 @@ async fn a_stuck_cache_file_holds_only_its_own_request() {
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(&r.bytes()[..], b"behind a stuck file");
 }
+
+/// Drops `path`'s pages from the page cache (it is synced first, so none
+/// is dirty) and tells how many of its pages are still there.
+fn evict_from_page_cache(path: &Path) -> usize {
+    use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
+    let file = std::fs::File::open(path).unwrap();
+    file.sync_all().unwrap();
+    posix_fadvise(&file, 0, 0, PosixFadviseAdvice::POSIX_FADV_DONTNEED).unwrap();
+    let out = std::process::Command::new("fincore")
+        .args(["--raw", "--noheadings", "--output", "PAGES"])
+        .arg(path)
+        .output()
+        .expect("fincore (util-linux)");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// The value of a counter on the daemon's `/metrics`.
+async fn counter(port: u16, name: &str) -> u64 {
+    let r = get(&format!("http://127.0.0.1:{port}/metrics")).await;
+    let text = String::from_utf8_lossy(r.bytes()).to_string();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} is not on /metrics"))
+}
+
+/// A cached blob whose pages are not in the page cache (as after a
+/// reboot, or once memory pressure dropped them): the chunks that sendfile
+/// would have read from disk on the connection's worker are read on the
+/// disk pool first (the metric counts them), and the client gets every
+/// byte right; once they are in memory, nothing is read ahead again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_not_in_memory_is_read_from_disk_off_the_workers() {
+    let hosts = tempfile::tempdir().unwrap();
+    crate::support::write_hosts(
+        hosts.path(),
+        &[(
+            "cold.test",
+            format!("server = \"http://127.0.0.1:{}\"\n", free_port()),
+        )],
+    );
+    // On the build's disk, not a tmpfs: its pages can leave memory.
+    let cache = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let body = noise(8 << 20, 93);
+    let digest = plant_blob(cache.path(), "cold.test", &body);
+    let hex = digest.strip_prefix("sha256:").unwrap();
+    let file = cache.path().join("blobs/sha256").join(&hex[..2]).join(hex);
+    let bin = Binary::start_in(
+        hosts.path(),
+        Some(cache.path()),
+        "[cache]\nverify_rate = 0\n",
+        &[],
+    )
+    .await;
+    let name = "nodemirror_sendfile_disk_reads_total";
+    assert_eq!(counter(bin.port, name).await, 0);
+    let left = evict_from_page_cache(&file);
+    assert!(
+        left < 64,
+        "the file system keeps {left} of the blob's pages in memory: this test needs one that lets them go"
+    );
+    let url = format!(
+        "http://127.0.0.1:{}/v2/app/blobs/{digest}?ns=cold.test",
+        bin.port
+    );
+    let r = get(&url).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(sha256(r.bytes()), digest, "every byte right");
+    let read = counter(bin.port, name).await;
+    assert!(read >= 1, "no chunk was read on the disk pool");
+    // In memory now: sent as it is.
+    let r = get(&url).await;
+    assert_eq!(sha256(r.bytes()), digest);
+    assert_eq!(counter(bin.port, name).await, read, "nothing to read again");
+}

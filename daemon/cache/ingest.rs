@@ -303,22 +303,37 @@ impl Ingest {
 
     /// Publishes how the ingest ended, removing the temporary file first
     /// unless the blob is in the store.
+    /// The file is removed on the disk pool (never on an async worker),
+    /// and the end is published once it is gone.
     pub fn end(mut self, phase: Phase) {
-        self.remove_temp();
-        self.progress.send_modify(|p| p.phase = phase);
+        let progress = self.progress.clone();
+        let publish = move || progress.send_modify(|p| p.phase = phase);
+        match self.take_temp() {
+            Some(tmp) => super::pool::detach(move || {
+                let _ = std::fs::remove_file(&tmp);
+                publish();
+            }),
+            None => publish(),
+        }
     }
 
-    fn remove_temp(&mut self) {
-        if !self.committed {
-            let _ = std::fs::remove_file(&self.tmp);
-            self.committed = true; // nothing left to remove
+    /// The temporary file's path, once, unless the blob is in the store.
+    fn take_temp(&mut self) -> Option<PathBuf> {
+        if self.committed {
+            return None;
         }
+        self.committed = true; // nothing left to remove
+        Some(self.tmp.clone())
     }
 }
 
 impl Drop for Ingest {
     fn drop(&mut self) {
-        self.remove_temp();
+        if let Some(tmp) = self.take_temp() {
+            super::pool::detach(move || {
+                let _ = std::fs::remove_file(&tmp);
+            });
+        }
     }
 }
 

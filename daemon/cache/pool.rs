@@ -1,5 +1,7 @@
 //! The bounded pool that does the daemon's disk and hashing work: writes
-//! and hashes of ingests, reads of files for clients, fsync and rename.
+//! and hashes of ingests, reads of files for clients (and of chunks sendfile
+//! will send, when they are not in the page cache), fsync and rename, the
+//! removal of abandoned temporary files.
 //!
 //! Each job is short (one batch of at most a few MiB): no thread is held
 //! for the life of a download or a response, so any number of slow
@@ -60,5 +62,15 @@ where
                 .map_err(|_| io::Error::other("the disk pool dropped a job")),
             Started::Tokio(handle) => handle.await.map_err(|e| io::Error::other(e.to_string())),
         }
+    }
+}
+
+/// Starts `job` on the pool and does not wait for it (a clean-up that
+/// nobody waits on, like removing a temporary file from a `Drop`). Without
+/// a pool it runs here.
+pub fn detach(job: impl FnOnce() + Send + 'static) {
+    match POOL.as_ref() {
+        Some(pool) => pool.spawn(job),
+        None => job(),
     }
 }
