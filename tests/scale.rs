@@ -346,3 +346,62 @@ async fn a_blob_not_in_memory_is_read_from_disk_off_the_workers() {
     assert_eq!(sha256(r.bytes()), digest);
     assert_eq!(counter(bin.port, name).await, read, "nothing to read again");
 }
+
+/// Small cached blobs are read whole with their lookup (one trip to the
+/// disk pool): every size around the threshold, whole and in ranges,
+/// gets exactly its bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_cached_blobs_are_served_whole_and_in_ranges() {
+    use http::Method;
+    let hosts = tempfile::tempdir().unwrap();
+    crate::support::write_hosts(
+        hosts.path(),
+        &[(
+            "small.test",
+            format!("server = \"http://127.0.0.1:{}\"\n", free_port()),
+        )],
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let sizes = [1usize, 4 << 10, (64 << 10) - 1, 64 << 10, (64 << 10) + 1];
+    let blobs: Vec<(Vec<u8>, String)> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let body = noise(n, 100 + i as u64);
+            let digest = plant_blob(cache.path(), "small.test", &body);
+            (body, digest)
+        })
+        .collect();
+    let bin = Binary::start_in(hosts.path(), Some(cache.path()), "", &[]).await;
+    for (body, digest) in &blobs {
+        let n = body.len();
+        let url = format!(
+            "http://127.0.0.1:{}/v2/app/blobs/{digest}?ns=small.test",
+            bin.port
+        );
+        let r = get(&url).await;
+        assert_eq!(r.status, StatusCode::OK, "{n} bytes");
+        assert_eq!(r.header("content-length"), n.to_string());
+        assert_eq!(r.bytes().as_ref(), &body[..], "{n} bytes whole");
+        let last = n - 1;
+        let cases = [
+            (format!("bytes=0-{last}"), 0, n),
+            (format!("bytes={}-", last), last, n),
+            ("bytes=-1".to_string(), last, n),
+            (format!("bytes={}-{}", n / 2, last.max(n / 2)), n / 2, n),
+        ];
+        for (range, from, to) in cases {
+            let r = crate::support::request(Method::GET, &url, &[("range", &range)]).await;
+            assert_eq!(r.status, StatusCode::PARTIAL_CONTENT, "{n} bytes, {range}");
+            assert_eq!(
+                r.header("content-range"),
+                format!("bytes {from}-{}/{n}", to - 1),
+                "{n} bytes, {range}"
+            );
+            assert_eq!(r.bytes().as_ref(), &body[from..to], "{n} bytes, {range}");
+        }
+        let r =
+            crate::support::request(Method::GET, &url, &[("range", &format!("bytes={n}-"))]).await;
+        assert_eq!(r.status, StatusCode::RANGE_NOT_SATISFIABLE, "{n} bytes");
+    }
+}
