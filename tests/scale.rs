@@ -347,9 +347,8 @@ async fn a_blob_not_in_memory_is_read_from_disk_off_the_workers() {
     assert_eq!(counter(bin.port, name).await, read, "nothing to read again");
 }
 
-/// Small cached blobs are read whole with their lookup (one trip to the
-/// disk pool): every size around the threshold, whole and in ranges,
-/// gets exactly its bytes.
+/// Cached blobs around the sendfile threshold (64 KiB: below it the read
+/// path, from it sendfile), whole and in ranges, get exactly their bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_cached_blobs_are_served_whole_and_in_ranges() {
     use http::Method;

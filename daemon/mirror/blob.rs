@@ -19,7 +19,7 @@ use http::{Response, StatusCode};
 use tokio::sync::{mpsc, watch};
 
 use super::access;
-use super::flight::{Reading, Source, Stored, Want};
+use super::flight::{Reading, Source, Want};
 use super::range::{self, RangeSpec};
 use super::{internal, Mirror, Pull};
 use crate::cache::ingest::{Phase, Progress};
@@ -45,22 +45,19 @@ struct Opened {
     foreign: Option<read::Foreign>,
     /// Counts this request among the readers of the fetch it follows.
     reading: Option<Reading>,
-    /// A small cached blob, already read whole.
-    content: Option<Bytes>,
 }
 
 impl Opened {
-    fn cached(stored: Stored) -> Opened {
+    fn cached(file: File, len: u64) -> Opened {
         METRICS.cache.inc(&[("kind", "blob"), ("result", "hit")]);
-        let (_, progress) = watch::channel(Progress::complete(stored.len));
+        let (_, progress) = watch::channel(Progress::complete(len));
         Opened {
-            file: stored.file,
+            file,
             progress,
             leader: None,
             cached: true,
             foreign: None,
             reading: None,
-            content: stored.content.filter(|c| c.len() as u64 == stored.len),
         }
     }
 }
@@ -124,11 +121,11 @@ impl Mirror {
                 .await
                 .map_err(internal)?;
             let (flight, leader, own) = match source {
-                Source::Cached(stored) => return Ok(Opened::cached(stored)),
-                Source::Unconfirmed(stored) => {
+                Source::Cached(file, len) => return Ok(Opened::cached(file, len)),
+                Source::Unconfirmed(file, len) => {
                     let tail = format!("blobs/{digest}");
                     self.confirm(pull, repository, &tail, digest, None).await?;
-                    return Ok(Opened::cached(stored));
+                    return Ok(Opened::cached(file, len));
                 }
                 Source::Flight {
                     flight,
@@ -182,7 +179,6 @@ impl Mirror {
                 cached: false,
                 foreign: (!own).then(|| self.takeover(pull, repository, digest)),
                 reading: Some(reading),
-                content: None,
             });
         }
     }
@@ -219,7 +215,7 @@ impl Mirror {
                         follow_others: false,
                     };
                     match flights.get_or_start(want).await {
-                        Ok(Source::Cached(Stored { file, len, .. })) => {
+                        Ok(Source::Cached(file, len)) => {
                             let (_, progress) = watch::channel(Progress::complete(len));
                             Some((file, progress, None))
                         }
@@ -341,16 +337,7 @@ fn body(
         cached,
         foreign,
         reading: _,
-        content,
     } = opened;
-    // A small cached blob read with its lookup: from memory.
-    if let (Some(content), Some(end)) = (content, w.end) {
-        let (start, end) = (w.start as usize, end as usize);
-        if start <= end && end <= content.len() {
-            METRICS.served_from_cache.inc_by((end - start) as u64);
-            return full(content.slice(start..end));
-        }
-    }
     // A blob still being fetched: its written start goes out with sendfile
     // too, in parts, on connections that can.
     let part = zero_copy.cloned().map(|mappings| -> read::Part {

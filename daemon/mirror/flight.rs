@@ -33,7 +33,7 @@ use super::limit::Limits;
 use super::pace::{Ctx, Unranged};
 use super::transfer;
 use crate::cache::ingest::{Ingest, IngestError, Phase, Progress, ReserveError};
-use crate::cache::{pool, CachedBlob, Store};
+use crate::cache::{pool, Store};
 use crate::cluster::{Cluster, PeerRole};
 use crate::oci::{content_length, Content, ServeError};
 use crate::reference::{Digest, Namespace, Repository};
@@ -78,11 +78,11 @@ impl Drop for Reading {
 /// What a blob request reads from.
 pub enum Source {
     /// In the store and visible to the request's namespace.
-    Cached(Stored),
+    Cached(File, u64),
     /// In the store, but brought in only by namespaces this request may
     /// not see it under: its namespace's upstream may confirm that it
     /// serves the digest (a HEAD), since the operator vouches for it.
-    Unconfirmed(Stored),
+    Unconfirmed(File, u64),
     /// A fetch under way; `own` when it runs on the request's own route.
     /// The request that started it also gets the upstream's frames
     /// straight from memory (see [`crate::cache::read::tee`]).
@@ -94,29 +94,6 @@ pub enum Source {
     /// A peer asked as a holder, or for content not shared with peers:
     /// this node has nothing for it.
     NotHeld,
-}
-
-/// A blob in the store, opened.
-pub struct Stored {
-    pub file: File,
-    pub len: u64,
-    /// The whole blob, when it is small (under [`crate::sendfile::MIN_LEN`]):
-    /// read in the same disk-pool job as the lookup, so a small blob costs
-    /// one trip to the pool, not two.
-    pub content: Option<Bytes>,
-}
-
-/// The whole of a small blob (under [`crate::sendfile::MIN_LEN`]), read on
-/// the disk pool; `None` for a bigger one, or when it cannot be read whole
-/// (the ordinary read path then meets the error).
-fn read_small(file: &File, len: u64) -> Option<Bytes> {
-    use std::os::unix::fs::FileExt;
-    if len >= crate::sendfile::MIN_LEN {
-        return None;
-    }
-    let mut buf = bytes::BytesMut::zeroed(len as usize);
-    file.read_exact_at(&mut buf, 0).ok()?;
-    Some(buf.freeze())
 }
 
 /// What a blob request is, for [`Flights::get_or_start`].
@@ -241,13 +218,7 @@ impl Flights {
             let seen = self.landed.load(Ordering::Acquire);
             let cached = {
                 let (store, d) = (self.store.clone(), digest.clone());
-                pool::run(move || -> io::Result<_> {
-                    Ok(store.cached_blob(&d)?.map(|b| {
-                        let content = read_small(&b.file, b.len);
-                        (b, content)
-                    }))
-                })
-                .await??
+                pool::run(move || store.cached_blob(&d)).await??
             };
             loop {
                 let step = {
@@ -260,14 +231,7 @@ impl Flights {
                         .cloned();
                     let visible = cached
                         .as_ref()
-                        .map(|(b, _)| access::visible(cfg, &b.origins, ns, peer.is_some()));
-                    let stored = |(b, content): &(CachedBlob, Option<Bytes>)| -> io::Result<_> {
-                        Ok(Stored {
-                            file: b.file.try_clone()?,
-                            len: b.len,
-                            content: content.clone(),
-                        })
-                    };
+                        .map(|b| access::visible(cfg, &b.origins, ns, peer.is_some()));
                     match (&cached, visible) {
                         (None, _)
                             if under_way.is_empty()
@@ -276,10 +240,12 @@ impl Flights {
                         {
                             Step::LookAgain
                         }
-                        (Some(b), Some(true)) => Step::Answer(Source::Cached(stored(b)?)),
+                        (Some(b), Some(true)) => {
+                            Step::Answer(Source::Cached(b.file.try_clone()?, b.len))
+                        }
                         (Some(_), _) if peer.is_some() => Step::Answer(Source::NotHeld),
                         (Some(b), _) if cfg.vouches_for(ns) => {
-                            Step::Answer(Source::Unconfirmed(stored(b)?))
+                            Step::Answer(Source::Unconfirmed(b.file.try_clone()?, b.len))
                         }
                         // Not cached, or cached under origins this namespace
                         // may not see and it is one anyone may name: it
