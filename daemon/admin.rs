@@ -33,6 +33,7 @@ pub async fn collect(app: &App, limits: Limits) -> std::io::Result<Report> {
             evicted = report.evicted,
             evicted_bytes = report.evicted_bytes,
             skipped_in_use = report.skipped_in_use,
+            pinned = report.pinned,
             bytes = report.bytes_after,
             "cache collection"
         );
@@ -122,6 +123,8 @@ pub async fn gc(app: &App, req: Request<Incoming>) -> Response<ResponseBody> {
                 "evicted_blobs": r.evicted_blobs,
                 "evicted_bytes": r.evicted_bytes,
                 "skipped_in_use": r.skipped_in_use,
+                "pinned": r.pinned,
+                "pinned_bytes": r.pinned_bytes,
                 "bytes_after": r.bytes_after,
             }),
         ),
@@ -215,6 +218,8 @@ pub async fn request_gc(
         evicted_blobs: n("evicted_blobs"),
         evicted_bytes: n("evicted_bytes"),
         skipped_in_use: n("skipped_in_use"),
+        pinned: n("pinned"),
+        pinned_bytes: n("pinned_bytes"),
         bytes_after: n("bytes_after"),
     })
 }

@@ -19,6 +19,7 @@
 pub mod gc;
 pub(crate) mod ingest;
 mod origins;
+pub mod pins;
 pub(crate) mod pool;
 pub(crate) mod read;
 pub mod room;

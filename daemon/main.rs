@@ -96,6 +96,11 @@ enum Command {
         #[command(flatten)]
         args: ServeArgs,
     },
+    /// Keep images in the cache: pinned manifests, blobs and tags are never evicted.
+    Pin {
+        #[command(subcommand)]
+        action: PinAction,
+    },
     /// Pull an image through the running daemon so it is cached.
     Prefetch {
         /// Image reference, e.g. `busybox`, `quay.io/org/app:v1`, `reg/x@sha256:...`
@@ -206,6 +211,31 @@ enum ClusterAction {
         #[command(flatten)]
         args: ServeArgs,
     },
+}
+
+#[derive(Subcommand)]
+enum PinAction {
+    /// Pull every platform of IMAGE through the daemon, then pin it (by tag: whatever the tag points to).
+    Add {
+        /// Image reference, e.g. `quay.io/org/app:v1` or `reg/x@sha256:...`
+        image: String,
+        /// Daemon to pull through [default: http://<listen address from the configuration>]
+        #[arg(long)]
+        server: Option<String>,
+        /// Pin what the cache holds now, without pulling.
+        #[arg(long)]
+        no_fetch: bool,
+        #[command(flatten)]
+        args: ServeArgs,
+    },
+    /// Unpin IMAGE (its content is then evicted like any other).
+    Rm {
+        image: String,
+        #[command(flatten)]
+        args: ServeArgs,
+    },
+    /// List the pins, what each resolves to, and how much of it is cached.
+    Ls(ServeArgs),
 }
 
 #[derive(Subcommand)]
@@ -356,6 +386,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             all_platforms,
             args,
         }) => prefetch_command(&image, server, platform, all_platforms, &args),
+        Some(Command::Pin { action }) => pin_command(action),
         Some(Command::Doctor {
             server,
             containerd_config,
@@ -539,14 +570,16 @@ fn cache_command(action: CacheAction) -> Result<(), CliError> {
                 return Ok(());
             }
             println!(
-                "evicted {} of {} files ({} of {} blobs; {} bytes); {} bytes remain; {} in use kept",
+                "evicted {} of {} files ({} of {} blobs; {} bytes); {} bytes remain; {} in use kept; {} pinned kept ({} bytes)",
                 r.evicted,
                 r.files_before,
                 r.evicted_blobs,
                 r.blobs_before,
                 r.evicted_bytes,
                 r.bytes_after,
-                r.skipped_in_use
+                r.skipped_in_use,
+                r.pinned,
+                r.pinned_bytes
             );
         }
         CacheAction::Verify(_) => {
@@ -764,6 +797,82 @@ fn prefetch_command(
         "prefetched {}/{}:{}: {} manifests, {} blobs, {} bytes",
         image.namespace, image.repository, image.reference, s.manifests, s.blobs, s.bytes
     );
+    Ok(())
+}
+
+fn pin_command(action: PinAction) -> Result<(), CliError> {
+    use nodemirror::cache::Store;
+    use nodemirror::reference::ImageRef;
+    let parse = |image: &str| -> Result<ImageRef, CliError> {
+        image
+            .parse()
+            .map_err(|e: nodemirror::reference::ParseError| CliError::Usage(e.to_string()))
+    };
+    let args = match &action {
+        PinAction::Add { args, .. } | PinAction::Rm { args, .. } | PinAction::Ls(args) => args,
+    };
+    let settings = args.settings()?;
+    let dir = settings.cache_dir.clone();
+    let (store, _) = Store::open_beside(&dir).map_err(|source| CliError::CacheOpen {
+        dir: dir.clone(),
+        source,
+    })?;
+    let failed = |source| CliError::Cache {
+        dir: dir.clone(),
+        source,
+    };
+    match action {
+        PinAction::Add {
+            image,
+            server,
+            no_fetch,
+            args,
+        } => {
+            let image = parse(&image)?;
+            if !no_fetch {
+                use nodemirror::prefetch::{prefetch, Platforms};
+                let server = mirror_url(server, &args)?;
+                let s = runtime()?
+                    .block_on(prefetch(&server, &image, &Platforms::All))
+                    .map_err(|e| {
+                        CliError::Failed(format!(
+                            "pulling {image} through {server} failed, nothing pinned: {e} \
+                             (--no-fetch pins what the cache holds)"
+                        ))
+                    })?;
+                println!(
+                    "pulled {image}: {} manifests, {} blobs, {} bytes",
+                    s.manifests, s.blobs, s.bytes
+                );
+            }
+            if store.add_pin(&image).map_err(failed)? {
+                println!("pinned {image}");
+            } else {
+                println!("{image} was pinned already");
+            }
+        }
+        PinAction::Rm { image, .. } => {
+            let image = parse(&image)?;
+            if !store.remove_pin(&image).map_err(failed)? {
+                return Err(CliError::Failed(format!("{image} is not pinned")));
+            }
+            println!("unpinned {image}");
+        }
+        PinAction::Ls(_) => {
+            for p in store.pin_status().map_err(failed)? {
+                let roots: Vec<String> = p.roots.iter().map(|d| d.to_string()).collect();
+                let roots = if roots.is_empty() {
+                    "(no tag record)".to_string()
+                } else {
+                    roots.join(",")
+                };
+                println!(
+                    "{}\t{roots}\t{} cached ({} bytes), {} missing",
+                    p.image, p.cached, p.cached_bytes, p.missing
+                );
+            }
+        }
+    }
     Ok(())
 }
 

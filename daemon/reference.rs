@@ -262,6 +262,17 @@ pub struct ImageRef {
     pub reference: Reference,
 }
 
+/// `registry/repository:tag` or `registry/repository@digest`, which parses
+/// back as itself.
+impl fmt::Display for ImageRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.reference {
+            Reference::Tag(t) => write!(f, "{}/{}:{t}", self.namespace, self.repository),
+            Reference::Digest(d) => write!(f, "{}/{}@{d}", self.namespace, self.repository),
+        }
+    }
+}
+
 impl FromStr for ImageRef {
     type Err = ParseError;
 
@@ -318,6 +329,15 @@ mod tests {
         assert_eq!(r("quay.io/a/b:v2"), "quay.io/a/b:v2");
         assert_eq!(r("localhost:5000/x"), "localhost:5000/x:latest");
         assert_eq!(r(&format!("reg.io/x:v1@{D}")), format!("reg.io/x:{D}"));
+        for s in [
+            "busybox",
+            "quay.io/a/b:v2",
+            "localhost:5000/x",
+            &format!("reg.io/x@{D}"),
+        ] {
+            let i: ImageRef = s.parse().unwrap();
+            assert_eq!(i.to_string().parse::<ImageRef>().unwrap(), i, "{s}");
+        }
         assert!("UPPER/x".parse::<ImageRef>().is_err());
         assert!("reg.io/x@sha256:bad".parse::<ImageRef>().is_err());
     }

@@ -14,6 +14,7 @@ mod node;
 mod operators;
 mod packaging;
 mod peers;
+mod pins;
 mod private;
 mod proxy;
 mod ranged;

@@ -88,6 +88,10 @@ pub struct Report {
     pub evicted_bytes: u64,
     /// Blobs that would have been evicted but were in use.
     pub skipped_in_use: u64,
+    /// Files kept because a pin names them (`nodemirror pin`), and their
+    /// bytes (counted when walked).
+    pub pinned: u64,
+    pub pinned_bytes: u64,
     pub bytes_after: u64,
 }
 
@@ -189,6 +193,9 @@ struct Walk {
     oldest_bytes: u64,
     /// When blobs in use were last read.
     in_use: Vec<SystemTime>,
+    /// Pinned files and their bytes.
+    pinned: u64,
+    pinned_bytes: u64,
 }
 
 impl Store {
@@ -241,17 +248,28 @@ impl Store {
     /// Walks the cache once: its totals, and the oldest entries not in use
     /// that together hold at least `want` bytes. Memory grows with what is
     /// selected, never with the cache.
-    fn walk(&self, want: u64) -> io::Result<Walk> {
+    fn walk(&self, want: u64, pinned: &super::pins::Pinned) -> io::Result<Walk> {
         let mut w = Walk::default();
         self.each_entry(&mut |e| {
             w.files += 1;
             w.bytes += e.size;
+            let is_pinned = match &e.kind {
+                Kind::Blob(d) | Kind::Manifest(d) => pinned.digests.contains(d),
+                Kind::Tag => pinned.tag_files.contains(&e.path),
+            };
+            if is_pinned {
+                w.pinned += 1;
+                w.pinned_bytes += e.size;
+            }
             if let Kind::Blob(d) = &e.kind {
                 w.blobs += 1;
                 if self.in_use(d) {
                     w.in_use.push(e.accessed);
                     return;
                 }
+            }
+            if is_pinned {
+                return;
             }
             if want == 0 {
                 return;
@@ -298,7 +316,7 @@ impl Store {
         } else {
             // No running total (a tool, or the daemon before its count):
             // count first, in one walk that keeps nothing.
-            let w = self.walk(0)?;
+            let w = self.walk(0, &super::pins::Pinned::default())?;
             report.walked = true;
             (report.files_before, report.blobs_before) = (w.files, w.blobs);
             w.bytes
@@ -312,12 +330,15 @@ impl Store {
             return Ok(report);
         }
         let target = target(size);
+        // What the pins keep, worked out once for this collection.
+        let pinned = self.pinned()?;
         for pass in 0..PASSES {
-            let w = self.walk(size.saturating_sub(target))?;
+            let w = self.walk(size.saturating_sub(target), &pinned)?;
             report.walked = true;
             if pass == 0 {
                 (report.files_before, report.blobs_before) = (w.files, w.blobs);
                 report.bytes_before = w.bytes;
+                (report.pinned, report.pinned_bytes) = (w.pinned, w.pinned_bytes);
             }
             size = w.bytes;
             let selected = w.oldest.into_sorted_vec();
@@ -357,6 +378,14 @@ impl Store {
             }
         }
         report.bytes_after = size;
+        if size > target && report.pinned_bytes > 0 {
+            tracing::warn!(
+                stored = size,
+                room = target,
+                pinned_bytes = report.pinned_bytes,
+                "the cache stays over its limits: pinned images are never evicted"
+            );
+        }
         // What came in while the walk ran still counts.
         let since = self.stored_bytes().saturating_sub(stored_then);
         self.set_counted(size.saturating_add(since));
@@ -568,7 +597,9 @@ mod tests {
             })
             .collect();
         // The selection for 100 blobs' bytes holds 100 entries, not 1,000.
-        let w = store.walk(100 * 100).unwrap();
+        let w = store
+            .walk(100 * 100, &super::super::pins::Pinned::default())
+            .unwrap();
         assert_eq!((w.files, w.bytes), (1000, 100_000));
         assert_eq!(w.oldest.len(), 100);
         // Evicting a tenth takes exactly the oldest tenth.
