@@ -511,17 +511,25 @@ async fn listen(settings: &Settings) -> std::io::Result<tokio::net::TcpListener>
     }
 }
 
+/// The configured cache, opened beside a daemon that may be running (its
+/// downloads in tmp/ are never touched; collection goes through it):
+/// the store, whether a daemon holds it, and its folder.
+fn open_cache(
+    settings: &Settings,
+) -> Result<(std::sync::Arc<nodemirror::cache::Store>, bool, PathBuf), CliError> {
+    let dir = settings.cache_dir.clone();
+    let (store, daemon) =
+        nodemirror::cache::Store::open_beside(&dir).map_err(|source| CliError::CacheOpen {
+            dir: dir.clone(),
+            source,
+        })?;
+    Ok((store, daemon, dir))
+}
+
 fn cache_command(action: CacheAction) -> Result<(), CliError> {
     use nodemirror::cache::Limits;
-    use nodemirror::cache::Store;
     let settings = action.args().settings()?;
-    let dir = settings.cache_dir.clone();
-    // Beside a daemon that may be running: its downloads (tmp/) are never
-    // touched, and collection goes through it.
-    let (store, daemon) = Store::open_beside(&dir).map_err(|source| CliError::CacheOpen {
-        dir: dir.clone(),
-        source,
-    })?;
+    let (store, daemon, dir) = open_cache(&settings)?;
     let failed = |source| CliError::Cache {
         dir: dir.clone(),
         source,
@@ -801,7 +809,6 @@ fn prefetch_command(
 }
 
 fn pin_command(action: PinAction) -> Result<(), CliError> {
-    use nodemirror::cache::Store;
     use nodemirror::reference::ImageRef;
     let parse = |image: &str| -> Result<ImageRef, CliError> {
         image
@@ -811,12 +818,7 @@ fn pin_command(action: PinAction) -> Result<(), CliError> {
     let args = match &action {
         PinAction::Add { args, .. } | PinAction::Rm { args, .. } | PinAction::Ls(args) => args,
     };
-    let settings = args.settings()?;
-    let dir = settings.cache_dir.clone();
-    let (store, _) = Store::open_beside(&dir).map_err(|source| CliError::CacheOpen {
-        dir: dir.clone(),
-        source,
-    })?;
+    let (store, _, dir) = open_cache(&args.settings()?)?;
     let failed = |source| CliError::Cache {
         dir: dir.clone(),
         source,

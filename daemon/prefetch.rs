@@ -10,6 +10,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use sha2::{Digest as _, Sha256};
 
+use crate::oci::media::{Contents, Descriptor};
 use crate::reference::{Digest, ImageRef, Reference};
 
 #[derive(Debug, thiserror::Error)]
@@ -59,28 +60,6 @@ pub struct Summary {
     pub bytes: u64,
 }
 
-#[derive(serde::Deserialize)]
-struct Descriptor {
-    digest: String,
-    #[serde(default)]
-    platform: Option<Platform>,
-}
-
-#[derive(serde::Deserialize)]
-struct Platform {
-    os: String,
-    architecture: String,
-}
-
-#[derive(serde::Deserialize)]
-struct AnyManifest {
-    #[serde(default)]
-    manifests: Vec<Descriptor>,
-    config: Option<Descriptor>,
-    #[serde(default)]
-    layers: Vec<Descriptor>,
-}
-
 /// Pulls `image` through the daemon at `server` (e.g. `http://127.0.0.1:5780`).
 pub async fn prefetch(
     server: &str,
@@ -96,11 +75,10 @@ pub async fn prefetch(
         let url = format!("{base}/manifests/{reference}?{ns}");
         let (body, _) = fetch(&client, &url, true, reference.digest()).await?;
         summary.manifests += 1;
-        let m: AnyManifest =
-            serde_json::from_slice(&body).map_err(|e| PrefetchError::Manifest {
-                url: url.clone(),
-                why: e.to_string(),
-            })?;
+        let m: Contents = serde_json::from_slice(&body).map_err(|e| PrefetchError::Manifest {
+            url: url.clone(),
+            why: e.to_string(),
+        })?;
         let digest_of = |d: &Descriptor| {
             d.digest
                 .parse::<Digest>()

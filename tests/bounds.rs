@@ -261,20 +261,7 @@ async fn the_cache_tools_never_break_the_running_daemon() {
     })
     .await;
     let listen = format!("127.0.0.1:{}", bin.port);
-    let tool = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_nodemirror"))
-            .args(args)
-            .args(["--config", "/dev/null", "--listen", &listen, "--cache-dir"])
-            .arg(cache.path())
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.code(), text)
-    };
+    let tool = |args: &[&str]| crate::support::tool(&listen, cache.path(), args);
     let (code, text) = tool(&["cache", "stats"]);
     assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("daemon:          running"), "{text}");

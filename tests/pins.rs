@@ -2,7 +2,6 @@
 //! and follow their tag.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use crate::support::fake::{Behaviour, Fake};
@@ -12,20 +11,7 @@ use crate::support::{blob_path, get, write_hosts};
 
 /// Runs the nodemirror tool beside the daemon listening on `port`.
 fn tool(port: u16, cache: &Path, args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_nodemirror"))
-        .args(args)
-        .args(["--config", "/dev/null", "--listen"])
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--cache-dir")
-        .arg(cache)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code(), text)
+    crate::support::tool(&format!("127.0.0.1:{port}"), cache, args)
 }
 
 fn ok(port: u16, cache: &Path, args: &[&str]) -> String {

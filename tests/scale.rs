@@ -12,6 +12,20 @@ use http::StatusCode;
 use crate::support::real::Binary;
 use crate::support::{free_port, get, noise, sha256, write_origin};
 
+/// A hosts folder with `ns` pointing at a closed loopback port: only the
+/// cache can answer for it.
+fn closed_registry(ns: &str) -> tempfile::TempDir {
+    let hosts = tempfile::tempdir().unwrap();
+    crate::support::write_hosts(
+        hosts.path(),
+        &[(
+            ns,
+            format!("server = \"http://127.0.0.1:{}\"\n", free_port()),
+        )],
+    );
+    hosts
+}
+
 /// Puts `body` into `cache` as a blob that came through `ns`.
 pub fn plant_blob(cache: &Path, ns: &str, body: &[u8]) -> String {
     let digest = sha256(body);
@@ -51,14 +65,7 @@ async fn pull_and_drop(addr: &str, path: &str) -> u64 {
 /// small GETs' p99 was that poll, 60-90 ms on the 2-core machine).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_big_body_does_not_starve_a_small_one() {
-    let hosts = tempfile::tempdir().unwrap();
-    crate::support::write_hosts(
-        hosts.path(),
-        &[(
-            "big.test",
-            format!("server = \"http://127.0.0.1:{}\"\n", free_port()),
-        )],
-    );
+    let hosts = closed_registry("big.test");
     let cache = tempfile::tempdir().unwrap();
     let big = plant_blob(cache.path(), "big.test", &noise(256 << 20, 91));
     let small = plant_blob(cache.path(), "big.test", &noise(4 << 10, 92));
@@ -114,14 +121,7 @@ async fn a_big_body_does_not_starve_a_small_one() {
 /// cache's daemon plus a little.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_answers_before_its_cache_is_counted() {
-    let hosts = tempfile::tempdir().unwrap();
-    crate::support::write_hosts(
-        hosts.path(),
-        &[(
-            "many.test",
-            format!("server = \"http://127.0.0.1:{}\"\n", free_port()),
-        )],
-    );
+    let hosts = closed_registry("many.test");
     let cache = tempfile::tempdir().unwrap();
     let blobs = cache.path().join("blobs/sha256");
     for shard in 0..=255u8 {
@@ -208,14 +208,7 @@ async fn the_daemon_answers_before_its_cache_is_counted() {
 /// request is answered too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_cache_file_holds_only_its_own_request() {
-    let hosts = tempfile::tempdir().unwrap();
-    crate::support::write_hosts(
-        hosts.path(),
-        &[(
-            "disk.test",
-            format!("server = \"http://127.0.0.1:{}\"\n", free_port()),
-        )],
-    );
+    let hosts = closed_registry("disk.test");
     let cache = tempfile::tempdir().unwrap();
     let stuck = plant_blob(cache.path(), "disk.test", b"behind a stuck file");
     let others: Vec<String> = (0..20u8)
@@ -304,14 +297,7 @@ async fn counter(port: u16, name: &str) -> u64 {
 /// byte right; once they are in memory, nothing is read ahead again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blob_not_in_memory_is_read_from_disk_off_the_workers() {
-    let hosts = tempfile::tempdir().unwrap();
-    crate::support::write_hosts(
-        hosts.path(),
-        &[(
-            "cold.test",
-            format!("server = \"http://127.0.0.1:{}\"\n", free_port()),
-        )],
-    );
+    let hosts = closed_registry("cold.test");
     // On the build's disk, not a tmpfs: its pages can leave memory.
     let cache = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let body = noise(8 << 20, 93);
@@ -352,14 +338,7 @@ async fn a_blob_not_in_memory_is_read_from_disk_off_the_workers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_cached_blobs_are_served_whole_and_in_ranges() {
     use http::Method;
-    let hosts = tempfile::tempdir().unwrap();
-    crate::support::write_hosts(
-        hosts.path(),
-        &[(
-            "small.test",
-            format!("server = \"http://127.0.0.1:{}\"\n", free_port()),
-        )],
-    );
+    let hosts = closed_registry("small.test");
     let cache = tempfile::tempdir().unwrap();
     let sizes = [1usize, 4 << 10, (64 << 10) - 1, 64 << 10, (64 << 10) + 1];
     let blobs: Vec<(Vec<u8>, String)> = sizes

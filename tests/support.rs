@@ -246,6 +246,24 @@ pub fn write_origin(cache: &Path, digest: &str, ns: &str) {
     std::fs::write(dir.join(hex), format!("{ns}\n")).unwrap();
 }
 
+/// Runs the nodemirror tool (`cache ...`, `pin ...`) on `cache`, beside a
+/// daemon listening on `listen`, with no configuration file: its exit code
+/// and what it printed.
+pub fn tool(listen: &str, cache: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nodemirror"))
+        .args(args)
+        .args(["--config", "/dev/null", "--listen", listen, "--cache-dir"])
+        .arg(cache)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
 /// Files in a cache's tmp/ folder.
 pub fn temp_files(cache: &Path) -> usize {
     std::fs::read_dir(cache.join("tmp")).map_or(0, |d| d.count())

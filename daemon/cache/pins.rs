@@ -55,29 +55,12 @@ fn canonical(image: &ImageRef) -> String {
 }
 
 /// The digests a manifest names: an index's manifests, an image's config
-/// and layers (and a `subject`, which a referrer points to).
+/// and layers.
 fn children(body: &[u8]) -> Vec<Digest> {
-    #[derive(serde::Deserialize)]
-    struct Descriptor {
-        digest: String,
-    }
-    #[derive(serde::Deserialize)]
-    struct AnyManifest {
-        #[serde(default)]
-        manifests: Vec<Descriptor>,
-        config: Option<Descriptor>,
-        #[serde(default)]
-        layers: Vec<Descriptor>,
-    }
-    let Ok(m) = serde_json::from_slice::<AnyManifest>(body) else {
+    let Ok(m) = serde_json::from_slice::<crate::oci::media::Contents>(body) else {
         return Vec::new();
     };
-    m.manifests
-        .iter()
-        .chain(m.config.iter())
-        .chain(m.layers.iter())
-        .filter_map(|d| d.digest.parse().ok())
-        .collect()
+    m.all().filter_map(|d| d.digest.parse().ok()).collect()
 }
 
 impl Store {

@@ -55,6 +55,42 @@ pub fn has_manifest_shape(
     }
 }
 
+/// A descriptor as manifests and indexes name content: its digest and, in
+/// an index, the platform.
+#[derive(serde::Deserialize)]
+pub struct Descriptor {
+    pub digest: String,
+    #[serde(default)]
+    pub platform: Option<Platform>,
+}
+
+#[derive(serde::Deserialize)]
+pub struct Platform {
+    pub os: String,
+    pub architecture: String,
+}
+
+/// What an index (`manifests`) or an image manifest (`config`, `layers`)
+/// names; parsed leniently, whatever the media type.
+#[derive(serde::Deserialize)]
+pub struct Contents {
+    #[serde(default)]
+    pub manifests: Vec<Descriptor>,
+    pub config: Option<Descriptor>,
+    #[serde(default)]
+    pub layers: Vec<Descriptor>,
+}
+
+impl Contents {
+    /// Every descriptor: an index's manifests, an image's config and layers.
+    pub fn all(&self) -> impl Iterator<Item = &Descriptor> {
+        self.manifests
+            .iter()
+            .chain(self.config.iter())
+            .chain(self.layers.iter())
+    }
+}
+
 /// The manifest and index types of images today, most capable first.
 pub const MANIFESTS: [&str; 4] = [OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST];
 
