@@ -10,6 +10,7 @@ mod cluster;
 mod e2e;
 mod hostile;
 mod input;
+mod kubernetes;
 mod node;
 mod operators;
 mod packaging;

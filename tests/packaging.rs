@@ -75,6 +75,8 @@ fn deb_installs_and_removes_cleanly_and_rpm_is_well_formed() {
         "/usr/share/man/man8/nodemirror.8.gz",
         "/usr/share/nodemirror/grafana/nodemirror.json",
         "/usr/share/nodemirror/prometheus/nodemirror-alerts.yml",
+        "/usr/share/nodemirror/kubernetes/nodemirror-peers.yaml",
+        "/usr/share/nodemirror/kubernetes/node-certs",
     ] {
         assert!(files.lines().any(|l| l == f), "{f} not installed:\n{files}");
     }
@@ -129,6 +131,8 @@ fn deb_installs_and_removes_cleanly_and_rpm_is_well_formed() {
         "/usr/share/man/man8/nodemirror.8.gz",
         "/usr/share/nodemirror/grafana/nodemirror.json",
         "/usr/share/nodemirror/prometheus/nodemirror-alerts.yml",
+        "/usr/share/nodemirror/kubernetes/nodemirror-peers.yaml",
+        "/usr/share/nodemirror/kubernetes/node-certs",
     ] {
         assert!(list.lines().any(|l| l == f), "{f} not in rpm:\n{list}");
     }

@@ -1,0 +1,209 @@
+//! The files for cluster mode on Kubernetes (packaging/kubernetes): the
+//! DaemonSet and headless Service that give the DNS name of the members,
+//! and the script that makes each node's certificate. No Kubernetes here:
+//! the manifests are parsed and checked against each other and the
+//! documented configuration, and the script runs against a stand-in
+//! `kubectl`; the certificates it makes are then used by two nodes whose
+//! mutual-TLS probes must pass.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use nodemirror::config::cluster::ClusterSettings;
+
+use crate::cluster::port_on;
+use crate::support::{get, Daemon};
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+fn manifests() -> Vec<serde_yaml_ng::Value> {
+    let text =
+        std::fs::read_to_string(Path::new(ROOT).join("packaging/kubernetes/nodemirror-peers.yaml"))
+            .unwrap();
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|doc| serde::Deserialize::deserialize(doc).expect("each document parses"))
+        .collect()
+}
+
+/// The DaemonSet marks every node (host network, every taint tolerated),
+/// is ready only while the node's peer port answers, and the headless
+/// Service selects exactly its pods and publishes only ready ones, on the
+/// peer port; its name is the one the README and the shipped config give
+/// `peers_dns`.
+#[test]
+fn the_manifests_give_the_members_dns_name() {
+    let docs = manifests();
+    let kind = |k: &str| {
+        docs.iter()
+            .find(|d| d["kind"].as_str() == Some(k))
+            .unwrap_or_else(|| panic!("no {k}"))
+    };
+    let (ds, svc) = (kind("DaemonSet"), kind("Service"));
+    assert_eq!(docs.len(), 2);
+    assert_eq!(ds["apiVersion"].as_str(), Some("apps/v1"));
+    assert_eq!(svc["apiVersion"].as_str(), Some("v1"));
+    let pod = &ds["spec"]["template"];
+    assert_eq!(
+        ds["spec"]["selector"]["matchLabels"],
+        pod["metadata"]["labels"]
+    );
+    let selector = svc["spec"]["selector"].as_mapping().unwrap();
+    let labels = pod["metadata"]["labels"].as_mapping().unwrap();
+    for (k, v) in selector {
+        assert_eq!(
+            labels.get(k),
+            Some(v),
+            "the Service selects the marker pods"
+        );
+    }
+    let spec = &pod["spec"];
+    assert_eq!(
+        spec["hostNetwork"].as_bool(),
+        Some(true),
+        "pod IP = node IP"
+    );
+    assert_eq!(spec["dnsPolicy"].as_str(), Some("ClusterFirstWithHostNet"));
+    assert_eq!(spec["tolerations"][0]["operator"].as_str(), Some("Exists"));
+    let containers = spec["containers"].as_sequence().unwrap();
+    assert_eq!(containers.len(), 1);
+    let probe = &containers[0]["readinessProbe"]["tcpSocket"]["port"];
+    assert_eq!(
+        probe.as_u64(),
+        Some(5781),
+        "ready while the peer port answers"
+    );
+    assert_eq!(svc["spec"]["clusterIP"].as_str(), Some("None"), "headless");
+    assert_eq!(
+        svc["spec"]["publishNotReadyAddresses"].as_bool(),
+        Some(false)
+    );
+    assert_eq!(svc["spec"]["ports"][0]["port"].as_u64(), Some(5781));
+    assert_eq!(ds["metadata"]["namespace"], svc["metadata"]["namespace"]);
+    let name = format!(
+        "{}.{}.svc.cluster.local:5781",
+        svc["metadata"]["name"].as_str().unwrap(),
+        svc["metadata"]["namespace"].as_str().unwrap()
+    );
+    for doc in ["README.md", "packaging/config.toml"] {
+        let text = std::fs::read_to_string(Path::new(ROOT).join(doc)).unwrap();
+        assert!(
+            text.contains(&format!("peers_dns = \"{name}\"")),
+            "{doc} names {name}"
+        );
+    }
+}
+
+fn cluster_settings(
+    dir: &Path,
+    name: &str,
+    at: SocketAddr,
+    peers: &[SocketAddr],
+) -> ClusterSettings {
+    ClusterSettings {
+        listen: at,
+        advertise: at,
+        peers: peers.to_vec(),
+        peers_dns: None,
+        dns_server: None,
+        refresh: Duration::from_secs(1),
+        peer_timeout: Duration::from_millis(300),
+        ca: dir.join("ca/ca.pem"),
+        cert: dir.join(format!("certs/{name}/{name}.pem")),
+        key: dir.join(format!("certs/{name}/{name}-key.pem")),
+    }
+}
+
+/// `node-certs` makes one certificate per node that `kubectl get nodes`
+/// lists, naming its InternalIPs (keys 0600), keeps existing ones on a
+/// second run, and the certificates work: node a, started alone, marks b
+/// failing; once b starts with its certificate, a's mutual-TLS probe of b
+/// passes.
+#[tokio::test]
+async fn the_certificate_script_makes_working_node_certificates() {
+    use std::os::unix::fs::PermissionsExt;
+    let a = port_on(Ipv4Addr::new(127, 0, 73, 1));
+    let b = port_on(Ipv4Addr::new(127, 0, 73, 2));
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let bin = env!("CARGO_BIN_EXE_nodemirror");
+    let out = std::process::Command::new(bin)
+        .args(["cluster", "ca", "--out"])
+        .arg(d.join("ca"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // A kubectl that lists two nodes as `get nodes -o jsonpath=...` would.
+    let kubectl = d.join("kubectl");
+    std::fs::write(
+        &kubectl,
+        format!(
+            "#!/bin/sh\n[ \"$1 $2\" = \"get nodes\" ] || exit 3\nprintf 'node-a {}\\nnode-b {} ::1\\n'\n",
+            a.ip(),
+            b.ip()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&kubectl, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let run = || {
+        let out =
+            std::process::Command::new(Path::new(ROOT).join("packaging/kubernetes/node-certs"))
+                .arg(d.join("ca"))
+                .arg(d.join("certs"))
+                .env("KUBECTL", &kubectl)
+                .env("NODEMIRROR", bin)
+                .output()
+                .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{text}");
+        text
+    };
+    let text = run();
+    assert!(text.contains("made 2, kept 0"), "{text}");
+    for n in ["node-a", "node-b"] {
+        let key = d.join(format!("certs/{n}/{n}-key.pem"));
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{n}");
+    }
+    let text = run();
+    assert!(text.contains("made 0, kept 2"), "{text}");
+
+    let members = [a, b];
+    let node = Daemon::builder()
+        .cluster(cluster_settings(d, "node-a", a, &members))
+        .start()
+        .await;
+    let health_of_b = || {
+        let url = node.url("/cluster/status");
+        async move {
+            let v: serde_json::Value = serde_json::from_slice(get(&url).await.bytes()).unwrap();
+            v["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["address"] == b.to_string())
+                .map(|m| m["health"].as_str().unwrap().to_string())
+                .unwrap()
+        }
+    };
+    crate::support::wait_for("b marked failing", Duration::from_secs(15), || async {
+        health_of_b().await.starts_with("failing")
+    })
+    .await;
+    let other = Daemon::builder()
+        .cluster(cluster_settings(d, "node-b", b, &members))
+        .start()
+        .await;
+    crate::support::wait_for(
+        "b ok with its scripted certificate",
+        Duration::from_secs(15),
+        || async { health_of_b().await == "ok" },
+    )
+    .await;
+    other.stop().await;
+    node.stop().await;
+}
