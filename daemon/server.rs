@@ -386,6 +386,12 @@ pub async fn serve_peers(listener: TcpListener, app: Arc<App>, cluster: Arc<Clus
                 .await
             {
                 Ok(Ok(tls)) => tls,
+                // Connected and closed without a byte: a TCP check (the
+                // Kubernetes marker's readiness probe), not a peer.
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    tracing::debug!(%peer, "peer port: closed before a TLS handshake");
+                    return;
+                }
                 Ok(Err(e)) => {
                     tracing::warn!(%peer, error = %e, "peer TLS handshake refused");
                     return;
