@@ -51,6 +51,97 @@ fn answer(status: StatusCode, body: serde_json::Value) -> Response<ResponseBody>
         .unwrap_or_else(|_| Response::new(full(Bytes::new())))
 }
 
+/// Whether the local client of `req` is one of `[server]`'s allowed users.
+async fn caller_allowed(app: &App, req: &Request<Incoming>) -> bool {
+    let snap = app.live.load();
+    match req.extensions().get::<std::sync::Arc<Caller>>() {
+        Some(c) => c.allowed(&snap.settings.server).await,
+        None => false,
+    }
+}
+
+/// `POST /cluster/preheat?ns=REGISTRY&repository=REPO&digest=DIGEST`: makes
+/// the digest's owner in the cluster fetch the blob (or find it cached),
+/// reading it through without storing it here; `{"owner", "bytes"}`.
+pub async fn preheat(app: &App, req: Request<Incoming>) -> Response<ResponseBody> {
+    if req.method() != Method::POST {
+        return answer(
+            StatusCode::METHOD_NOT_ALLOWED,
+            serde_json::json!({"error": "POST /cluster/preheat"}),
+        );
+    }
+    if !caller_allowed(app, &req).await {
+        return answer(
+            StatusCode::FORBIDDEN,
+            serde_json::json!({"error": "only users in [server] allowed_uids/allowed_gids may preheat the cluster"}),
+        );
+    }
+    let Some(cluster) = app.mirror.cluster.clone() else {
+        return answer(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": "not in cluster mode (no [cluster] in the configuration)"}),
+        );
+    };
+    let (mut ns, mut repository, mut digest) = (None, None, None);
+    for (k, v) in url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()) {
+        match k.as_ref() {
+            "ns" => ns = v.parse::<crate::reference::Namespace>().ok(),
+            "repository" => repository = v.parse::<crate::reference::Repository>().ok(),
+            "digest" => digest = v.parse::<crate::reference::Digest>().ok(),
+            _ => {}
+        }
+    }
+    let (Some(ns), Some(repository), Some(digest)) = (ns, repository, digest) else {
+        return answer(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({"error": "ns, repository and digest are needed, each valid"}),
+        );
+    };
+    if !app.live.load().upstream.shareable(&ns) {
+        return answer(
+            StatusCode::CONFLICT,
+            serde_json::json!({"error": format!("{ns} is not shared with the cluster (credentials or private = true, without share = true)")}),
+        );
+    }
+    match cluster.preheat(&ns, &repository, &digest).await {
+        Ok((owner, bytes)) => answer(
+            StatusCode::OK,
+            serde_json::json!({"owner": owner.to_string(), "bytes": bytes}),
+        ),
+        Err(e) => answer(StatusCode::BAD_GATEWAY, serde_json::json!({ "error": e })),
+    }
+}
+
+/// Asks the daemon at `base` to preheat one blob in its cluster: the
+/// owner and the bytes, or why not.
+pub async fn request_preheat(
+    base: &str,
+    ns: &str,
+    repository: &str,
+    digest: &str,
+) -> Result<(String, u64), String> {
+    let mut query = url::form_urlencoded::Serializer::new(String::new());
+    query.append_pair("ns", ns);
+    query.append_pair("repository", repository);
+    query.append_pair("digest", digest);
+    let url = format!(
+        "{}/cluster/preheat?{}",
+        base.trim_end_matches('/'),
+        query.finish()
+    );
+    let (status, body) = call(Method::POST, &url, Duration::from_secs(3600)).await?;
+    let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+    if status != StatusCode::OK {
+        return Err(v["error"]
+            .as_str()
+            .map_or_else(|| status.to_string(), str::to_string));
+    }
+    Ok((
+        v["owner"].as_str().unwrap_or("?").to_string(),
+        v["bytes"].as_u64().unwrap_or(0),
+    ))
+}
+
 /// `POST /cache/gc[?max_size=BYTES][&min_free=BYTES]`: collects now, with
 /// the configured limits unless given; the report as JSON.
 pub async fn gc(app: &App, req: Request<Incoming>) -> Response<ResponseBody> {
@@ -61,11 +152,7 @@ pub async fn gc(app: &App, req: Request<Incoming>) -> Response<ResponseBody> {
         );
     }
     let snap = app.live.load();
-    let allowed = match req.extensions().get::<std::sync::Arc<Caller>>() {
-        Some(c) => c.allowed(&snap.settings.server).await,
-        None => false,
-    };
-    if !allowed {
+    if !caller_allowed(app, &req).await {
         return answer(
             StatusCode::FORBIDDEN,
             serde_json::json!({"error": "only users in [server] allowed_uids/allowed_gids may collect the cache"}),

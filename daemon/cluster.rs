@@ -312,6 +312,59 @@ impl Cluster {
     }
 }
 
+/// How long a preheat waits for the next bytes of a blob from its owner.
+const PREHEAT_IDLE: Duration = Duration::from_secs(60);
+
+impl Cluster {
+    /// Makes the owner of `digest` have it: asks it on its peer port as
+    /// the owner (this node's own peer port when it owns the digest), so
+    /// it answers from its cache or fetches the blob from its upstream
+    /// once for the cluster, and reads the answer through, checking the
+    /// digest; this node stores nothing. The owner and the blob's size.
+    pub async fn preheat(
+        &self,
+        ns: &Namespace,
+        repository: &crate::reference::Repository,
+        digest: &Digest,
+    ) -> Result<(SocketAddr, u64), String> {
+        use http_body_util::BodyExt;
+        let owner = *rank(&self.members(), digest)
+            .first()
+            .ok_or("the cluster has no members")?;
+        let url = format!("{}/{repository}/blobs/{digest}?ns={ns}", peer_base(owner));
+        let req = http::Request::get(&url)
+            .header(PEER_HEADER, PeerRole::Owner.header())
+            .body(http_body_util::Empty::new())
+            .map_err(|e| e.to_string())?;
+        let client = self.tls.load().client.clone();
+        let resp = tokio::time::timeout(PREHEAT_IDLE, client.request(req))
+            .await
+            .map_err(|_| format!("{owner}: no answer within {PREHEAT_IDLE:?}"))?
+            .map_err(|e| format!("{owner}: {}", crate::upstream::error_chain(&e)))?;
+        if resp.status() != http::StatusCode::OK {
+            return Err(format!("{owner} answered {}", resp.status()));
+        }
+        let mut body = resp.into_body();
+        let mut hasher = Sha256::new();
+        let mut len = 0u64;
+        loop {
+            let frame = tokio::time::timeout(PREHEAT_IDLE, body.frame())
+                .await
+                .map_err(|_| format!("{owner}: nothing sent for {PREHEAT_IDLE:?}"))?;
+            let Some(frame) = frame else { break };
+            let frame = frame.map_err(|e| format!("{owner}: {e}"))?;
+            if let Ok(data) = frame.into_data() {
+                hasher.update(&data);
+                len += data.len() as u64;
+            }
+        }
+        if Digest::from_hasher(hasher) != *digest {
+            return Err(format!("{owner} sent bytes that do not match {digest}"));
+        }
+        Ok((owner, len))
+    }
+}
+
 /// A peer's API base, `https://ADDR/v2`: its endpoints' base, and so the
 /// key of its health state.
 pub fn peer_base(addr: SocketAddr) -> String {

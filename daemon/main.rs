@@ -101,10 +101,14 @@ enum Command {
         #[command(subcommand)]
         action: PinAction,
     },
-    /// Pull an image through the running daemon so it is cached.
+    /// Pull images through the running daemon so they are cached (on this node, or with --cluster by each blob's owner).
     Prefetch {
-        /// Image reference, e.g. `busybox`, `quay.io/org/app:v1`, `reg/x@sha256:...`
-        image: String,
+        /// Image references, e.g. `busybox`, `quay.io/org/app:v1`, `reg/x@sha256:...`
+        #[arg(required = true)]
+        images: Vec<String>,
+        /// Cluster mode: each blob's owner fetches it once (or has it already), so a rollout's pulls are served from the cluster; this node keeps the manifests only.
+        #[arg(long)]
+        cluster: bool,
         /// Daemon to pull through [default: http://<listen address from the configuration>]
         #[arg(long)]
         server: Option<String>,
@@ -380,12 +384,13 @@ fn run(cli: Cli) -> Result<(), CliError> {
         }) => registries_command(merge, mirror, &args),
         Some(Command::Cluster { action }) => cluster_command(action),
         Some(Command::Prefetch {
-            image,
+            images,
+            cluster,
             server,
             platform,
             all_platforms,
             args,
-        }) => prefetch_command(&image, server, platform, all_platforms, &args),
+        }) => prefetch_command(&images, cluster, server, platform, all_platforms, &args),
         Some(Command::Pin { action }) => pin_command(action),
         Some(Command::Doctor {
             server,
@@ -782,15 +787,18 @@ fn registries_command(
 }
 
 fn prefetch_command(
-    image: &str,
+    images: &[String],
+    cluster: bool,
     server: Option<String>,
     platform: Option<String>,
     all_platforms: bool,
     args: &ServeArgs,
 ) -> Result<(), CliError> {
-    use nodemirror::prefetch::{prefetch, Platforms};
-    let image: nodemirror::reference::ImageRef = image
-        .parse()
+    use nodemirror::prefetch::{prefetch, preheat, Platforms, Preheated};
+    let images: Vec<nodemirror::reference::ImageRef> = images
+        .iter()
+        .map(|i| i.parse())
+        .collect::<Result<_, _>>()
         .map_err(|e: nodemirror::reference::ParseError| CliError::Usage(e.to_string()))?;
     let server = mirror_url(server, args)?;
     let platforms = match (all_platforms, platform) {
@@ -798,14 +806,52 @@ fn prefetch_command(
         (false, Some(p)) => Platforms::One(p),
         (false, None) => Platforms::host(),
     };
-    let s = runtime()?
-        .block_on(prefetch(&server, &image, &platforms))
-        .map_err(|e| CliError::Failed(format!("prefetch failed: {e}")))?;
-    println!(
-        "prefetched {}/{}:{}: {} manifests, {} blobs, {} bytes",
-        image.namespace, image.repository, image.reference, s.manifests, s.blobs, s.bytes
-    );
-    Ok(())
+    let rt = runtime()?;
+    let mut failures = Vec::new();
+    for image in &images {
+        if !cluster {
+            match rt.block_on(prefetch(&server, image, &platforms)) {
+                Ok(s) => println!(
+                    "prefetched {image}: {} manifests, {} blobs, {} bytes",
+                    s.manifests, s.blobs, s.bytes
+                ),
+                Err(e) => failures.push(format!("{image}: {e}")),
+            }
+            continue;
+        }
+        let mut progress = |p: Preheated<'_>| match p.result {
+            Ok((owner, bytes)) => {
+                println!(
+                    "[{}/{}] {} {bytes} bytes at {owner}",
+                    p.index, p.of, p.digest
+                )
+            }
+            Err(e) => eprintln!("[{}/{}] {} failed: {e}", p.index, p.of, p.digest),
+        };
+        match rt.block_on(preheat(&server, image, &platforms, &mut progress)) {
+            Ok(s) => {
+                println!(
+                    "preheated {image}: {} manifests, {} of {} blobs at their owners, {} bytes",
+                    s.manifests,
+                    s.blobs,
+                    s.blobs + s.failed.len(),
+                    s.bytes
+                );
+                for (d, e) in s.failed {
+                    failures.push(format!("{image}: {d}: {e}"));
+                }
+            }
+            Err(e) => failures.push(format!("{image}: {e}")),
+        }
+    }
+    if failures.is_empty() {
+        return Ok(());
+    }
+    Err(CliError::Failed(format!(
+        "prefetch failed for {} of what was asked:\n  {}",
+        failures.len(),
+        failures.join("\n  ")
+    )))
 }
 
 fn pin_command(action: PinAction) -> Result<(), CliError> {

@@ -67,14 +67,108 @@ pub async fn prefetch(
     platforms: &Platforms,
 ) -> Result<Summary, PrefetchError> {
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let (manifests, blobs) = walk(&client, server, image, platforms).await?;
+    let mut summary = Summary {
+        manifests,
+        ..Summary::default()
+    };
+    for digest in blobs {
+        let url = blob_url(server, image, &digest);
+        let (_, len) = fetch(&client, &url, false, Some(&digest)).await?;
+        summary.blobs += 1;
+        summary.bytes += len;
+    }
+    Ok(summary)
+}
+
+/// One blob of a cluster preheat, as it ended.
+pub struct Preheated<'a> {
+    pub index: usize,
+    pub of: usize,
+    pub digest: &'a Digest,
+    /// The owner and the blob's size, or why not.
+    pub result: &'a Result<(String, u64), String>,
+}
+
+/// What a cluster preheat did.
+#[derive(Debug, Default)]
+pub struct PreheatSummary {
+    pub manifests: usize,
+    pub blobs: usize,
+    pub bytes: u64,
+    pub failed: Vec<(Digest, String)>,
+}
+
+/// Makes the cluster of the daemon at `server` hold `image`: its
+/// manifests are pulled through that daemon (the wanted platforms of an
+/// index), and each blob's owner fetches the blob once (or finds it
+/// cached), without the blobs being stored on that daemon's node. Every
+/// blob is tried; `progress` hears of each as it ends.
+pub async fn preheat(
+    server: &str,
+    image: &ImageRef,
+    platforms: &Platforms,
+    progress: &mut dyn FnMut(Preheated<'_>),
+) -> Result<PreheatSummary, PrefetchError> {
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let (manifests, blobs) = walk(&client, server, image, platforms).await?;
+    let mut summary = PreheatSummary {
+        manifests,
+        ..PreheatSummary::default()
+    };
+    let of = blobs.len();
+    for (i, digest) in blobs.iter().enumerate() {
+        let result = crate::admin::request_preheat(
+            server,
+            image.namespace.as_str(),
+            image.repository.as_str(),
+            &digest.to_string(),
+        )
+        .await;
+        progress(Preheated {
+            index: i + 1,
+            of,
+            digest,
+            result: &result,
+        });
+        match result {
+            Ok((_, bytes)) => {
+                summary.blobs += 1;
+                summary.bytes += bytes;
+            }
+            Err(e) => summary.failed.push((digest.clone(), e)),
+        }
+    }
+    Ok(summary)
+}
+
+fn blob_url(server: &str, image: &ImageRef, digest: &Digest) -> String {
+    format!(
+        "{}/v2/{}/blobs/{digest}?ns={}",
+        server.trim_end_matches('/'),
+        image.repository,
+        image.namespace
+    )
+}
+
+/// Fetches the manifests of `image` through the daemon, following an
+/// index to the wanted platforms: how many, and the blobs they name (each
+/// once, in order).
+async fn walk(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
+    server: &str,
+    image: &ImageRef,
+    platforms: &Platforms,
+) -> Result<(usize, Vec<Digest>), PrefetchError> {
     let base = format!("{}/v2/{}", server.trim_end_matches('/'), image.repository);
     let ns = format!("ns={}", image.namespace);
-    let mut summary = Summary::default();
+    let mut manifests = 0;
+    let mut blobs: Vec<Digest> = Vec::new();
     let mut queue = vec![image.reference.clone()];
     while let Some(reference) = queue.pop() {
         let url = format!("{base}/manifests/{reference}?{ns}");
-        let (body, _) = fetch(&client, &url, true, reference.digest()).await?;
-        summary.manifests += 1;
+        let (body, _) = fetch(client, &url, true, reference.digest()).await?;
+        manifests += 1;
         let m: Contents = serde_json::from_slice(&body).map_err(|e| PrefetchError::Manifest {
             url: url.clone(),
             why: e.to_string(),
@@ -112,13 +206,12 @@ pub async fn prefetch(
         }
         for d in m.config.iter().chain(m.layers.iter()) {
             let digest = digest_of(d)?;
-            let url = format!("{base}/blobs/{digest}?{ns}");
-            let (_, len) = fetch(&client, &url, false, Some(&digest)).await?;
-            summary.blobs += 1;
-            summary.bytes += len;
+            if !blobs.contains(&digest) {
+                blobs.push(digest);
+            }
         }
     }
-    Ok(summary)
+    Ok((manifests, blobs))
 }
 
 /// GETs `url`, checks the digest, and returns the body when `keep`.

@@ -911,3 +911,126 @@ async fn a_reload_changes_the_members() {
     )));
     reach(want(&[1, 3])).await;
 }
+
+/// `prefetch --cluster`: an image preheated through one node of two is
+/// fetched from the upstream once per blob, each blob by its owner (the
+/// node the command ran on keeps only the blobs it owns); a real
+/// containerd then pulls it through that node with no new blob fetch
+/// upstream. A blob the upstream does not have fails that blob, the rest
+/// are still preheated, and the exit status says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_preheat_puts_each_blob_at_its_owner() {
+    use crate::support::real::{require, Containerd};
+    if !require(&["containerd", "ctr"]) {
+        return;
+    }
+    let up = Fake::start(Behaviour::default()).await;
+    let img = crate::support::image::Image::build(&[
+        ("a.bin", &blob(710)),
+        ("b.bin", &blob(711)),
+        ("c.bin", &blob(712)),
+        ("d.txt", b"preheated"),
+    ]);
+    up.push_image("team/app", "v1", &img);
+    // Another image whose second layer the upstream lacks.
+    let broken = crate::support::image::Image::build(&[("x", b"here"), ("y", b"missing")]);
+    up.put_blob("team/broken", &broken.config);
+    up.put_blob("team/broken", &broken.layers[0]);
+    up.put_manifest(
+        "team/broken",
+        Some("v1"),
+        &broken.media_type,
+        &broken.manifest,
+    );
+    let hosts = tempfile::tempdir().unwrap();
+    crate::support::write_hosts(
+        hosts.path(),
+        &[(
+            "registry.cluster.test",
+            format!("server = \"{}\"\n", up.url()),
+        )],
+    );
+    let pki = Pki::new();
+    let a = port_on(Ipv4Addr::new(127, 0, 74, 1));
+    let b = port_on(Ipv4Addr::new(127, 0, 74, 2));
+    let members = [a, b];
+    let node_b = binary_node(&pki, "b", b, &members, hosts.path(), "").await;
+    let node_a = binary_node(&pki, "a", a, &members, hosts.path(), "").await;
+    let cache_of = |n: &crate::support::real::Binary| n.config_file().with_file_name("cache");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nodemirror"))
+        .args(["prefetch", "--cluster", "registry.cluster.test/team/app:v1"])
+        .args(["--config", "/dev/null", "--server"])
+        .arg(format!("http://127.0.0.1:{}", node_a.port))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{out:?}");
+    let blobs: Vec<String> = img.blobs().map(|b| crate::support::sha256(b)).collect();
+    assert!(text.contains(&format!("[{0}/{0}]", blobs.len())), "{text}");
+    assert!(
+        text.contains(&format!("{0} of {0} blobs at their owners", blobs.len())),
+        "{text}"
+    );
+    for d in &blobs {
+        assert_eq!(up.hits(&format!("/blobs/{d}")), 1, "{d} fetched once");
+        let owner = nodemirror::cluster::rank(&members, &d.parse().unwrap())[0];
+        let (holder, other) = if owner == a {
+            (&node_a, &node_b)
+        } else {
+            (&node_b, &node_a)
+        };
+        let at = |n| crate::support::blob_path(&cache_of(n), d).exists();
+        assert!(at(holder), "{d} stored at its owner");
+        assert!(!at(other), "{d} not stored elsewhere");
+    }
+
+    // The rollout: containerd pulls through node a; no blob comes from
+    // the upstream again.
+    let certs = tempfile::tempdir().unwrap();
+    crate::support::write_hosts(
+        certs.path(),
+        &[(
+            "_default",
+            format!(
+                "server = \"http://127.0.0.1:9\"\n\n[host.\"http://127.0.0.1:{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+                node_a.port
+            ),
+        )],
+    );
+    let ctrd = Containerd::start().await;
+    crate::e2e::pull(
+        &ctrd,
+        certs.path().to_str().unwrap(),
+        "registry.cluster.test/team/app:v1",
+        &img.digest,
+        &node_a,
+    );
+    for d in &blobs {
+        assert_eq!(
+            up.hits(&format!("/blobs/{d}")),
+            1,
+            "{d}: no new upstream fetch"
+        );
+    }
+
+    // A blob the upstream lacks: that one fails, the others are preheated.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nodemirror"))
+        .args([
+            "prefetch",
+            "--cluster",
+            "registry.cluster.test/team/broken:v1",
+        ])
+        .args(["--config", "/dev/null", "--server"])
+        .arg(format!("http://127.0.0.1:{}", node_a.port))
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    );
+    assert!(!out.status.success(), "{stdout}{stderr}");
+    let missing = crate::support::sha256(&broken.layers[1]);
+    assert!(stderr.contains(&format!("{missing} failed")), "{stderr}");
+    assert!(stdout.contains("2 of 3 blobs at their owners"), "{stdout}");
+}
