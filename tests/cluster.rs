@@ -478,6 +478,34 @@ pub(crate) async fn binary_node(
     crate::support::real::Binary::start_in(hosts, None, &config, &[]).await
 }
 
+/// A real containerd pulls `reference` through `node` only (its hosts
+/// folder's `server` is a closed port) and gets `digest`.
+async fn containerd_pull_through(
+    node: &crate::support::real::Binary,
+    reference: &str,
+    digest: &str,
+) {
+    let certs = tempfile::tempdir().unwrap();
+    crate::support::write_hosts(
+        certs.path(),
+        &[(
+            "_default",
+            format!(
+                "server = \"http://127.0.0.1:9\"\n\n[host.\"http://127.0.0.1:{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+                node.port
+            ),
+        )],
+    );
+    let ctrd = crate::support::real::Containerd::start().await;
+    crate::e2e::pull(
+        &ctrd,
+        certs.path().to_str().unwrap(),
+        reference,
+        digest,
+        node,
+    );
+}
+
 /// A blob of `size` bytes whose owner among `members` is `owner`.
 pub fn owned_by(
     members: &[SocketAddr],
@@ -600,7 +628,7 @@ async fn an_owner_that_stops_or_dies_mid_stream_is_resumed_from_the_upstream() {
 /// through it, and the image is right.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containerd_pulls_through_a_cluster_node() {
-    use crate::support::real::{require, Containerd, Registry};
+    use crate::support::real::{require, Registry};
     if !require(&["containerd", "ctr", "docker-registry"]) {
         return;
     }
@@ -626,25 +654,7 @@ async fn containerd_pulls_through_a_cluster_node() {
     let members = [a, b];
     let node_b = binary_node(&pki, "b", b, &members, hosts.path(), "").await;
     let node_a = binary_node(&pki, "a", a, &members, hosts.path(), "").await;
-    let certs = tempfile::tempdir().unwrap();
-    crate::support::write_hosts(
-        certs.path(),
-        &[(
-            "_default",
-            format!(
-                "server = \"http://127.0.0.1:9\"\n\n[host.\"http://127.0.0.1:{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
-                node_a.port
-            ),
-        )],
-    );
-    let ctrd = Containerd::start().await;
-    crate::e2e::pull(
-        &ctrd,
-        certs.path().to_str().unwrap(),
-        "registry.cluster.test/team/app:v1",
-        &img.digest,
-        &node_a,
-    );
+    containerd_pull_through(&node_a, "registry.cluster.test/team/app:v1", &img.digest).await;
     // The blobs node b owns came to node a from b, which fetched them.
     let owned_by_b = img
         .blobs()
@@ -920,7 +930,7 @@ async fn a_reload_changes_the_members() {
 /// are still preheated, and the exit status says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_preheat_puts_each_blob_at_its_owner() {
-    use crate::support::real::{require, Containerd};
+    use crate::support::real::require;
     if !require(&["containerd", "ctr"]) {
         return;
     }
@@ -987,25 +997,7 @@ async fn a_cluster_preheat_puts_each_blob_at_its_owner() {
 
     // The rollout: containerd pulls through node a; no blob comes from
     // the upstream again.
-    let certs = tempfile::tempdir().unwrap();
-    crate::support::write_hosts(
-        certs.path(),
-        &[(
-            "_default",
-            format!(
-                "server = \"http://127.0.0.1:9\"\n\n[host.\"http://127.0.0.1:{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
-                node_a.port
-            ),
-        )],
-    );
-    let ctrd = Containerd::start().await;
-    crate::e2e::pull(
-        &ctrd,
-        certs.path().to_str().unwrap(),
-        "registry.cluster.test/team/app:v1",
-        &img.digest,
-        &node_a,
-    );
+    containerd_pull_through(&node_a, "registry.cluster.test/team/app:v1", &img.digest).await;
     for d in &blobs {
         assert_eq!(
             up.hits(&format!("/blobs/{d}")),
