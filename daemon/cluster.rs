@@ -102,6 +102,10 @@ pub struct Cluster {
     /// Members the probe marked failing; it clears its own marks when
     /// they answer again.
     probed_down: Mutex<std::collections::HashSet<SocketAddr>>,
+    /// The peers of the plans requests hold (a plan lives as long as the
+    /// fetch that uses it): the members this node is using, which the
+    /// probe watches.
+    in_use: Mutex<Vec<(std::sync::Weak<PeerPlan>, Vec<SocketAddr>)>>,
     /// The task that follows `peers_dns`, and what it follows.
     dns: Mutex<Following>,
 }
@@ -176,6 +180,7 @@ impl Cluster {
             endpoints: Mutex::default(),
             peer_timeout: Mutex::new(s.peer_timeout),
             probed_down: Mutex::default(),
+            in_use: Mutex::default(),
             dns: Mutex::new(dns),
         });
         tokio::spawn(probe(Arc::downgrade(&cluster), upstream, settings));
@@ -249,18 +254,52 @@ impl Cluster {
         let owners = ranked.len().min(OWNERS);
         let (first, rest) = ranked.split_at(owners);
         // Up to this node: the ones ranked above it own the digest before it.
-        let first = first
-            .iter()
-            .take_while(|m| **m != me)
-            .map(|m| self.endpoint(*m, PeerRole::Owner))
-            .collect();
-        let last = rest
+        let first: Vec<SocketAddr> = first.iter().take_while(|m| **m != me).copied().collect();
+        let last: Vec<SocketAddr> = rest
             .iter()
             .filter(|m| **m != me)
             .take(HOLDERS_ASKED)
-            .map(|m| self.endpoint(*m, PeerRole::Holder))
+            .copied()
             .collect();
-        Some(Arc::new(PeerPlan { first, last }))
+        let plan = Arc::new(PeerPlan {
+            first: first
+                .iter()
+                .map(|m| self.endpoint(*m, PeerRole::Owner))
+                .collect(),
+            last: last
+                .iter()
+                .map(|m| self.endpoint(*m, PeerRole::Holder))
+                .collect(),
+        });
+        let asked: Vec<SocketAddr> = first.into_iter().chain(last).collect();
+        if !asked.is_empty() {
+            self.in_use.lock().push((Arc::downgrade(&plan), asked));
+        }
+        Some(plan)
+    }
+
+    /// The members the probe watches: those of the plans still held by
+    /// requests, and those marked failing (by the probe, or by a request
+    /// while in back-off), until they answer. Plans no request holds any
+    /// more are forgotten here.
+    fn to_probe(&self, upstream: &Upstream) -> Vec<SocketAddr> {
+        let members = self.members();
+        let mut watched: std::collections::HashSet<SocketAddr> = std::collections::HashSet::new();
+        self.in_use.lock().retain(|(plan, asked)| {
+            let live = plan.strong_count() > 0;
+            if live {
+                watched.extend(asked.iter().copied());
+            }
+            live
+        });
+        watched.extend(self.probed_down.lock().iter().copied());
+        let me = self.me();
+        members
+            .iter()
+            .filter(|m| **m != me)
+            .filter(|m| watched.contains(m) || upstream.health.backing_off(&peer_base(**m)))
+            .copied()
+            .collect()
     }
 
     /// This node's share of the digest space: the fraction of a fixed
@@ -371,17 +410,21 @@ pub fn peer_base(addr: SocketAddr) -> String {
     format!("https://{addr}/v2")
 }
 
-/// How often every member is probed.
+/// How often the members in use are probed.
 const PROBE_EVERY: Duration = Duration::from_secs(2);
 
-/// Asks every other member for `/v2/` every [`PROBE_EVERY`], with a short
-/// timeout (three `peer_timeout`s, at least a second): one that does not
-/// answer (dead, or a stopped process whose kernel still accepts
-/// connections but never completes a handshake) is marked failing, so
-/// requests skip it and a stream from it that went silent is cut at once
-/// (`mirror::flight::Pace`) instead of after `idle_timeout`. When it
-/// answers again, the probe clears its own mark (not one a failed request
-/// made: a peer that sent wrong bytes sits out its back-off).
+/// Asks the members this node is using ([`Cluster::to_probe`]: the peers
+/// of fetches under way, and those marked failing until they answer) for
+/// `/v2/` every [`PROBE_EVERY`], with a short timeout (three
+/// `peer_timeout`s, at least a second). An idle node probes nobody, and a
+/// busy one only the owners of what it fetches, so the cost per node does
+/// not grow with the cluster. One that does not answer (dead, or a stopped
+/// process whose kernel still accepts connections but never completes a
+/// handshake) is marked failing, so requests skip it and a stream from it
+/// that went silent is cut at once (`mirror::flight::Pace`) instead of
+/// after `idle_timeout`. When it answers again, the probe clears its own
+/// mark (not one a failed request made: a peer that sent wrong bytes sits
+/// out its back-off).
 async fn probe(
     cluster: std::sync::Weak<Cluster>,
     upstream: Arc<Upstream>,
@@ -395,10 +438,8 @@ async fn probe(
         tick.tick().await;
         let Some(c) = cluster.upgrade() else { return };
         let timeout = (*c.peer_timeout.lock() * 3).max(Duration::from_secs(1));
-        let me = c.me();
-        let members = c.members();
-        let asks = members.iter().filter(|m| **m != me).map(|m| {
-            let m = *m;
+        let watched = c.to_probe(&upstream);
+        let asks = watched.into_iter().map(|m| {
             let ep = c.endpoint(m, PeerRole::Holder);
             let client = ep.client.clone();
             let (upstream, settings, c) = (upstream.clone(), settings.clone(), c.clone());

@@ -817,19 +817,27 @@ async fn cluster_commands_make_certificates_and_show_the_members() {
     );
 }
 
-/// The probe marks a member that does not answer as failing, and clears
-/// the mark once it answers (a node restarted for an upgrade is used again
-/// within seconds, not after a long back-off).
+/// A member a request found down is probed until it answers, marked
+/// failing meanwhile, and cleared once it answers (a node restarted for an
+/// upgrade is used again within seconds, not after a long back-off).
 #[tokio::test]
 async fn a_member_that_comes_back_is_used_again() {
+    let up = Fake::start(Behaviour::default()).await;
     let pki = Pki::new();
     let a = port_on(Ipv4Addr::new(127, 0, 71, 1));
     let b = port_on(Ipv4Addr::new(127, 0, 71, 2));
     let members = [a, b];
     let node = Daemon::builder()
         .cluster(settings(&pki, "a", a, &members))
+        .hosts("shared.test", hosts_toml(&[], Some(&up.url())))
         .start()
         .await;
+    // A pull of a blob b owns, while b is down: it comes from the
+    // upstream, and b is now watched.
+    let (content, digest) = owned_by(&members, b, 1000, 7100);
+    up.put_blob("app", &content);
+    let r = get(&url(&node, "shared.test", &digest)).await;
+    assert_eq!(r.status, StatusCode::OK);
     let health_of_b = || {
         let url = node.url("/cluster/status");
         async move {
@@ -847,6 +855,10 @@ async fn a_member_that_comes_back_is_used_again() {
         health_of_b().await.starts_with("failing")
     })
     .await;
+    // The probe (every 2 s) finds it down too: its own mark, which it
+    // clears when b answers. (A request's mark alone waits out the
+    // back-off: a peer that sent wrong bytes is not forgiven early.)
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let other = Daemon::builder()
         .cluster(settings(&pki, "b", b, &members))
         .start()
@@ -1025,4 +1037,50 @@ async fn a_cluster_preheat_puts_each_blob_at_its_owner() {
     let missing = crate::support::sha256(&broken.layers[1]);
     assert!(stderr.contains(&format!("{missing} failed")), "{stderr}");
     assert!(stdout.contains("2 of 3 blobs at their owners"), "{stdout}");
+}
+
+/// An idle node probes nobody: the cost of failure detection per node does
+/// not grow with the cluster. A member starts being watched when a request
+/// uses it (here one that accepts connections and closes them at once: the
+/// request goes on to the upstream, and the member is probed after it).
+#[tokio::test]
+async fn an_idle_node_probes_no_member() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let up = Fake::start(Behaviour::default()).await;
+    let pki = Pki::new();
+    let a = port_on(Ipv4Addr::new(127, 0, 75, 1));
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::new(127, 0, 75, 2), 0))
+        .await
+        .unwrap();
+    let x = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    let closing = tokio::spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::Relaxed);
+            drop(conn);
+        }
+    });
+    let members = [a, x];
+    let node = Daemon::builder()
+        .cluster(settings(&pki, "a", a, &members))
+        .hosts("shared.test", hosts_toml(&[], Some(&up.url())))
+        .start()
+        .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        connections.load(Ordering::Relaxed),
+        0,
+        "an idle node probed a member (every 2 s, before)"
+    );
+    let (content, digest) = owned_by(&members, x, 1000, 7500);
+    up.put_blob("app", &content);
+    let r = get(&url(&node, "shared.test", &digest)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    wait_until("the member in use probed", Duration::from_secs(10), || {
+        connections.load(Ordering::Relaxed) >= 2
+    })
+    .await;
+    node.stop().await;
+    closing.abort();
 }

@@ -116,9 +116,9 @@ fn cluster_settings(
 
 /// `node-certs` makes one certificate per node that `kubectl get nodes`
 /// lists, naming its InternalIPs (keys 0600), keeps existing ones on a
-/// second run, and the certificates work: node a, started alone, marks b
-/// failing; once b starts with its certificate, a's mutual-TLS probe of b
-/// passes. The DaemonSet's TCP readiness probe on the peer port leaves no
+/// second run, and the certificates work: node a, with b down, marks b
+/// failing after a pull of a blob b owns; once b starts with its
+/// certificate, a's mutual-TLS probe of b passes. The DaemonSet's TCP readiness probe on the peer port leaves no
 /// warning in the log.
 #[tokio::test]
 async fn the_certificate_script_makes_working_node_certificates() {
@@ -182,8 +182,23 @@ async fn the_certificate_script_makes_working_node_certificates() {
         s.cert.display(),
         s.key.display()
     );
+    let up = crate::support::fake::Fake::start(crate::support::fake::Behaviour::default()).await;
     let hosts = tempfile::tempdir().unwrap();
+    crate::support::write_hosts(
+        hosts.path(),
+        &[("shared.test", format!("server = \"{}\"\n", up.url()))],
+    );
     let node = crate::support::real::Binary::start_in(hosts.path(), None, &config, &[]).await;
+    // A pull of a blob b owns while b is down: from the upstream, and b is
+    // now watched by a's probe.
+    let (content, digest) = crate::cluster::owned_by(&members, b, 1000, 7300);
+    up.put_blob("app", &content);
+    let r = get(&format!(
+        "http://127.0.0.1:{}/v2/app/blobs/{digest}?ns=shared.test",
+        node.port
+    ))
+    .await;
+    assert_eq!(r.status, http::StatusCode::OK);
     let health_of_b = || {
         let url = format!("http://127.0.0.1:{}/cluster/status", node.port);
         async move {
@@ -201,6 +216,8 @@ async fn the_certificate_script_makes_working_node_certificates() {
         health_of_b().await.starts_with("failing")
     })
     .await;
+    // One probe period: the probe's own mark, cleared when b answers.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let other = Daemon::builder()
         .cluster(cluster_settings(d, "node-b", b, &members))
         .start()
