@@ -1003,7 +1003,11 @@ async fn a_cluster_preheat_puts_each_blob_at_its_owner() {
             (&node_b, &node_a)
         };
         let at = |n| crate::support::blob_path(&cache_of(n), d).exists();
-        assert!(at(holder), "{d} stored at its owner");
+        // The owner commits a blob just after its last byte went out.
+        wait_until("stored at its owner", Duration::from_secs(10), || {
+            at(holder)
+        })
+        .await;
         assert!(!at(other), "{d} not stored elsewhere");
     }
 
