@@ -273,7 +273,14 @@ impl Cluster {
         });
         let asked: Vec<SocketAddr> = first.into_iter().chain(last).collect();
         if !asked.is_empty() {
-            self.in_use.lock().push((Arc::downgrade(&plan), asked));
+            let mut in_use = self.in_use.lock();
+            // Plans dropped since the last probe go here too, so the list
+            // stays near the number of fetches under way however many
+            // requests come between two probes.
+            if in_use.len() >= IN_USE_PRUNE && in_use.len().is_power_of_two() {
+                in_use.retain(|(plan, _)| plan.strong_count() > 0);
+            }
+            in_use.push((Arc::downgrade(&plan), asked));
         }
         Some(plan)
     }
@@ -409,6 +416,10 @@ impl Cluster {
 pub fn peer_base(addr: SocketAddr) -> String {
     format!("https://{addr}/v2")
 }
+
+/// Entries of `Cluster::in_use` from which a new plan first drops those
+/// no request holds (then again at each doubling).
+const IN_USE_PRUNE: usize = 256;
 
 /// How often the members in use are probed.
 const PROBE_EVERY: Duration = Duration::from_secs(2);
