@@ -491,16 +491,7 @@ async fn small_cache(up: &Fake, max_blob: u64) -> (crate::support::Daemon, Vec<S
         })
         .start()
         .await;
-    let mut kept = Vec::new();
-    for i in 0..6 {
-        let digest = up.put_blob("app", &crate::support::noise(1 << 20, 300 + i));
-        let url = d.url(&format!("/v2/app/blobs/{digest}?ns=reg.test"));
-        let (status, _) = stream_on(&http_client(), &url, None, None).await;
-        assert_eq!(status, StatusCode::OK);
-        let path = d.blob_path(&digest);
-        wait_until("stored", Duration::from_secs(10), || path.exists()).await;
-        kept.push(digest);
-    }
+    let kept = pull_and_store(&d, up, 6, 1 << 20, 300).await;
     (d, kept)
 }
 
@@ -642,16 +633,7 @@ async fn a_small_filesystem_is_never_filled() {
         })
         .start()
         .await;
-    let mut kept = Vec::new();
-    for i in 0..5 {
-        let digest = up.put_blob("app", &crate::support::noise(4 << 20, 400 + i));
-        let url = d.url(&format!("/v2/app/blobs/{digest}?ns=reg.test"));
-        let (status, _) = stream_on(&http_client(), &url, None, None).await;
-        assert_eq!(status, StatusCode::OK);
-        let path = d.blob_path(&digest);
-        wait_until("stored", Duration::from_secs(10), || path.exists()).await;
-        kept.push(digest);
-    }
+    let kept = pull_and_store(&d, &up, 5, 4 << 20, 400).await;
     let claim = format!("sha256:{}", "ab".repeat(32));
     up.put_repeated_blob("app", &claim, Bytes::from(vec![1u8; 1 << 20]), 100);
     let r = get(&d.url(&format!("/v2/app/blobs/{claim}?ns=reg.test"))).await;
@@ -687,4 +669,27 @@ async fn a_small_filesystem_is_never_filled() {
     let free = nodemirror::cache::gc::free_bytes(dir.path()).unwrap();
     assert!(free >= 12 << 20, "{free} bytes free");
     d.stop().await;
+}
+
+/// Puts `n` blobs of `size` bytes (noise seeded from `seed`) on `up`'s
+/// `app`, pulls each through `d` under `reg.test` and waits until it is
+/// stored: their digests.
+async fn pull_and_store(
+    d: &crate::support::Daemon,
+    up: &Fake,
+    n: u64,
+    size: usize,
+    seed: u64,
+) -> Vec<String> {
+    let mut kept = Vec::new();
+    for i in 0..n {
+        let digest = up.put_blob("app", &crate::support::noise(size, seed + i));
+        let url = d.url(&format!("/v2/app/blobs/{digest}?ns=reg.test"));
+        let (status, _) = stream_on(&http_client(), &url, None, None).await;
+        assert_eq!(status, StatusCode::OK);
+        let path = d.blob_path(&digest);
+        wait_until("stored", Duration::from_secs(10), || path.exists()).await;
+        kept.push(digest);
+    }
+    kept
 }

@@ -343,6 +343,19 @@ pub async fn dns_node(
 }
 
 /// The members a node's `/cluster/status` lists, sorted.
+/// How the node whose `/cluster/status` is at `status_url` sees `member`
+/// (`ok`, `failing ...`, `self`).
+pub async fn health_at(status_url: &str, member: SocketAddr) -> String {
+    let v: serde_json::Value = serde_json::from_slice(get(status_url).await.bytes()).unwrap();
+    v["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["address"] == member.to_string())
+        .map(|m| m["health"].as_str().unwrap().to_string())
+        .unwrap_or_else(|| panic!("{member} is not a member: {v}"))
+}
+
 pub async fn members_at(status_url: &str) -> Vec<String> {
     let v: serde_json::Value = serde_json::from_slice(get(status_url).await.bytes()).unwrap();
     let mut m: Vec<String> = v["members"]
@@ -838,19 +851,8 @@ async fn a_member_that_comes_back_is_used_again() {
     up.put_blob("app", &content);
     let r = get(&url(&node, "shared.test", &digest)).await;
     assert_eq!(r.status, StatusCode::OK);
-    let health_of_b = || {
-        let url = node.url("/cluster/status");
-        async move {
-            let v: serde_json::Value = serde_json::from_slice(get(&url).await.bytes()).unwrap();
-            v["members"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|m| m["address"] == b.to_string())
-                .map(|m| m["health"].as_str().unwrap().to_string())
-                .unwrap()
-        }
-    };
+    let status = node.url("/cluster/status");
+    let health_of_b = || health_at(&status, b);
     crate::support::wait_for("b marked failing", Duration::from_secs(15), || async {
         health_of_b().await.starts_with("failing")
     })

@@ -155,11 +155,7 @@ async fn the_certificate_script_makes_working_node_certificates() {
                 .env("NODEMIRROR", bin)
                 .output()
                 .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let text = crate::support::output_text(&out);
         assert!(out.status.success(), "{text}");
         text
     };
@@ -199,19 +195,8 @@ async fn the_certificate_script_makes_working_node_certificates() {
     ))
     .await;
     assert_eq!(r.status, http::StatusCode::OK);
-    let health_of_b = || {
-        let url = format!("http://127.0.0.1:{}/cluster/status", node.port);
-        async move {
-            let v: serde_json::Value = serde_json::from_slice(get(&url).await.bytes()).unwrap();
-            v["members"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|m| m["address"] == b.to_string())
-                .map(|m| m["health"].as_str().unwrap().to_string())
-                .unwrap()
-        }
-    };
+    let status = format!("http://127.0.0.1:{}/cluster/status", node.port);
+    let health_of_b = || crate::cluster::health_at(&status, b);
     crate::support::wait_for("b marked failing", Duration::from_secs(15), || async {
         health_of_b().await.starts_with("failing")
     })

@@ -460,11 +460,7 @@ async fn monitoring_ships_dashboards_and_alerts_that_name_real_metrics() {
             .args(args)
             .output()
             .unwrap();
-        let said = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let said = crate::support::output_text(&out);
         assert!(
             out.status.success() && said.contains("SUCCESS"),
             "promtool {args:?}: {said}"
@@ -530,8 +526,21 @@ async fn monitoring_ships_dashboards_and_alerts_that_name_real_metrics() {
 
     // A running daemon: cluster mode with one dead peer, a registry with a
     // dead first endpoint, one refusing the credentials.
+    let pki = crate::cluster::Pki::new();
+    let me = crate::cluster::port_on(std::net::Ipv4Addr::new(127, 0, 69, 1));
+    let gone = crate::cluster::port_on(std::net::Ipv4Addr::new(127, 0, 69, 2));
+    // A node watches only the members it uses: one of the image's blobs is
+    // owned by the dead peer, so pulling it finds that peer down.
+    let img = (0u32..)
+        .map(|i| Image::build(&[("m", format!("monitored {i}").as_bytes())]))
+        .find(|img| {
+            img.blobs().any(|b| {
+                let d = crate::support::sha256(b).parse().unwrap();
+                nodemirror::cluster::rank(&[me, gone], &d)[0] == gone
+            })
+        })
+        .unwrap();
     let reg = Registry::start().await;
-    let img = Image::build(&[("m", b"monitored")]);
     reg.push("team/app", "v1", &img).await;
     let locked = Registry::with_htpasswd("robot", "s3cret").await;
     let hosts = tempfile::tempdir().unwrap();
@@ -552,9 +561,6 @@ async fn monitoring_ships_dashboards_and_alerts_that_name_real_metrics() {
         r#"{"auths": {"corp.test": {"username": "robot", "password": "wrong"}}}"#,
     )
     .unwrap();
-    let pki = crate::cluster::Pki::new();
-    let me = crate::cluster::port_on(std::net::Ipv4Addr::new(127, 0, 69, 1));
-    let gone = crate::cluster::port_on(std::net::Ipv4Addr::new(127, 0, 69, 2));
     let bin = crate::cluster::binary_node(
         &pki,
         "a",

@@ -29,10 +29,9 @@ fn closed_registry(ns: &str) -> tempfile::TempDir {
 /// Puts `body` into `cache` as a blob that came through `ns`.
 pub fn plant_blob(cache: &Path, ns: &str, body: &[u8]) -> String {
     let digest = sha256(body);
-    let hex = digest.strip_prefix("sha256:").unwrap();
-    let dir = cache.join("blobs/sha256").join(&hex[..2]);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join(hex), body).unwrap();
+    let path = crate::support::blob_path(cache, &digest);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, body).unwrap();
     write_origin(cache, &digest, ns);
     digest
 }
@@ -302,8 +301,7 @@ async fn a_blob_not_in_memory_is_read_from_disk_off_the_workers() {
     let cache = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let body = noise(8 << 20, 93);
     let digest = plant_blob(cache.path(), "cold.test", &body);
-    let hex = digest.strip_prefix("sha256:").unwrap();
-    let file = cache.path().join("blobs/sha256").join(&hex[..2]).join(hex);
+    let file = crate::support::blob_path(cache.path(), &digest);
     let bin = Binary::start_in(
         hosts.path(),
         Some(cache.path()),

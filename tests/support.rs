@@ -256,12 +256,16 @@ pub fn tool(listen: &str, cache: &Path, args: &[&str]) -> (Option<i32>, String) 
         .arg(cache)
         .output()
         .unwrap();
-    let text = format!(
+    (out.status.code(), output_text(&out))
+}
+
+/// What a program printed, standard output then standard error.
+pub fn output_text(out: &std::process::Output) -> String {
+    format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code(), text)
+    )
 }
 
 /// Files in a cache's tmp/ folder.
