@@ -80,6 +80,11 @@ pub struct UpstreamSettings {
     pub implicit_namespaces: ImplicitPolicy,
     /// When not empty, the only namespaces without a hosts.d folder served.
     pub allowed_namespaces: Vec<Namespace>,
+    /// The proxy for upstream connections and its exceptions, in place of
+    /// the environment's `HTTPS_PROXY`/`HTTP_PROXY` and `NO_PROXY`
+    /// (`"none"`: no proxy whatever the environment says).
+    pub proxy: Option<String>,
+    pub no_proxy: Option<String>,
 }
 
 impl Default for UpstreamSettings {
@@ -100,6 +105,8 @@ impl Default for UpstreamSettings {
             takeover_rate: 1 << 20,
             implicit_namespaces: ImplicitPolicy::Public,
             allowed_namespaces: Vec::new(),
+            proxy: None,
+            no_proxy: None,
         }
     }
 }
@@ -386,6 +393,18 @@ impl Settings {
                             }
                             "takeover_rate" => {
                                 u.takeover_rate = f.size()?;
+                                return Ok(());
+                            }
+                            "proxy" => {
+                                let raw = f.str()?;
+                                crate::upstream::proxy::check_url(raw).map_err(|e| {
+                                    f.src.error(f.span.clone(), format!("`proxy`: {e}"))
+                                })?;
+                                u.proxy = Some(raw.to_string());
+                                return Ok(());
+                            }
+                            "no_proxy" => {
+                                u.no_proxy = Some(f.str()?.to_string());
                                 return Ok(());
                             }
                             // Zero is meaningful here: no wait, no back-off.
@@ -717,6 +736,24 @@ mod tests {
         let lines: Vec<usize> = e.0.iter().map(|e| e.line).collect();
         assert_eq!(lines, [2, 3], "{e}");
         assert!(e.to_string().contains("at most 8784h"), "{e}");
+    }
+
+    #[test]
+    fn proxy_settings_are_checked_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "[upstream]\nproxy = \"socks5h://u:p@127.0.0.1:1080\"\nno_proxy = \"corp.example,10.0.0.0/8\"\n",
+        );
+        let u = Settings::load(Some(&p), Overrides::default())
+            .unwrap()
+            .upstream;
+        assert_eq!(u.proxy.as_deref(), Some("socks5h://u:p@127.0.0.1:1080"));
+        assert_eq!(u.no_proxy.as_deref(), Some("corp.example,10.0.0.0/8"));
+        let p = write(dir.path(), "[upstream]\n\nproxy = \"https://proxy:3128\"\n");
+        let e = Settings::load(Some(&p), Overrides::default()).unwrap_err();
+        assert_eq!(e.0[0].line, 3, "{e}");
+        assert!(e.to_string().contains("not supported"), "{e}");
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod admission;
 pub mod auth;
 pub mod client;
 pub mod health;
+pub mod proxy;
 pub mod routes;
 
 use std::future::Future;
@@ -383,12 +384,18 @@ impl Upstream {
         let dir = hosts::load_dir(hosts_dir)?;
         let credentials = load_credentials(auth_file)?;
         let implicit_any = settings.implicit_namespaces == ImplicitPolicy::Any;
-        let routes = Routes::build(
-            &dir,
-            &mut self.pool.lock(),
-            settings.connect_timeout,
-            implicit_any,
-        )?;
+        let proxy = proxy::ProxyChoice::from_env()
+            .overridden(settings.proxy.as_deref(), settings.no_proxy.as_deref());
+        proxy.check().map_err(|e| {
+            vec![ConfigError {
+                path: "HTTPS_PROXY/HTTP_PROXY/ALL_PROXY in the environment".into(),
+                line: 0,
+                message: e,
+            }]
+        })?;
+        let mut pool = self.pool.lock();
+        pool.set_proxy(proxy);
+        let routes = Routes::build(&dir, &mut pool, settings.connect_timeout, implicit_any)?;
         Ok(Config {
             routes,
             credentials,

@@ -19,6 +19,7 @@ mod pins;
 mod private;
 mod proxy;
 mod ranged;
+mod restricted;
 mod routes;
 mod runtimes;
 mod scale;

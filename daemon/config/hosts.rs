@@ -13,6 +13,8 @@
 //!   dial_timeout = "2s"
 //!   parallel_fetches = 8                      # nodemirror's own: ranged fetch
 //!   parallel_threshold = "16MiB"              # of big blobs over 8 connections
+//!   proxy = "http://proxy.corp:3128"          # nodemirror's own: this endpoint's
+//!   no_proxy = "corp.example,10.0.0.0/8"      # proxy (top level: every endpoint's)
 //!   [host."http://mirror-a:5000".header]
 //!     x-custom = ["value"]
 //! ```
@@ -68,6 +70,11 @@ pub struct HostSettings {
     /// `[upstream] parallel_fetches` and `parallel_threshold` for this endpoint.
     pub parallel_fetches: Option<usize>,
     pub parallel_threshold: Option<u64>,
+    /// `proxy = "http://…"`, `"socks5://…"` or `"none"`, and `no_proxy`:
+    /// in place of config.toml's and the environment's. Top-level values
+    /// apply to every endpoint of the file that sets none of its own.
+    pub proxy: Option<String>,
+    pub no_proxy: Option<String>,
 }
 
 /// One endpoint as configured: its API base URL (ending in `/v2` unless
@@ -221,7 +228,11 @@ pub fn parse_source(src: &Source) -> Result<HostsFile, Vec<ConfigError>> {
                         errors.push(src.error(span, format!("host {name:?} must be a table")));
                         continue;
                     };
-                    let mut s = HostSettings::default();
+                    let mut s = HostSettings {
+                        proxy: file.server_settings.proxy.clone(),
+                        no_proxy: file.server_settings.no_proxy.clone(),
+                        ..HostSettings::default()
+                    };
                     visit_table(src, table, &mut errors, |f| visit_host_key(&mut s, &f, dir));
                     let field = Field {
                         src,
@@ -331,6 +342,13 @@ fn visit_host_key(s: &mut HostSettings, f: &Field<'_>, dir: &Path) -> Result<(),
             s.parallel_fetches = Some(f.count(1, crate::config::MAX_PARALLEL_FETCHES)?)
         }
         "parallel_threshold" => s.parallel_threshold = Some(f.size()?),
+        "proxy" => {
+            let raw = f.str()?;
+            crate::upstream::proxy::check_url(raw)
+                .map_err(|e| f.src.error(f.span.clone(), format!("`proxy`: {e}")))?;
+            s.proxy = Some(raw.to_string());
+        }
+        "no_proxy" => s.no_proxy = Some(f.str()?.to_string()),
         "header" => {
             let table = f.item.as_table_like().ok_or_else(|| {
                 f.src
@@ -441,6 +459,33 @@ mod tests {
     fn parse(text: &str) -> Result<HostsFile, Vec<ConfigError>> {
         let src = Source::parse(Path::new("/h/docker.io/hosts.toml"), text.into()).unwrap();
         parse_source(&src)
+    }
+
+    #[test]
+    fn a_top_level_proxy_applies_to_every_endpoint_that_sets_none() {
+        let f = parse(
+            "proxy = \"http://p:3128\"\nno_proxy = \"10.0.0.0/8\"\nserver = \"https://r\"\n\
+             [host.\"https://a\"]\n[host.\"https://b\"]\n  proxy = \"none\"\n",
+        )
+        .unwrap();
+        assert_eq!(f.server_settings.proxy.as_deref(), Some("http://p:3128"));
+        assert_eq!(
+            f.mirrors[0].settings.proxy.as_deref(),
+            Some("http://p:3128")
+        );
+        assert_eq!(
+            f.mirrors[0].settings.no_proxy.as_deref(),
+            Some("10.0.0.0/8")
+        );
+        assert_eq!(f.mirrors[1].settings.proxy.as_deref(), Some("none"));
+        let e = parse("server = \"https://r\"\n[host.\"https://a\"]\n  proxy = \"ftp://p\"\n")
+            .unwrap_err();
+        assert!(
+            e[0].to_string()
+                .starts_with("/h/docker.io/hosts.toml:3: `proxy`"),
+            "{}",
+            e[0]
+        );
     }
 
     #[test]

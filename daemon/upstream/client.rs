@@ -10,7 +10,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Empty;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -19,17 +18,19 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use sha2::{Digest as _, Sha256};
 
-use super::admission::Resolver;
+use super::proxy::{Dialer, ProxyChoice};
 use crate::config::hosts::HostSettings;
 
 /// The client every upstream request goes through.
-pub type HttpClient = Client<HttpsConnector<HttpConnector<Resolver>>, Empty<Bytes>>;
+pub type HttpClient = Client<HttpsConnector<Dialer>, Empty<Bytes>>;
 
 /// Builds clients and shares those with equal settings.
 pub struct ClientPool {
     provider: Arc<CryptoProvider>,
     system_roots: RootCertStore,
     clients: HashMap<ClientKey, HttpClient>,
+    /// The proxy of config.toml or the environment, before hosts.toml.
+    proxy: ProxyChoice,
 }
 
 /// Endpoints whose TLS material and dial timeout are equal share a client.
@@ -42,10 +43,16 @@ struct ClientKey {
     dial: Duration,
     /// Connects to public addresses only (see [`super::admission`]).
     public_only: bool,
+    proxy: ProxyChoice,
 }
 
 impl ClientKey {
-    fn new(settings: &HostSettings, dial: Duration, public_only: bool) -> ClientKey {
+    fn new(
+        settings: &HostSettings,
+        dial: Duration,
+        public_only: bool,
+        proxy: ProxyChoice,
+    ) -> ClientKey {
         let mut h = Sha256::new();
         let mut add = |part: &[u8]| {
             h.update((part.len() as u64).to_le_bytes());
@@ -68,6 +75,7 @@ impl ClientKey {
             tls: h.finalize().into(),
             dial,
             public_only,
+            proxy,
         }
     }
 }
@@ -86,7 +94,21 @@ impl ClientPool {
             provider: Arc::new(rustls::crypto::ring::default_provider()),
             system_roots,
             clients: HashMap::new(),
+            proxy: ProxyChoice::default(),
         }
+    }
+
+    /// Sets the proxy that endpoints whose hosts.toml names none use
+    /// (config.toml's, else the environment's); clients built before keep
+    /// theirs and are dropped with their snapshot.
+    pub fn set_proxy(&mut self, proxy: ProxyChoice) {
+        self.proxy = proxy;
+    }
+
+    /// The proxy an endpoint with `settings` uses.
+    pub fn proxy_for(&self, settings: &HostSettings) -> ProxyChoice {
+        self.proxy
+            .overridden(settings.proxy.as_deref(), settings.no_proxy.as_deref())
     }
 
     /// The client for `settings` (dialling with `connect_timeout` unless
@@ -100,12 +122,14 @@ impl ClientPool {
         public_only: bool,
     ) -> Result<HttpClient, String> {
         let dial = settings.dial_timeout.unwrap_or(connect_timeout);
-        let key = ClientKey::new(settings, dial, public_only);
+        let proxy = self.proxy_for(settings);
+        proxy.check()?;
+        let key = ClientKey::new(settings, dial, public_only, proxy.clone());
         if let Some(c) = self.clients.get(&key) {
             return Ok(c.clone());
         }
         let tls = self.tls_config(settings, true)?;
-        let client = build_client(tls, dial, public_only);
+        let client = build_client(tls, Dialer::new(&proxy, dial, public_only));
         self.clients.insert(key, client.clone());
         Ok(client)
     }
@@ -118,7 +142,11 @@ impl ClientPool {
         dial: Duration,
     ) -> Result<HttpClient, String> {
         let tls = self.tls_config(settings, false)?;
-        Ok(build_client(tls, dial, false))
+        // Peers are reached directly, never through a proxy.
+        Ok(build_client(
+            tls,
+            Dialer::new(&ProxyChoice::default(), dial, false),
+        ))
     }
 
     fn tls_config(
@@ -154,17 +182,13 @@ impl ClientPool {
     }
 }
 
-fn build_client(tls: ClientConfig, dial: Duration, public_only: bool) -> HttpClient {
-    let mut http = HttpConnector::new_with_resolver(Resolver { public_only });
-    http.enforce_http(false);
-    http.set_connect_timeout(Some(dial));
-    http.set_nodelay(true);
+fn build_client(tls: ClientConfig, dialer: Dialer) -> HttpClient {
     let https = HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(http);
+        .wrap_connector(dialer);
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(60))
         .build(https)

@@ -128,7 +128,12 @@ type FakeBody = BoxBody<Bytes, Infallible>;
 
 impl Fake {
     pub async fn start(behaviour: Behaviour) -> Fake {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_at("127.0.0.1", behaviour).await
+    }
+
+    /// Listens on a free port of another loopback address (127.0.0.5).
+    pub async fn start_at(ip: &str, behaviour: Behaviour) -> Fake {
+        let listener = TcpListener::bind((ip, 0)).await.unwrap();
         Self::serve(listener, behaviour, None)
     }
 

@@ -481,3 +481,131 @@ impl Containerd {
         .expect("ctr")
     }
 }
+
+/// Debian's squid on a loopback port: CONNECT to any port but `deny_ports`,
+/// with Basic credentials when `login` is given; `access.log` records
+/// every CONNECT it was asked for.
+pub struct Squid {
+    pub proc: Process,
+    pub port: u16,
+}
+
+impl Squid {
+    pub async fn start(login: Option<(&str, &str)>, deny_ports: &[u16]) -> Squid {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        // squid drops to its own user, which writes the logs here.
+        std::fs::set_permissions(&d, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+        let port = free_port();
+        let mut conf = format!(
+            "http_port 127.0.0.1:{port}\npid_filename {d}/squid.pid\ncache_log {d}/cache.log\n\
+             access_log stdio:{d}/access.log\ncache deny all\ncache_mem 8 MB\n\
+             dns_nameservers 127.0.0.1\nshutdown_lifetime 0 seconds\npinger_enable off\n",
+            d = d.display()
+        );
+        for p in deny_ports {
+            conf.push_str(&format!(
+                "acl denied_{p} port {p}\nhttp_access deny denied_{p}\n"
+            ));
+        }
+        match login {
+            Some((user, password)) => {
+                let out = Command::new("htpasswd")
+                    .args(["-bc", &format!("{}/passwd", d.display()), user, password])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "htpasswd: {out:?}");
+                std::fs::set_permissions(
+                    d.join("passwd"),
+                    std::os::unix::fs::PermissionsExt::from_mode(0o644),
+                )
+                .unwrap();
+                conf.push_str(&format!(
+                    "auth_param basic program /usr/lib/squid/basic_ncsa_auth {}/passwd\n\
+                     auth_param basic realm test\nacl authed proxy_auth REQUIRED\n\
+                     http_access allow authed\n",
+                    d.display()
+                ));
+            }
+            None => conf.push_str("http_access allow localhost\n"),
+        }
+        conf.push_str("http_access deny all\n");
+        std::fs::write(d.join("squid.conf"), conf).unwrap();
+        let mut cmd = Command::new("squid");
+        cmd.args(["-N", "-f"]).arg(d.join("squid.conf"));
+        let proc = Process::spawn(cmd, dir, "squid");
+        wait_for("squid to listen", Duration::from_secs(20), || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        })
+        .await;
+        Squid { proc, port }
+    }
+
+    pub fn url(&self, login: Option<(&str, &str)>) -> String {
+        match login {
+            Some((u, p)) => format!("http://{u}:{p}@127.0.0.1:{}", self.port),
+            None => format!("http://127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// The CONNECT lines of access.log (squid writes each when its tunnel
+    /// closes, so callers wait for what they expect).
+    pub fn connects(&self) -> Vec<String> {
+        std::fs::read_to_string(self.proc.log.with_file_name("access.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(" CONNECT "))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// Dante's SOCKS server on a loopback port, passing connections to
+/// `allow_ports` on loopback only and logging each connect it passes or
+/// blocks.
+pub struct Dante {
+    pub proc: Process,
+    pub port: u16,
+}
+
+impl Dante {
+    pub async fn start(allow_ports: &[u16]) -> Dante {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        std::fs::set_permissions(&d, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+        let port = free_port();
+        let mut conf = format!(
+            "logoutput: {d}/danted.log\ninternal: 127.0.0.1 port = {port}\nexternal: 127.0.0.1\n\
+             clientmethod: none\nsocksmethod: none\nuser.privileged: root\n\
+             user.unprivileged: nobody\nclient pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 }}\n",
+            d = d.display()
+        );
+        for p in allow_ports {
+            conf.push_str(&format!(
+                "socks pass {{ from: 127.0.0.0/8 to: 127.0.0.0/8 port = {p} log: connect }}\n"
+            ));
+        }
+        conf.push_str("socks block { from: 0.0.0.0/0 to: 0.0.0.0/0 log: connect error }\n");
+        std::fs::write(d.join("danted.conf"), conf).unwrap();
+        let mut cmd = Command::new("danted");
+        cmd.arg("-f")
+            .arg(d.join("danted.conf"))
+            .arg("-p")
+            .arg(d.join("danted.pid"));
+        let proc = Process::spawn(cmd, dir, "dante");
+        wait_for("dante to listen", Duration::from_secs(20), || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        })
+        .await;
+        Dante { proc, port }
+    }
+
+    /// What dante logged: `pass` and `block` lines name the target.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.proc.log.with_file_name("danted.log")).unwrap_or_default()
+    }
+}
