@@ -52,7 +52,7 @@ fn answer(status: StatusCode, body: serde_json::Value) -> Response<ResponseBody>
 }
 
 /// Whether the local client of `req` is one of `[server]`'s allowed users.
-async fn caller_allowed(app: &App, req: &Request<Incoming>) -> bool {
+pub(crate) async fn caller_allowed(app: &App, req: &Request<Incoming>) -> bool {
     let snap = app.live.load();
     match req.extensions().get::<std::sync::Arc<Caller>>() {
         Some(c) => c.allowed(&snap.settings.server).await,

@@ -16,7 +16,9 @@
 //!
 //! A blob's mtime is its last access, for least-recently-used eviction.
 
+pub mod export;
 pub mod gc;
+pub mod import;
 pub(crate) mod ingest;
 mod origins;
 pub mod pins;

@@ -27,6 +27,7 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod archive;
 mod atomic;
 pub mod cache;
 pub mod cluster;

@@ -259,12 +259,40 @@ enum CacheAction {
     },
     /// Re-hash every cached file; move corrupt ones to quarantine/ (exit 1 if any).
     Verify(ServeArgs),
+    /// Load images from an OCI layout (folder or tar, as `skopeo copy ... oci-archive:` writes) or a `docker save` archive; every file verified, tags recorded. Through the daemon when one runs.
+    Import {
+        /// The archive (uncompressed tar) or OCI layout folder.
+        input: PathBuf,
+        /// The name each image of the archive gets, in the archive's order: REGISTRY/REPOSITORY[:TAG] (repeatable).
+        #[arg(long = "as", value_name = "IMAGE", required = true)]
+        as_: Vec<nodemirror::reference::ImageRef>,
+        #[command(flatten)]
+        args: ServeArgs,
+    },
+    /// Write cached images as an OCI layout tar (all platforms, or those chosen), which `nodemirror cache import`, skopeo and `ctr import` read.
+    Export {
+        /// Images, e.g. `quay.io/org/app:v1`, `reg/x@sha256:...`
+        #[arg(required = true)]
+        images: Vec<nodemirror::reference::ImageRef>,
+        /// The tar to write (`-`: standard output).
+        #[arg(short = 'o', long)]
+        output: PathBuf,
+        /// Only this platform's manifests and blobs, e.g. linux/amd64 (repeatable; the index is kept as it is).
+        #[arg(long)]
+        platform: Vec<nodemirror::cache::export::PlatformChoice>,
+        #[command(flatten)]
+        args: ServeArgs,
+    },
 }
 
 impl CacheAction {
     fn args(&self) -> &ServeArgs {
         match self {
-            CacheAction::Stats(a) | CacheAction::Verify(a) | CacheAction::Gc { args: a, .. } => a,
+            CacheAction::Stats(a)
+            | CacheAction::Verify(a)
+            | CacheAction::Gc { args: a, .. }
+            | CacheAction::Import { args: a, .. }
+            | CacheAction::Export { args: a, .. } => a,
         }
     }
 }
@@ -593,6 +621,45 @@ fn cache_command(action: CacheAction) -> Result<(), CliError> {
                 r.skipped_in_use,
                 r.pinned,
                 r.pinned_bytes
+            );
+        }
+        CacheAction::Import { input, as_, .. } => {
+            let base = daemon.then(|| format!("http://{}", settings.listen));
+            if base.is_none() {
+                let limits =
+                    Limits::from_settings(&settings.cache, store.root()).map_err(failed)?;
+                store.set_budget(limits.budget(settings.cache.max_blob_size));
+            }
+            let r = nodemirror::archive::import_command(store, base, &input, as_)
+                .map_err(CliError::Failed)?;
+            for image in &r.images {
+                println!("imported {image}");
+            }
+            println!(
+                "{} manifests; {} blobs added ({} bytes), {} already cached",
+                r.manifests, r.blobs_added, r.bytes_added, r.blobs_present
+            );
+            for m in &r.missing {
+                println!("not in the archive (kept out of the index's platforms here): {m}");
+            }
+        }
+        CacheAction::Export {
+            images,
+            output,
+            platform,
+            ..
+        } => {
+            let r = nodemirror::archive::export_command(&store, &images, &platform, &output)
+                .map_err(CliError::Failed)?;
+            for image in &r.images {
+                eprintln!("exported {image}");
+            }
+            eprintln!(
+                "{} manifests, {} blobs ({} bytes) to {}",
+                r.manifests,
+                r.blobs,
+                r.bytes,
+                output.display()
             );
         }
         CacheAction::Verify(_) => {

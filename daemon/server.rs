@@ -92,6 +92,7 @@ impl App {
         match req.uri().path() {
             "/cluster/status" => return self.cluster_status(),
             "/cache/gc" => return crate::admin::gc(self, req).await,
+            "/cache/import" => return crate::archive::serve_import(self, req).await,
             "/cluster/preheat" => return crate::admin::preheat(self, req).await,
             _ => {}
         }

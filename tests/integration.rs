@@ -2,6 +2,7 @@
 
 mod support;
 
+mod airgap;
 mod bounds;
 mod cache;
 mod cli;

@@ -57,7 +57,7 @@ impl Record {
 }
 
 impl Store {
-    fn origins_path(&self, d: &Digest) -> std::path::PathBuf {
+    pub(crate) fn origins_path(&self, d: &Digest) -> std::path::PathBuf {
         sharded(&self.root.join("origins"), d)
     }
 

@@ -110,6 +110,24 @@ impl Class {
     pub fn bits(self) -> u8 {
         self.0
     }
+
+    /// Every class of client there is.
+    pub fn every() -> impl Iterator<Item = Class> {
+        (1..=Class::ALL.0).map(Class)
+    }
+
+    /// Every class whose clients take `media_type` (none for a type
+    /// outside [`media::MANIFESTS`]).
+    pub fn admitting(media_type: &str) -> Vec<Class> {
+        let t = media::essence(media_type);
+        match media::MANIFESTS.iter().position(|m| *m == t) {
+            Some(i) => (1..=Class::ALL.0)
+                .filter(|bits| bits & (1 << i) != 0)
+                .map(Class)
+                .collect(),
+            None => Vec::new(),
+        }
+    }
 }
 
 #[cfg(test)]
