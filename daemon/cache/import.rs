@@ -107,6 +107,8 @@ pub struct Import {
     /// Paths written into the cache, for [`Import::finish`]'s caller.
     created: Vec<PathBuf>,
     holds: Vec<InUse>,
+    /// Blobs moved into place (or found there) by this import.
+    done: std::collections::HashSet<Digest>,
     report: Imported,
 }
 
@@ -137,6 +139,7 @@ impl Import {
             memory: 0,
             created: Vec::new(),
             holds: Vec::new(),
+            done: Default::default(),
             report: Imported::default(),
         })
     }
@@ -178,6 +181,13 @@ impl Import {
         if let Some(d) = expected.as_ref().filter(|d| self.staged.contains_key(*d)) {
             self.by_path.insert(path.to_string(), d.clone());
             return Ok(());
+        }
+        // A blob the cache holds (verified when it came) is not written
+        // again; its bytes here are not needed.
+        if let Some(d) = &expected {
+            if fs::metadata(self.store.blob_path(d)).is_ok_and(|m| m.len() == size) {
+                return Ok(());
+            }
         }
         let mut hasher = Sha256::new();
         let held = if size <= SMALL && self.memory + size <= MEMORY {
@@ -487,16 +497,17 @@ impl Import {
     }
 
     fn commit_blob(&mut self, d: &Digest, ns: &Namespace) -> Result<(), ImportError> {
+        if !self.done.insert(d.clone()) {
+            return Ok(self.store.add_origin(d, ns)?);
+        }
         self.holds.push(self.store.hold(d));
         let path = self.store.blob_path(d);
         self.created.push(self.store.origins_path(d));
         if path.exists() {
             self.store.add_origin(d, ns)?;
-            if let Some(s) = self.staged.remove(d) {
-                self.report.blobs_present += 1;
-                if let Held::Temp { path, .. } = s.held {
-                    let _ = fs::remove_file(path);
-                }
+            self.report.blobs_present += 1;
+            if let Some(Held::Temp { path, .. }) = self.staged.remove(d).map(|s| s.held) {
+                let _ = fs::remove_file(path);
             }
             return Ok(());
         }
