@@ -215,13 +215,13 @@ async fn imports_what_skopeo_writes_offline_and_into_a_running_daemon() {
     .await;
     assert_eq!(r.status, StatusCode::OK);
 
-    // A tampered layout: one byte of one blob changed.
-    let layer = sha256(&up.arches[0].layers[0]);
+    // A tampered layout: one byte of one blob changed (one the cache
+    // does not hold: those it holds are not read again).
+    let fresh = Image::build(&[("f", b"not yet in the cache")]);
+    up.reg.push("app/fresh", "v1", &fresh).await;
+    let layer = sha256(&fresh.layers[0]);
     let bad = work.path().join("bad-layout");
-    skopeo_copy(&[
-        &src("app/multi:arch0"),
-        &format!("oci:{}:v1", bad.display()),
-    ]);
+    skopeo_copy(&[&src("app/fresh:v1"), &format!("oci:{}:v1", bad.display())]);
     let blob = bad
         .join("blobs/sha256")
         .join(layer.trim_start_matches("sha256:"));
