@@ -13,6 +13,7 @@ mod blob;
 pub mod flight;
 mod limit;
 mod list;
+mod multipart;
 mod pace;
 pub mod range;
 mod transfer;

@@ -12,6 +12,7 @@ mod e2e;
 mod hostile;
 mod input;
 mod kubernetes;
+mod lazy;
 mod node;
 mod operators;
 mod packaging;

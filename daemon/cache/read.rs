@@ -211,7 +211,7 @@ impl Body for TeeBody {
 /// thread; each read is a short job on the disk pool, a chunk or two
 /// ahead of the client.
 pub fn stream(
-    file: File,
+    file: impl Into<Arc<File>>,
     progress: watch::Receiver<Progress>,
     start: u64,
     end: Option<u64>,
@@ -220,10 +220,11 @@ pub fn stream(
     foreign: Option<Foreign>,
 ) -> FileBody {
     let (tx, rx) = mpsc::channel(AHEAD);
+    let file: Arc<File> = file.into();
     tokio::spawn(async move {
         let held = Arc::new(held);
         let mut read = Read {
-            file: Arc::new(file),
+            file,
             held,
             zero_copy,
             foreign,

@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::access;
 use super::flight::{Reading, Source, Want};
+use super::multipart;
 use super::range::{self, RangeSpec};
 use super::{internal, Mirror, Pull};
 use crate::cache::ingest::{Phase, Progress};
@@ -81,16 +82,41 @@ impl Mirror {
             return self.blob_head(pull, repository, digest).await;
         }
         let held = self.store.hold(&digest);
-        let mut opened = self.open_source(pull, &repository, &digest).await?;
+        let header = pull.headers.get(RANGE).and_then(|v| v.to_str().ok());
+        // Several ranges are read from this route's own copy only (so no
+        // part waits on another route's verification or takeover).
+        let several = header.is_some_and(|h| h.contains(','));
+        let mut opened = self
+            .open_source(pull, &repository, &digest, !several)
+            .await?;
         let held = match opened.reading.take() {
             Some(reading) => held.keeping(reading),
             None => held,
         };
-        let total = opened.progress.borrow().total;
-        let header = pull.headers.get(RANGE).and_then(|v| v.to_str().ok());
+        let mut total = opened.progress.borrow().total;
+        if header.is_some() && total.is_none() {
+            // A body of unknown size: a range is answered once the size is
+            // known (at the latest when the blob is complete), never with
+            // the whole blob instead.
+            total = known_size(&mut opened.progress).await?;
+        }
         let (builder, window) = window(&digest, header, total);
         if window.spec == RangeSpec::Unsatisfiable {
             return builder.body(full(Bytes::new())).map_err(internal);
+        }
+        if let RangeSpec::Multi(ranges) = &window.spec {
+            let t = total.unwrap_or_default();
+            let parts = multipart::Parts::new(ranges, t, &digest);
+            let builder = blob_headers(&digest, &parts.content_type())
+                .status(StatusCode::PARTIAL_CONTENT)
+                .header(CONTENT_LENGTH, parts.len());
+            let body = parts.body(
+                Arc::new(opened.file),
+                opened.progress,
+                self.store.clone(),
+                held,
+            );
+            return builder.body(body).map_err(internal);
         }
         let body = body(opened, &window, total, held, pull.zero_copy);
         builder.body(body).map_err(internal)
@@ -105,8 +131,8 @@ impl Mirror {
         pull: &Pull<'_>,
         repository: &Repository,
         digest: &Digest,
+        mut follow_others: bool,
     ) -> Result<Opened, ServeError> {
-        let mut follow_others = true;
         loop {
             let source = self
                 .flights
@@ -278,12 +304,32 @@ impl Mirror {
                 }
             },
         };
-        blob_headers(&digest)
+        blob_headers(&digest, "application/octet-stream")
             .status(StatusCode::OK)
             .header(CONTENT_LENGTH, len)
             .body(full(Bytes::new()))
             .map_err(internal)
     }
+}
+
+/// The blob's size once its fetch knows it: from the upstream's headers,
+/// or, for a body of unknown length, when every byte is in and verified.
+async fn known_size(progress: &mut watch::Receiver<Progress>) -> Result<Option<u64>, ServeError> {
+    let p = progress
+        .wait_for(|p| {
+            p.total.is_some()
+                || p.phase.failure().is_some()
+                || matches!(p.phase, Phase::Verified | Phase::Done)
+        })
+        .await
+        .map_err(|_| internal("blob fetch vanished"))?
+        .clone();
+    if p.phase.failure().is_some() {
+        return Err(ServeError::Unavailable(
+            "blob transfer from the upstream registry failed".into(),
+        ));
+    }
+    Ok(p.total.or(Some(p.written)))
 }
 
 /// The status and headers for `Range` (when the size is known), and the
@@ -298,16 +344,23 @@ fn window(
         _ => RangeSpec::Full,
     };
     let t = total.unwrap_or_default();
+    let octets = "application/octet-stream";
     let (builder, start, end) = match spec {
-        RangeSpec::Full => (blob_headers(digest).status(StatusCode::OK), 0, total),
+        RangeSpec::Full => (
+            blob_headers(digest, octets).status(StatusCode::OK),
+            0,
+            total,
+        ),
+        // Sized and sent by `multipart`.
+        RangeSpec::Multi(_) => (blob_headers(digest, octets), 0, None),
         RangeSpec::Part(a, b) => {
-            let builder = blob_headers(digest)
+            let builder = blob_headers(digest, octets)
                 .status(StatusCode::PARTIAL_CONTENT)
                 .header(CONTENT_RANGE, format!("bytes {a}-{b}/{t}"));
             (builder, a, Some(b + 1))
         }
         RangeSpec::Unsatisfiable => {
-            let builder = blob_headers(digest)
+            let builder = blob_headers(digest, octets)
                 .status(StatusCode::RANGE_NOT_SATISFIABLE)
                 .header(CONTENT_RANGE, format!("bytes */{t}"));
             (builder, 0, Some(0))
@@ -395,10 +448,10 @@ fn sendfile_frame(
     }
 }
 
-fn blob_headers(digest: &Digest) -> http::response::Builder {
+fn blob_headers(digest: &Digest, content_type: &str) -> http::response::Builder {
     Response::builder()
         .header(API_VERSION.0, API_VERSION.1)
-        .header(CONTENT_TYPE, "application/octet-stream")
+        .header(CONTENT_TYPE, content_type)
         .header(ACCEPT_RANGES, "bytes")
         .header(DOCKER_CONTENT_DIGEST, digest.to_string())
 }

@@ -1,0 +1,231 @@
+//! Partial and lazy pullers: requests with several ranges answered with
+//! `206 multipart/byteranges` for cold, in-flight and cached blobs (never
+//! the whole blob), and a client reading ranges the way stargz and SOCI
+//! snapshotters do: the footer, then scattered spans, several at once.
+
+use std::time::Duration;
+
+use http::StatusCode;
+
+use crate::support::fake::{Behaviour, Fake};
+use crate::support::{get, http_client, noise, request, sha256, stream_on, Daemon};
+
+/// The parts of a `multipart/byteranges` body: each part's
+/// `Content-Range` and bytes.
+fn parts(content_type: &str, body: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let boundary = content_type
+        .strip_prefix("multipart/byteranges; boundary=")
+        .unwrap_or_else(|| panic!("not multipart: {content_type}"));
+    let delimiter = format!("--{boundary}");
+    let text = body;
+    let mut out = Vec::new();
+    let mut at = 0;
+    let find = |from: usize, needle: &[u8]| {
+        text[from..]
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .map(|p| p + from)
+    };
+    loop {
+        let start = find(at, delimiter.as_bytes()).expect("a delimiter");
+        let after = start + delimiter.len();
+        if text[after..].starts_with(b"--") {
+            assert_eq!(
+                &text[after..],
+                b"--\r\n",
+                "the closing delimiter ends the body"
+            );
+            return out;
+        }
+        let head_end = find(after, b"\r\n\r\n").expect("part headers");
+        let head = String::from_utf8_lossy(&text[after..head_end]).to_string();
+        let range = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Range: bytes "))
+            .expect("a Content-Range per part")
+            .to_string();
+        let (a, b) = range.split_once('/').unwrap().0.split_once('-').unwrap();
+        let len = b.parse::<usize>().unwrap() - a.parse::<usize>().unwrap() + 1;
+        let data_start = head_end + 4;
+        out.push((range, text[data_start..data_start + len].to_vec()));
+        at = data_start + len;
+        assert_eq!(&text[at..at + 2], b"\r\n", "CRLF before the next delimiter");
+    }
+}
+
+async fn multi(d: &Daemon, digest: &str, header: &str) -> (StatusCode, Vec<(String, Vec<u8>)>) {
+    let r = request(
+        http::Method::GET,
+        &d.url(&format!("/v2/app/blobs/{digest}?ns=reg.test")),
+        &[("range", header)],
+    )
+    .await;
+    assert_eq!(
+        r.header("content-length"),
+        r.bytes().len().to_string(),
+        "sized exactly"
+    );
+    let ct = r.header("content-type").to_string();
+    (r.status, parts(&ct, r.bytes()))
+}
+
+fn expect(blob: &[u8], got: &[(String, Vec<u8>)], ranges: &[(usize, usize)]) {
+    assert_eq!(
+        got.len(),
+        ranges.len(),
+        "{:?}",
+        got.iter().map(|p| &p.0).collect::<Vec<_>>()
+    );
+    for ((range, bytes), &(a, b)) in got.iter().zip(ranges) {
+        assert_eq!(range, &format!("{a}-{b}/{}", blob.len()));
+        assert_eq!(bytes.as_slice(), &blob[a..=b], "{range}");
+    }
+}
+
+/// Several ranges in one request: a cold blob (the request starts its
+/// fetch), the same while another client's fetch of it is under way, and
+/// cached; each a 206 with one part per range in the order asked.
+#[tokio::test]
+async fn several_ranges_get_one_part_each_cold_in_flight_and_cached() {
+    let blob = noise(3 << 20, 24);
+    let up = Fake::start(Behaviour {
+        rate: Some(4 << 20),
+        ..Behaviour::default()
+    })
+    .await;
+    let digest = up.put_blob("app", &blob);
+    let d = Daemon::builder()
+        .hosts("reg.test", format!("server = \"{}\"\n", up.url()))
+        .start()
+        .await;
+    let header = "bytes=3145000-3145727,0-99,1048576-1048675";
+    let want = [(3_145_000, 3_145_727), (0, 99), (1_048_576, 1_048_675)];
+
+    // Cold: the request itself starts the fetch.
+    let (status, got) = multi(&d, &digest, header).await;
+    assert_eq!(status, StatusCode::PARTIAL_CONTENT);
+    expect(&blob, &got, &want);
+
+    // In flight: another blob, a whole read under way.
+    let blob2 = noise(3 << 20, 25);
+    let digest2 = up.put_blob("app", &blob2);
+    let client = http_client();
+    let url = d.url(&format!("/v2/app/blobs/{digest2}?ns=reg.test"));
+    let whole = tokio::spawn(async move { stream_on(&client, &url, None, None).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (status, got) = multi(&d, &digest2, "bytes=-10,5-9").await;
+    assert_eq!(status, StatusCode::PARTIAL_CONTENT);
+    expect(&blob2, &got, &[(blob2.len() - 10, blob2.len() - 1), (5, 9)]);
+    let (status, read) = whole.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(read.unwrap().1, digest2);
+
+    // Cached.
+    let (status, got) = multi(&d, &digest, header).await;
+    assert_eq!(status, StatusCode::PARTIAL_CONTENT);
+    expect(&blob, &got, &want);
+    // Unsatisfiable ones are left out; all of them: 416.
+    let r = request(
+        http::Method::GET,
+        &d.url(&format!("/v2/app/blobs/{digest}?ns=reg.test")),
+        &[("range", "bytes=10-19,9999999-")],
+    )
+    .await;
+    assert_eq!(
+        r.status,
+        StatusCode::PARTIAL_CONTENT,
+        "one range left is a plain 206"
+    );
+    assert_eq!(
+        r.header("content-range"),
+        format!("bytes 10-19/{}", blob.len())
+    );
+    assert_eq!(r.bytes().as_ref(), &blob[10..20]);
+    let r = request(
+        http::Method::GET,
+        &d.url(&format!("/v2/app/blobs/{digest}?ns=reg.test")),
+        &[("range", "bytes=9999999-,8888888-")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::RANGE_NOT_SATISFIABLE);
+    // Each blob came from the upstream once.
+    assert_eq!(up.hits(&format!("blobs/{digest}")), 1);
+    assert_eq!(up.hits(&format!("blobs/{digest2}")), 1);
+    d.stop().await;
+}
+
+/// A lazy puller's reads of a cold blob, as stargz and SOCI snapshotters
+/// make them: the footer first, then the table of contents it points to,
+/// then scattered file spans, four at once; every answer a 206 with the
+/// right bytes.
+#[tokio::test]
+async fn a_lazy_pullers_scattered_reads_get_the_right_bytes() {
+    let blob = noise(4 << 20, 31);
+    let up = Fake::start(Behaviour {
+        rate: Some(8 << 20),
+        ..Behaviour::default()
+    })
+    .await;
+    let digest = up.put_blob("app", &blob);
+    let d = Daemon::builder()
+        .hosts("reg.test", format!("server = \"{}\"\n", up.url()))
+        .start()
+        .await;
+    let url = d.url(&format!("/v2/app/blobs/{digest}?ns=reg.test"));
+    let read = |a: usize, b: usize| {
+        let url = url.clone();
+        async move {
+            let r = request(
+                http::Method::GET,
+                &url,
+                &[("range", &format!("bytes={a}-{b}"))],
+            )
+            .await;
+            (
+                r.status,
+                r.header("content-range").to_string(),
+                r.bytes().to_vec(),
+            )
+        }
+    };
+    let n = blob.len();
+    // The footer (stargz: the last 51 bytes; SOCI reads the zTOC's end).
+    let (status, range, bytes) = read(n - 51, n - 1).await;
+    assert_eq!(
+        (status, range),
+        (
+            StatusCode::PARTIAL_CONTENT,
+            format!("bytes {}-{}/{n}", n - 51, n - 1)
+        )
+    );
+    assert_eq!(bytes, &blob[n - 51..]);
+    // The table of contents it names, then file spans, four at a time.
+    let (status, _, bytes) = read(n - 70_000, n - 52).await;
+    assert_eq!(status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(bytes, &blob[n - 70_000..n - 51]);
+    let spans: Vec<(usize, usize)> = (0..12)
+        .map(|i| {
+            let a = (i * 331_777) % (n - 40_000);
+            (a, a + 4_095 + i * 1_000)
+        })
+        .collect();
+    for batch in spans.chunks(4) {
+        let reads = batch.iter().map(|&(a, b)| read(a, b));
+        for ((status, _, bytes), &(a, b)) in futures_util::future::join_all(reads)
+            .await
+            .into_iter()
+            .zip(batch)
+        {
+            assert_eq!(status, StatusCode::PARTIAL_CONTENT);
+            assert_eq!(bytes, &blob[a..=b], "{a}-{b}");
+        }
+    }
+    assert_eq!(sha256(&blob), digest);
+    let r = get(&url).await;
+    assert_eq!(
+        r.bytes().as_ref(),
+        blob.as_slice(),
+        "and the whole blob after"
+    );
+    d.stop().await;
+}
