@@ -488,11 +488,34 @@ pub async fn capped_front(
     upstream: SocketAddr,
     rate: u64,
 ) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    front(upstream, rate, Default::default()).await
+}
+
+/// A TCP front for `upstream` that counts the bytes it sends towards the
+/// client: what the upstream wrote.
+pub async fn counted_front(
+    upstream: SocketAddr,
+) -> (
+    SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+    tokio::task::JoinHandle<()>,
+) {
+    let counted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (addr, task) = front(upstream, u64::MAX, counted.clone()).await;
+    (addr, counted, task)
+}
+
+async fn front(
+    upstream: SocketAddr,
+    rate: u64,
+    counted: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
+            let counted = counted.clone();
             tokio::spawn(async move {
                 let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
                     return;
@@ -511,6 +534,7 @@ pub async fn capped_front(
                         break;
                     }
                     sent += n as u64;
+                    counted.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
                     let due = Duration::from_secs_f64(sent as f64 / rate as f64);
                     if let Some(wait) = due.checked_sub(start.elapsed()) {
                         tokio::time::sleep(wait).await;
