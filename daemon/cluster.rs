@@ -23,6 +23,7 @@
 
 pub mod certs;
 mod members;
+pub mod relay;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -108,6 +109,8 @@ pub struct Cluster {
     in_use: Mutex<Vec<(std::sync::Weak<PeerPlan>, Vec<SocketAddr>)>>,
     /// The task that follows `peers_dns`, and what it follows.
     dns: Mutex<Following>,
+    /// The peers receiving each blob from this node ([`relay`]).
+    pub relays: Arc<relay::Relays>,
 }
 
 /// What the DNS follower follows: `peers_dns`, `dns_server`, `refresh`.
@@ -182,6 +185,7 @@ impl Cluster {
             probed_down: Mutex::default(),
             in_use: Mutex::default(),
             dns: Mutex::new(dns),
+            relays: Arc::default(),
         });
         tokio::spawn(probe(Arc::downgrade(&cluster), upstream, settings));
         Ok(cluster)
@@ -232,6 +236,14 @@ impl Cluster {
     /// member (checked on every request of a peer connection).
     pub fn names_member(&self, cert: &CertificateDer<'_>) -> bool {
         self.members().iter().any(|m| cert_names_ip(cert, m.ip()))
+    }
+
+    /// The current member whose address a client certificate names.
+    pub fn member_named(&self, cert: &CertificateDer<'_>) -> Option<SocketAddr> {
+        self.members()
+            .iter()
+            .find(|m| cert_names_ip(cert, m.ip()))
+            .copied()
     }
 
     pub fn server_config(&self) -> Arc<ServerConfig> {
@@ -380,6 +392,7 @@ impl Cluster {
         let url = format!("{}/{repository}/blobs/{digest}?ns={ns}", peer_base(owner));
         let req = http::Request::get(&url)
             .header(PEER_HEADER, PeerRole::Owner.header())
+            .header(relay::NO_RELAY_HEADER, "1")
             .body(http_body_util::Empty::new())
             .map_err(|e| e.to_string())?;
         let client = self.tls.load().client.clone();

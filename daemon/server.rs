@@ -28,6 +28,7 @@ pub use route::{parse, PullRequest, Route, Rules};
 
 use crate::oci::{content_length, full, ResponseBody, ServeError, API_VERSION};
 
+use crate::cluster::relay::Relay;
 use crate::cluster::{Cluster, PeerRole, PEER_HEADER};
 use crate::metrics::METRICS;
 use crate::mirror::{List, Mirror, Pull};
@@ -230,8 +231,13 @@ fn parse_request(
 impl App {
     /// A request on the cluster's peer port: blobs and manifests by digest
     /// of shared namespaces, asked as owner or holder; nothing else.
-    pub async fn handle_peer(&self, req: Request<Incoming>) -> Response<ResponseBody> {
+    pub async fn handle_peer(
+        &self,
+        req: Request<Incoming>,
+        from: Option<std::net::SocketAddr>,
+    ) -> Response<ResponseBody> {
         let role = PeerRole::from_header(req.headers().get(PEER_HEADER));
+        let path = req.uri().path().to_string();
         let snap = self.live.load();
         let (_, parsed) = parse_request(&snap, &req, "\0");
         let head = req.method() == Method::HEAD;
@@ -251,7 +257,21 @@ impl App {
                         pull.ns
                     )))
                 } else {
-                    self.dispatch(snap.clone(), pull, &req, Some(role)).await
+                    match self.relay(&pull.route, &req, from, head) {
+                        Some(Relay::SendOn(to)) => Ok(send_on(&req, to)),
+                        Some(Relay::Serve(guard)) => self
+                            .dispatch(snap.clone(), pull, &req, Some(role))
+                            .await
+                            .map(|resp| {
+                                resp.map(|body| {
+                                    crate::oci::boxed(crate::cluster::relay::Guarded {
+                                        body,
+                                        guard,
+                                    })
+                                })
+                            }),
+                        None => self.dispatch(snap.clone(), pull, &req, Some(role)).await,
+                    }
                 }
             }
             Err(e) => Err(e),
@@ -260,11 +280,14 @@ impl App {
             tracing::debug!(error = %e, "peer request refused");
             e.into_response(head)
         });
+        let len = content_length(resp.headers());
         if resp.status().is_success() && !head {
-            if let Some(len) = content_length(resp.headers()) {
+            if let Some(len) = len {
                 METRICS.peer_bytes.add(&[("direction", "sent")], len);
             }
         }
+        tracing::info!(peer = ?from, role = ?role, path, status = resp.status().as_u16(),
+            length = len.unwrap_or(0), "peer request served");
         let role = match role {
             PeerRole::Owner => "owner",
             PeerRole::Holder => "holder",
@@ -273,6 +296,31 @@ impl App {
             .peer_requests
             .inc(&[("role", role), ("status", resp.status().as_str())]);
         resp
+    }
+
+    /// Whether a peer's GET of a blob is served here or sent on to a peer
+    /// receiving it from here ([`crate::cluster::relay`]); `None`: not a
+    /// request the tree applies to.
+    fn relay(
+        &self,
+        route: &Route,
+        req: &Request<Incoming>,
+        from: Option<std::net::SocketAddr>,
+        head: bool,
+    ) -> Option<Relay> {
+        let (Route::Blob(_, digest), Some(from), Some(cluster)) =
+            (route, from, self.mirror.cluster.as_ref())
+        else {
+            return None;
+        };
+        if head
+            || req
+                .headers()
+                .contains_key(crate::cluster::relay::NO_RELAY_HEADER)
+        {
+            return None;
+        }
+        Some(cluster.relays.decide(digest, from))
     }
 
     /// `/cluster/status`: the members as this node sees them, each one's
@@ -359,6 +407,18 @@ impl App {
     }
 }
 
+/// A `307` to the same path on member `to`'s peer port.
+fn send_on(req: &Request<Incoming>, to: std::net::SocketAddr) -> Response<ResponseBody> {
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    tracing::debug!(%to, path, "sending a peer on to a node receiving the blob from here");
+    Response::builder()
+        .status(StatusCode::TEMPORARY_REDIRECT)
+        .header(http::header::LOCATION, format!("https://{to}{path}"))
+        .header(CONTENT_LENGTH, 0)
+        .body(full(Bytes::new()))
+        .unwrap_or_else(|_| Response::new(full(Bytes::new())))
+}
+
 /// Serves the cluster's peer port: mutual TLS against the cluster's CA,
 /// and a client certificate that names a current member's address; then
 /// [`App::handle_peer`] for each request.
@@ -432,7 +492,8 @@ pub async fn serve_peers(listener: TcpListener, app: Arc<App>, cluster: Arc<Clus
                         );
                         return Ok::<_, Infallible>(resp);
                     }
-                    Ok::<_, Infallible>(app.handle_peer(req).await)
+                    let from = cluster.member_named(&cert);
+                    Ok::<_, Infallible>(app.handle_peer(req, from).await)
                 }
             });
             let conn = hyper::server::conn::http1::Builder::new()

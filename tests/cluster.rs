@@ -1090,3 +1090,79 @@ async fn an_idle_node_probes_no_member() {
     node.stop().await;
     closing.abort();
 }
+
+/// No hot owner: twelve nodes (each its own process) pull a new blob at
+/// the same moment from a slow upstream. The upstream sends it once, every
+/// node gets the right bytes, and no node sends more than four copies to
+/// its peers: askers beyond four are sent on (307) to nodes receiving it,
+/// which serve it as it arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_spreads_as_a_tree_no_node_sends_more_than_four_copies() {
+    let up = Fake::start(Behaviour {
+        rate: Some(4 << 20),
+        ..Behaviour::default()
+    })
+    .await;
+    let content = crate::support::noise(3 << 20, 777);
+    let digest = up.put_blob("app", &content);
+    let pki = Pki::new();
+    let members: Vec<SocketAddr> = (1..=12)
+        .map(|i| port_on(Ipv4Addr::new(127, 0, 78, i)))
+        .collect();
+    let hosts = tempfile::tempdir().unwrap();
+    crate::support::write_hosts(
+        hosts.path(),
+        &[("slow.test", hosts_toml(&[], Some(&up.url())))],
+    );
+    let mut nodes = Vec::new();
+    for (i, at) in members.iter().enumerate() {
+        nodes.push(binary_node(&pki, &format!("tree{i}"), *at, &members, hosts.path(), "").await);
+    }
+    let pulls = nodes.iter().map(|n| {
+        let url = format!(
+            "http://127.0.0.1:{}/v2/app/blobs/{digest}?ns=slow.test",
+            n.port
+        );
+        async move { stream_on(&http_client(), &url, None, None).await }
+    });
+    for (status, body) in futures_util::future::join_all(pulls).await {
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body.unwrap(), (content.len() as u64, digest.clone()));
+    }
+    assert_eq!(
+        up.hits(&format!("/blobs/{digest}")),
+        1,
+        "fetched upstream once"
+    );
+    let mut sent_on = 0;
+    let mut copies = Vec::new();
+    for n in &nodes {
+        let text = String::from_utf8_lossy(
+            get(&format!("http://127.0.0.1:{}/metrics", n.port))
+                .await
+                .bytes(),
+        )
+        .to_string();
+        let count = |status: &str| -> u64 {
+            text.lines()
+                .filter(|l| {
+                    l.starts_with("nodemirror_peer_requests_total{")
+                        && l.contains(&format!("status=\"{status}\""))
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum()
+        };
+        copies.push(count("200"));
+        sent_on += count("307");
+    }
+    assert!(
+        copies.iter().all(|&c| c <= 4),
+        "copies sent per node: {copies:?}"
+    );
+    assert!(sent_on > 0, "nobody was sent on: {copies:?}");
+    assert_eq!(
+        copies.iter().sum::<u64>(),
+        11,
+        "each other node got one copy from a peer: {copies:?}"
+    );
+}
