@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{stream, StreamExt};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
@@ -65,6 +65,24 @@ pub async fn serve_import(app: &App, req: Request<Incoming>) -> Response<Respons
             }
         })
         .boxed();
+    // An upload that sends nothing for `[server] send_timeout` ends the
+    // import (its staged files go), rather than holding a thread and its
+    // room for ever.
+    let idle = app.live.load().settings.server.send_timeout;
+    let frames = stream::unfold(frames, move |mut frames| async move {
+        match tokio::time::timeout(idle, frames.next()).await {
+            Ok(Some(item)) => Some((item, frames)),
+            Ok(None) => None,
+            Err(_) => Some((
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the upload sent nothing for {idle:?}"),
+                )),
+                frames,
+            )),
+        }
+    })
+    .boxed();
     let body = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(frames));
     let work = tokio::task::spawn_blocking(move || {
         let mut import = Import::new(store, targets)?;
@@ -83,6 +101,9 @@ pub async fn serve_import(app: &App, req: Request<Incoming>) -> Response<Respons
         }
         Ok(Err(ImportError::NoRoom(e))) => error(StatusCode::INSUFFICIENT_STORAGE, e.to_string()),
         Ok(Err(ImportError::Invalid(e))) => error(StatusCode::BAD_REQUEST, e),
+        Ok(Err(ImportError::Io(e))) if e.kind() == io::ErrorKind::TimedOut => {
+            error(StatusCode::REQUEST_TIMEOUT, e.to_string())
+        }
         Ok(Err(ImportError::Io(e))) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }

@@ -422,3 +422,65 @@ async fn an_air_gapped_node_pulls_exported_images_with_containerd_and_podman() {
         "nothing came from an upstream"
     );
 }
+
+/// An import whose upload stops sending is given up after `[server]
+/// send_timeout`: a 408 that says so, and nothing of it left in `tmp/`
+/// (its staged blob removed, its room given back); the next import works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_that_stops_ends_its_import_and_leaves_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let d = crate::support::Daemon::builder()
+        .server(nodemirror::config::ServerSettings {
+            send_timeout: std::time::Duration::from_secs(1),
+            ..Default::default()
+        })
+        .start()
+        .await;
+    // An OCI layout with one 4 MiB blob, as a tar.
+    let layout = tempfile::tempdir().unwrap();
+    let blob = noise(4 << 20, 55);
+    let hex = sha256(&blob).trim_start_matches("sha256:").to_string();
+    std::fs::create_dir_all(layout.path().join("blobs/sha256")).unwrap();
+    std::fs::write(layout.path().join("blobs/sha256").join(&hex), &blob).unwrap();
+    let tar = layout.path().join("x.tar");
+    let out = Command::new("tar")
+        .arg("-C")
+        .arg(layout.path())
+        .args(["-cf", tar.to_str().unwrap(), "blobs"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let bytes = std::fs::read(&tar).unwrap();
+    let mut conn = tokio::net::TcpStream::connect(d.addr).await.unwrap();
+    let head = format!(
+        "POST /cache/import?as={CLOSED}/app/x:v1 HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        bytes.len() + 1_000_000
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    // Half the blob, then silence.
+    conn.write_all(&bytes[..2 << 20]).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = conn.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buf[..n]);
+            if answer.windows(4).any(|w| w == b"\r\n\r\n") && answer.ends_with(b"}") {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no answer to a stalled upload");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("sent nothing"), "{text}");
+    crate::support::wait_until("tmp/ empty", std::time::Duration::from_secs(10), || {
+        crate::support::temp_files(&d.cache_dir) == 0
+    })
+    .await;
+    d.stop().await;
+}
