@@ -284,6 +284,8 @@ async fn an_air_gapped_node_pulls_exported_images_with_containerd_and_podman() {
         &["prefetch", "--all-platforms", &multi, &docker],
     );
     assert_eq!(code, Some(0), "{said}");
+    // Exported at once, as the README shows: the export waits a moment
+    // for a blob the daemon is still storing.
     let (code, said) = cache_tool(
         online.port,
         online_cache.path(),
@@ -353,17 +355,7 @@ async fn an_air_gapped_node_pulls_exported_images_with_containerd_and_podman() {
     let nm = Binary::start_in(hosts.path(), Some(cache.path()), "", &[]).await;
 
     // containerd, through a hosts.toml sending every registry to the daemon.
-    let certs = tempfile::tempdir().unwrap();
-    write_hosts(
-        certs.path(),
-        &[(
-            "_default",
-            format!(
-                "server = \"http://{CLOSED}\"\n\n[host.\"http://127.0.0.1:{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
-                nm.port
-            ),
-        )],
-    );
+    let certs = crate::e2e::certs_to(nm.port);
     crate::e2e::pull(
         &ctrd,
         certs.path().to_str().unwrap(),

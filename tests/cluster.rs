@@ -498,17 +498,7 @@ async fn containerd_pull_through(
     reference: &str,
     digest: &str,
 ) {
-    let certs = tempfile::tempdir().unwrap();
-    crate::support::write_hosts(
-        certs.path(),
-        &[(
-            "_default",
-            format!(
-                "server = \"http://127.0.0.1:9\"\n\n[host.\"http://127.0.0.1:{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
-                node.port
-            ),
-        )],
-    );
+    let certs = crate::e2e::certs_to(node.port);
     let ctrd = crate::support::real::Containerd::start().await;
     crate::e2e::pull(
         &ctrd,

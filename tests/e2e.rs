@@ -47,20 +47,7 @@ async fn containerd_pulls_from_two_registries_through_the_mirror() {
     let nm = Binary::start_in(hosts.path(), None, "[cache]\ntag_ttl = 0\n", &[]).await;
 
     // containerd's view: every registry goes to nodemirror.
-    let certs = tempfile::tempdir().unwrap();
-    write_hosts(
-        certs.path(),
-        &[(
-            "_default",
-            // containerd tries `server` after the hosts, and without one
-            // https://<registry>: a closed loopback port keeps a failed pull
-            // from ever looking a registry name up.
-            format!(
-                "server = \"http://127.0.0.1:9\"\n\n[host.\"http://127.0.0.1:{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
-                nm.port
-            ),
-        )],
-    );
+    let certs = crate::e2e::certs_to(nm.port);
     let ctrd = Containerd::start().await;
     let certs_dir = certs.path().to_str().unwrap();
     for (reference, image) in [
@@ -108,6 +95,24 @@ async fn containerd_pulls_from_two_registries_through_the_mirror() {
         log.contains(&format!("127.0.0.1:{dead}")),
         "dead endpoint was tried and reported: {log}"
     );
+}
+
+/// containerd's hosts folder (`certs.d`) sending every registry to the
+/// daemon on `port`; its `server` is a closed loopback port: containerd
+/// tries `server` after the hosts (and without one `https://<registry>`),
+/// so a failed pull never looks a registry name up.
+pub fn certs_to(port: u16) -> tempfile::TempDir {
+    let certs = tempfile::tempdir().unwrap();
+    write_hosts(
+        certs.path(),
+        &[(
+            "_default",
+            format!(
+                "server = \"http://127.0.0.1:9\"\n\n[host.\"http://127.0.0.1:{port}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+            ),
+        )],
+    );
+    certs
 }
 
 /// `ctr images pull` of `reference` through `certs_dir`; asserts success and

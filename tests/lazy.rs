@@ -82,14 +82,12 @@ fn expect(blob: &[u8], got: &[(String, Vec<u8>)], ranges: &[(usize, usize)]) {
     }
 }
 
-/// Several ranges in one request: a cold blob (the request starts its
-/// fetch), the same while another client's fetch of it is under way, and
-/// cached; each a 206 with one part per range in the order asked.
-#[tokio::test]
-async fn several_ranges_get_one_part_each_cold_in_flight_and_cached() {
-    let blob = noise(3 << 20, 24);
+/// A blob of `len` bytes of noise on a registry sending `rate` bytes a
+/// second, and a daemon with `reg.test` served by it.
+async fn slow_blob(len: usize, seed: u64, rate: u64) -> (Vec<u8>, Fake, String, Daemon) {
+    let blob = noise(len, seed);
     let up = Fake::start(Behaviour {
-        rate: Some(4 << 20),
+        rate: Some(rate),
         ..Behaviour::default()
     })
     .await;
@@ -98,6 +96,15 @@ async fn several_ranges_get_one_part_each_cold_in_flight_and_cached() {
         .hosts("reg.test", format!("server = \"{}\"\n", up.url()))
         .start()
         .await;
+    (blob, up, digest, d)
+}
+
+/// Several ranges in one request: a cold blob (the request starts its
+/// fetch), the same while another client's fetch of it is under way, and
+/// cached; each a 206 with one part per range in the order asked.
+#[tokio::test]
+async fn several_ranges_get_one_part_each_cold_in_flight_and_cached() {
+    let (blob, up, digest, d) = slow_blob(3 << 20, 24, 4 << 20).await;
     let header = "bytes=3145000-3145727,0-99,1048576-1048675";
     let want = [(3_145_000, 3_145_727), (0, 99), (1_048_576, 1_048_675)];
 
@@ -160,17 +167,7 @@ async fn several_ranges_get_one_part_each_cold_in_flight_and_cached() {
 /// right bytes.
 #[tokio::test]
 async fn a_lazy_pullers_scattered_reads_get_the_right_bytes() {
-    let blob = noise(4 << 20, 31);
-    let up = Fake::start(Behaviour {
-        rate: Some(8 << 20),
-        ..Behaviour::default()
-    })
-    .await;
-    let digest = up.put_blob("app", &blob);
-    let d = Daemon::builder()
-        .hosts("reg.test", format!("server = \"{}\"\n", up.url()))
-        .start()
-        .await;
+    let (blob, _up, digest, d) = slow_blob(4 << 20, 31, 8 << 20).await;
     let url = d.url(&format!("/v2/app/blobs/{digest}?ns=reg.test"));
     let read = |a: usize, b: usize| {
         let url = url.clone();

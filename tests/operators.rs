@@ -309,17 +309,7 @@ async fn a_manifest_labelled_with_another_type_is_served_as_what_it_is() {
     .await;
     assert_ne!(r.status, StatusCode::OK, "not a manifest");
     if require(&["containerd", "ctr"]) {
-        let certs = tempfile::tempdir().unwrap();
-        write_hosts(
-            certs.path(),
-            &[(
-                "_default",
-                format!(
-                    "server = \"http://127.0.0.1:9\"\n\n[host.\"http://127.0.0.1:{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
-                    bin.port
-                ),
-            )],
-        );
+        let certs = crate::e2e::certs_to(bin.port);
         let ctrd = crate::support::real::Containerd::start().await;
         let out = ctrd.ctr(&[
             "images",

@@ -252,7 +252,7 @@ fn plan(
         if !seen.insert(d.clone()) {
             continue;
         }
-        let (file, len) = store.open_blob(&d)?.ok_or_else(|| {
+        let (file, len) = open_soon(store, &d)?.ok_or_else(|| {
             ExportError::Missing(format!(
                 "{image}: blob {d} of {digest} is not in the cache (pull the image through \
                  the daemon first)"
@@ -262,6 +262,22 @@ fn plan(
     }
     Ok(())
 }
+
+/// A blob the daemon just sent is stored a moment after its last byte
+/// (`prefetch` then `export` at once): a missing one is looked for again
+/// for a few seconds before it counts as missing.
+fn open_soon(store: &Store, d: &Digest) -> io::Result<Option<(File, u64)>> {
+    for _ in 0..COMMIT_WAIT_STEPS {
+        if let Some(found) = store.open_blob(d)? {
+            return Ok(Some(found));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    store.open_blob(d)
+}
+
+/// Looks for a missing blob for this many tenths of a second.
+const COMMIT_WAIT_STEPS: u32 = 30;
 
 fn digest_of(desc: &serde_json::Value, within: &Digest) -> Result<Digest, ExportError> {
     desc["digest"]
