@@ -321,3 +321,25 @@ async fn admission_judges_the_registry_not_the_proxy() {
         "the proxy was asked for a private name: {connects}"
     );
 }
+
+/// A proxy the daemon cannot use, named by the environment, stops it at
+/// start with the reason (rather than pulls going around it).
+#[test]
+fn a_proxy_the_daemon_cannot_use_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("hosts")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nodemirror"))
+        .args(["check-config", "--config", "/dev/null", "--hosts-dir"])
+        .arg(dir.path().join("hosts"))
+        .arg("--cache-dir")
+        .arg(dir.path().join("cache"))
+        .env("HTTPS_PROXY", "https://proxy.corp:3128")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let said = crate::support::output_text(&out);
+    assert!(
+        said.contains("in the environment: TLS to the proxy (https://) is not supported"),
+        "{said}"
+    );
+}
