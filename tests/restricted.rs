@@ -343,3 +343,47 @@ fn a_proxy_the_daemon_cannot_use_is_refused_at_start() {
         "{said}"
     );
 }
+
+/// Cluster peers are reached directly whatever proxy the upstreams use:
+/// with config.toml naming a proxy that is not there (the registry itself
+/// set to `proxy = "none"`), a node still gets a blob from its owner, and
+/// the upstream sends it once.
+#[tokio::test]
+async fn cluster_peers_never_go_through_the_proxy() {
+    use crate::cluster::{owned_by, port_on, settings, Pki};
+    use std::net::Ipv4Addr;
+    let up = Fake::start(Behaviour::default()).await;
+    let pki = Pki::new();
+    let me = port_on(Ipv4Addr::new(127, 0, 79, 1));
+    let owner = port_on(Ipv4Addr::new(127, 0, 79, 2));
+    let members = [me, owner];
+    let (content, digest) = owned_by(&members, owner, 1 << 20, 4242);
+    up.put_blob("app", &content);
+    let hosts = format!("proxy = \"none\"\nserver = \"{}\"\n", up.url());
+    let mut nodes = Vec::new();
+    for (name, at) in [("me", me), ("owner", owner)] {
+        let mut upstream = crate::support::quick_upstream();
+        upstream.proxy = Some("http://127.0.0.1:9".into());
+        nodes.push(
+            Daemon::builder()
+                .hosts("shared.test", hosts.clone())
+                .upstream(upstream)
+                .cluster(settings(&pki, name, at, &members))
+                .start()
+                .await,
+        );
+    }
+    let r = get(&nodes[0].url(&format!("/v2/app/blobs/{digest}?ns=shared.test"))).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.bytes().as_ref(), content.as_slice());
+    assert_eq!(up.hits(&format!("/blobs/{digest}")), 1);
+    // The owner fetched it for the cluster: the node asked it as a peer.
+    let path = nodes[1].blob_path(&digest);
+    wait_until("the blob at its owner", Duration::from_secs(10), || {
+        path.exists()
+    })
+    .await;
+    for d in nodes {
+        d.stop().await;
+    }
+}
