@@ -111,6 +111,29 @@ pub struct Cluster {
     dns: Mutex<Following>,
     /// The peers receiving each blob from this node ([`relay`]).
     pub relays: Arc<relay::Relays>,
+    /// Members this node reads a blob from because a peer sent it on to
+    /// them (relays of the tree), counted while it reads: the probe
+    /// watches them like the members of its plans.
+    relaying: Arc<Mutex<HashMap<SocketAddr, usize>>>,
+}
+
+/// Counts a member among those this node reads from while alive
+/// ([`Cluster::watch`]).
+pub struct Watching {
+    relaying: Arc<Mutex<HashMap<SocketAddr, usize>>>,
+    member: SocketAddr,
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        let mut map = self.relaying.lock();
+        if let Some(n) = map.get_mut(&self.member) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.member);
+            }
+        }
+    }
 }
 
 /// What the DNS follower follows: `peers_dns`, `dns_server`, `refresh`.
@@ -186,6 +209,7 @@ impl Cluster {
             in_use: Mutex::default(),
             dns: Mutex::new(dns),
             relays: Arc::default(),
+            relaying: Arc::default(),
         });
         tokio::spawn(probe(Arc::downgrade(&cluster), upstream, settings));
         Ok(cluster)
@@ -236,6 +260,16 @@ impl Cluster {
     /// member (checked on every request of a peer connection).
     pub fn names_member(&self, cert: &CertificateDer<'_>) -> bool {
         self.members().iter().any(|m| cert_names_ip(cert, m.ip()))
+    }
+
+    /// Has the probe watch `member` while the guard lives: this node reads
+    /// a blob from it (a relay a peer sent it on to).
+    pub fn watch(&self, member: SocketAddr) -> Watching {
+        *self.relaying.lock().entry(member).or_insert(0) += 1;
+        Watching {
+            relaying: self.relaying.clone(),
+            member,
+        }
     }
 
     /// The current member whose address a client certificate names.
@@ -312,6 +346,7 @@ impl Cluster {
             live
         });
         watched.extend(self.probed_down.lock().iter().copied());
+        watched.extend(self.relaying.lock().keys().copied());
         let me = self.me();
         members
             .iter()

@@ -1156,3 +1156,99 @@ async fn a_rollout_spreads_as_a_tree_no_node_sends_more_than_four_copies() {
         "each other node got one copy from a peer: {copies:?}"
     );
 }
+
+/// A relay of the tree that stops (`kill -STOP`, a hung node) while a node
+/// reads a blob from it: the cluster's probe finds it down and the node
+/// goes on from the next endpoint, instead of waiting for its idle timeout
+/// (600 s here); sent on to the stopped relay again, it moves on at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_stops_is_left_for_the_next_endpoint() {
+    let up = Fake::start(Behaviour {
+        rate: Some(1 << 20),
+        ..Behaviour::default()
+    })
+    .await;
+    let pki = Pki::new();
+    let members: Vec<SocketAddr> = (1..=6)
+        .map(|i| port_on(Ipv4Addr::new(127, 0, 80, i)))
+        .collect();
+    let owner = members[0];
+    let (content, digest) = owned_by(&members, owner, 6 << 20, 9090);
+    up.put_blob("app", &content);
+    let hosts = tempfile::tempdir().unwrap();
+    crate::support::write_hosts(
+        hosts.path(),
+        &[("slow.test", hosts_toml(&[], Some(&up.url())))],
+    );
+    // Only the probe may cut a silent stream.
+    let patient = "[upstream]\nidle_timeout = \"600s\"\nfirst_byte_timeout = \"600s\"\n";
+    let mut nodes = Vec::new();
+    for (i, at) in members.iter().enumerate() {
+        nodes.push(
+            binary_node(
+                &pki,
+                &format!("relay{i}"),
+                *at,
+                &members,
+                hosts.path(),
+                patient,
+            )
+            .await,
+        );
+    }
+    let pull = |i: usize| {
+        let url = format!(
+            "http://127.0.0.1:{}/v2/app/blobs/{digest}?ns=slow.test",
+            nodes[i].port
+        );
+        tokio::spawn(async move { stream_on(&http_client(), &url, None, None).await })
+    };
+    let served = |i: usize, to: SocketAddr| {
+        nodes[i].proc.log_text().lines().any(|l| {
+            l.contains("peer request served")
+                && l.contains(&format!("peer=Some({to})"))
+                && l.contains("status=200")
+        })
+    };
+    // Four nodes take the owner's four places.
+    let first: Vec<_> = (1..=4).map(pull).collect();
+    wait_until(
+        "four receivers at the owner",
+        Duration::from_secs(20),
+        || (1..=4).all(|i| served(0, members[i])),
+    )
+    .await;
+    // The fifth is sent on to one of them; that one stops.
+    let last = pull(5);
+    wait_until(
+        "the fifth served by a relay",
+        Duration::from_secs(20),
+        || (1..=4).any(|i| served(i, members[5])),
+    )
+    .await;
+    let relay = (1..=4).find(|&i| served(i, members[5])).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = nodes[relay].proc.child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let (status, body) = tokio::time::timeout(Duration::from_secs(60), last)
+        .await
+        .expect("the node waited on the stopped relay")
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body.unwrap(), (content.len() as u64, digest.clone()));
+    let _ = std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status();
+    for (i, p) in first.into_iter().enumerate() {
+        if i + 1 == relay {
+            continue;
+        }
+        let (status, body) = p.await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body.unwrap(), (content.len() as u64, digest.clone()));
+    }
+}

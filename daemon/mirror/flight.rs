@@ -143,6 +143,11 @@ impl Flights {
         })
     }
 
+    /// The cluster, in cluster mode.
+    pub(super) fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
+    }
+
     /// How many fetches are under way.
     pub fn len(&self) -> usize {
         self.map.lock().values().map(Vec::len).sum()
@@ -388,8 +393,17 @@ impl Flights {
             Err(e) => return Phase::Failed(e.to_string().into()),
         };
         let plan = transfer::plan(&ep, &cfg.settings, resp.headers(), total);
-        let (moved, sources) =
-            transfer::run(&ctx, &parts, ep, resp.into_body(), total, plan, leader).await;
+        let relay = resp.extensions().get::<upstream::Relayed>().map(|r| r.0);
+        let (moved, sources) = transfer::run(
+            &ctx,
+            &parts,
+            (ep, relay),
+            resp.into_body(),
+            total,
+            plan,
+            leader,
+        )
+        .await;
         let verified = match moved {
             Ok(len) => ingest.verify(parts, len).await,
             Err(why) => {
@@ -440,7 +454,7 @@ impl Flights {
         range: ByteRange,
         total: Option<u64>,
         whole_ok: bool,
-    ) -> Result<(Arc<Endpoint>, Incoming, u64), Unranged> {
+    ) -> Result<Ranged, Unranged> {
         let ranged = UpstreamRequest {
             range: Some(range),
             ..req.clone()
@@ -478,7 +492,13 @@ impl Flights {
                         StatusCode::OK if whole => return Err(AttemptError::Unranged),
                         s => return Err(AttemptError::Status(s)),
                     };
-                    Ok((ep, resp.into_body(), skip))
+                    let relay = resp.extensions().get::<upstream::Relayed>().map(|r| r.0);
+                    Ok(Ranged {
+                        ep,
+                        body: resp.into_body(),
+                        skip,
+                        relay,
+                    })
                 }
             })
             .await;
@@ -512,6 +532,16 @@ impl Flights {
             .map(|(found, _)| found)
             .map_err(|exhausted| Phase::Unavailable(exhausted.into_error(Content::Blob)))
     }
+}
+
+/// A ranged answer ([`Flights::ranged`]): the endpoint, its body, the
+/// bytes to skip at its start (a whole-blob answer), and the member that
+/// serves it when a peer sent this node on ([`upstream::Relayed`]).
+pub(super) struct Ranged {
+    pub ep: Arc<Endpoint>,
+    pub body: Incoming,
+    pub skip: u64,
+    pub relay: Option<std::net::SocketAddr>,
 }
 
 /// A fetch task's hold on its flight. Whatever ends the task, a panic

@@ -4,6 +4,7 @@
 //! about to finish); a peer's silent stream is cut at once once the
 //! cluster's probe found the peer down.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -78,6 +79,9 @@ pub(super) struct Pace<'a> {
     /// A peer's stream is also cut once it is silent and the cluster's
     /// probe found the peer down (a stopped process keeps its sockets).
     peer: Option<Arc<Endpoint>>,
+    /// The member that serves the stream when the peer asked sent this
+    /// node on to it; watched by the probe while this connection lives.
+    relay: Option<(String, crate::cluster::Watching)>,
     last_data: Instant,
     window_start: Instant,
     window_bytes: u64,
@@ -87,11 +91,19 @@ pub(super) struct Pace<'a> {
 }
 
 impl<'a> Pace<'a> {
-    pub fn new(ctx: &'a Ctx<'a>, ep: &Arc<Endpoint>) -> Pace<'a> {
+    pub fn new(ctx: &'a Ctx<'a>, ep: &Arc<Endpoint>, relay: Option<SocketAddr>) -> Pace<'a> {
         let now = Instant::now();
+        let relay = relay.zip(ctx.flights.cluster()).map(|(member, cluster)| {
+            let key = crate::cluster::peer_base(member)
+                .parse::<url::Url>()
+                .map(|u| u.to_string())
+                .unwrap_or_default();
+            (key, cluster.watch(member))
+        });
         Pace {
             ctx,
             peer: ep.is_peer().then(|| ep.clone()),
+            relay,
             last_data: now,
             window_start: now,
             window_bytes: 0,
@@ -139,6 +151,14 @@ impl<'a> Pace<'a> {
             {
                 return Err(Cut::Broken(
                     "the peer went silent and its probe failed".into(),
+                ));
+            }
+        }
+        if let Some((key, _)) = &self.relay {
+            if now - self.last_data > PACE_TICK && self.ctx.flights.upstream.health.backing_off(key)
+            {
+                return Err(Cut::Broken(
+                    "the member relaying the blob went silent and its probe failed".into(),
                 ));
             }
         }

@@ -341,7 +341,7 @@ impl Pieces {
 pub(super) async fn run(
     ctx: &Ctx<'_>,
     parts: &Parts,
-    first: Arc<Endpoint>,
+    (first, relay): (Arc<Endpoint>, Option<std::net::SocketAddr>),
     body: Incoming,
     total: Option<u64>,
     plan: Option<Plan>,
@@ -350,7 +350,17 @@ pub(super) async fn run(
     let workers = plan.map_or(0, |p| p.connections - 1);
     let pieces = Pieces::new(workers, first.clone());
     let head = async {
-        let out = head(ctx, &pieces, parts, first, body, total, plan, leader).await;
+        let out = head(
+            ctx,
+            &pieces,
+            parts,
+            (first, relay),
+            body,
+            total,
+            plan,
+            leader,
+        )
+        .await;
         pieces.update(|s| s.head_done = true);
         out
     };
@@ -391,7 +401,7 @@ async fn head(
     ctx: &Ctx<'_>,
     pieces: &Pieces,
     parts: &Parts,
-    mut ep: Arc<Endpoint>,
+    (mut ep, relay): (Arc<Endpoint>, Option<std::net::SocketAddr>),
     mut body: Incoming,
     total: Option<u64>,
     plan: Option<Plan>,
@@ -400,7 +410,7 @@ async fn head(
     let mut leader = Some(leader);
     let mut w = Writer::new(parts, 0);
     let mut end = total.unwrap_or(u64::MAX);
-    let mut pace = Pace::new(ctx, &ep);
+    let mut pace = Pace::new(ctx, &ep, relay);
     let begun = ctx.started;
     let mut probe = plan.map(|p| (p, begun + PROBE));
     // Bytes received beyond the current piece, and bytes still to drop
@@ -516,17 +526,17 @@ async fn head(
                 .ok(),
             false => None,
         };
-        let Some((next, next_body, resent)) = resumed else {
+        let Some(next) = resumed else {
             pieces.give_back(pos, end, cut.why());
             return Err(Stop::Cut(cut));
         };
         resumes += 1;
-        resumed_metric(&next);
-        pieces.source(&next);
-        tracing::info!(digest = %ctx.digest, from = pos, endpoint = next.key(),
+        resumed_metric(&next.ep);
+        pieces.source(&next.ep);
+        tracing::info!(digest = %ctx.digest, from = pos, endpoint = next.ep.key(),
             after = cut.why(), "resuming the blob where the transfer stopped");
-        (ep, body, skip, extra) = (next, next_body, resent, None);
-        pace = Pace::new(ctx, &ep);
+        (ep, body, skip, extra) = (next.ep, next.body, next.skip, None);
+        pace = Pace::new(ctx, &ep, next.relay);
     }
 }
 
@@ -598,8 +608,8 @@ async fn piece(
             .flights
             .ranged(ctx.cfg, ctx.req, range, total, false)
             .await;
-        let (ep, mut body) = match found {
-            Ok((ep, body, _)) => (ep, body),
+        let (ep, mut body, relay) = match found {
+            Ok(r) => (r.ep, r.body, r.relay),
             Err(unranged) => {
                 let why = match unranged {
                     Unranged::Ignored => {
@@ -620,7 +630,7 @@ async fn piece(
         if resumed {
             resumed_metric(&ep);
         }
-        let mut pace = Pace::new(ctx, &ep);
+        let mut pace = Pace::new(ctx, &ep, relay);
         let at_cut = w.position();
         let cut = match stream(&mut body, &mut pace, &mut w, pieces, claimed.id).await {
             Ok(()) => return w.drain().await.map_err(Stop::Write),
