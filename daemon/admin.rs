@@ -41,7 +41,8 @@ pub async fn collect(app: &App, limits: Limits) -> std::io::Result<Report> {
     Ok(report)
 }
 
-fn answer(status: StatusCode, body: serde_json::Value) -> Response<ResponseBody> {
+/// A JSON answer of the maintenance endpoints.
+pub(crate) fn answer(status: StatusCode, body: serde_json::Value) -> Response<ResponseBody> {
     let body = Bytes::from(body.to_string());
     Response::builder()
         .status(status)

@@ -22,21 +22,14 @@ use hyper::body::Incoming;
 use crate::cache::export::{self, PlatformChoice};
 use crate::cache::import::{self, Import, ImportError, Imported};
 use crate::cache::Store;
-use crate::oci::{full, ResponseBody};
+use crate::oci::ResponseBody;
 use crate::reference::ImageRef;
 use crate::server::App;
 
 /// `POST /cache/import?as=IMAGE[&as=IMAGE...]`, an uncompressed tar as
 /// the body: the import's report as JSON.
 pub async fn serve_import(app: &App, req: Request<Incoming>) -> Response<ResponseBody> {
-    let answer = |status: StatusCode, body: serde_json::Value| {
-        let body = Bytes::from(body.to_string());
-        Response::builder()
-            .status(status)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(full(body))
-            .unwrap_or_else(|_| Response::new(full(Bytes::new())))
-    };
+    use crate::admin::answer;
     let error = |status, e: String| answer(status, serde_json::json!({ "error": e }));
     if req.method() != Method::POST {
         return error(StatusCode::METHOD_NOT_ALLOWED, "POST /cache/import".into());
@@ -172,24 +165,6 @@ impl Progress {
     }
 }
 
-/// The bytes of the files under `dir`.
-fn folder_size(dir: &Path) -> io::Result<u64> {
-    let mut total = 0;
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(d) = pending.pop() {
-        for e in std::fs::read_dir(&d)? {
-            let e = e?;
-            let kind = e.file_type()?;
-            if kind.is_dir() {
-                pending.push(e.path());
-            } else if kind.is_file() {
-                total += e.metadata()?.len();
-            }
-        }
-    }
-    Ok(total)
-}
-
 /// Imports `input` (a tar or a folder) into the cache at `store`: through
 /// the daemon at `daemon` when one holds the cache, else directly.
 pub fn import_command(
@@ -200,7 +175,9 @@ pub fn import_command(
 ) -> Result<Imported, String> {
     let meta = std::fs::metadata(input).map_err(|e| format!("{}: {e}", input.display()))?;
     let total = if meta.is_dir() {
-        folder_size(input).map_err(|e| format!("{}: {e}", input.display()))?
+        import::files_under(input)
+            .map(|files| files.iter().map(|(_, size)| size).sum())
+            .map_err(|e| format!("{}: {e}", input.display()))?
     } else {
         meta.len()
     };
@@ -381,18 +358,8 @@ fn tokio_stream_of<T: Send + 'static>(
 /// Writes the files under `dir` as a tar, paths relative to it.
 fn tar_folder(dir: &Path, out: impl Write) -> io::Result<()> {
     let mut tar = tar::Builder::new(out);
-    let mut pending = vec![PathBuf::new()];
-    while let Some(rel) = pending.pop() {
-        for e in std::fs::read_dir(dir.join(&rel))? {
-            let e = e?;
-            let rel = rel.join(e.file_name());
-            let kind = e.file_type()?;
-            if kind.is_dir() {
-                pending.push(rel);
-            } else if kind.is_file() {
-                tar.append_path_with_name(e.path(), &rel)?;
-            }
-        }
+    for (rel, _) in import::files_under(dir)? {
+        tar.append_path_with_name(dir.join(&rel), &rel)?;
     }
     tar.into_inner()?.flush()
 }

@@ -51,9 +51,25 @@ pub fn via() -> &'static str {
 }
 
 /// On a peer's answer: the member that serves it, when the peer asked
-/// sent this node on to it (`cluster::relay`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Relayed(pub std::net::SocketAddr);
+/// sent this node on to it (`cluster::relay`), and that member's key in
+/// the health state (its peer endpoints' base, which the probe marks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relayed {
+    pub member: std::net::SocketAddr,
+    pub key: String,
+}
+
+impl Relayed {
+    /// The member a peer's `Location` names.
+    fn at(url: &Url) -> Option<Relayed> {
+        let ip = url.host_str()?.trim_matches(['[', ']']).parse().ok()?;
+        let member = std::net::SocketAddr::new(ip, url.port()?);
+        Some(Relayed {
+            member,
+            key: url.join("/v2").ok()?.to_string(),
+        })
+    }
+}
 
 /// Redirect hops followed before giving up on an endpoint.
 const MAX_REDIRECTS: usize = 5;
@@ -640,33 +656,26 @@ impl Upstream {
                     "refused a redirect from https to plain http ({next})"
                 )));
             }
-            // A peer sending this node on to a member the probe found
-            // down (a relay of the cluster's tree that stopped): the next
-            // endpoint at once, rather than a connect that hangs.
-            if ep.is_peer() {
-                let key = next.join("/v2").map(|u| u.to_string()).unwrap_or_default();
-                if self.health.backing_off(&key) {
-                    return Err(AttemptError::Connect(format!(
-                        "sent on to {next}, which does not answer its probe"
-                    )));
-                }
+            // A peer sending this node on to another member (a relay of
+            // the cluster's tree): one the probe found down is passed over
+            // at once, rather than a connect that hangs; the answer of
+            // another says whose stream it is.
+            let relay = ep.is_peer().then(|| Relayed::at(&next)).flatten();
+            if relay
+                .as_ref()
+                .is_some_and(|r| self.health.backing_off(&r.key))
+            {
+                return Err(AttemptError::Connect(format!(
+                    "sent on to {next}, which does not answer its probe"
+                )));
             }
             tracing::debug!(from = %current, to = %next, "following redirect");
             resp = self.send(cfg, ep, &next, req, None, public_only).await?;
             current = next;
             let status = resp.status();
             if !is_redirect(status) {
-                // A peer that sent us on to another member (a relay of
-                // the cluster's tree): the stream is that member's.
-                if ep.is_peer() {
-                    let relay = current
-                        .host_str()
-                        .and_then(|h| h.trim_matches(['[', ']']).parse().ok())
-                        .zip(current.port())
-                        .map(|(ip, port)| Relayed(std::net::SocketAddr::new(ip, port)));
-                    if let Some(r) = relay {
-                        resp.extensions_mut().insert(r);
-                    }
+                if let Some(r) = relay {
+                    resp.extensions_mut().insert(r);
                 }
                 return classify(resp, cfg).await;
             }

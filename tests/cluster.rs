@@ -49,6 +49,18 @@ pub fn port_on(ip: Ipv4Addr) -> SocketAddr {
 
 pub fn settings(pki: &Pki, name: &str, at: SocketAddr, peers: &[SocketAddr]) -> ClusterSettings {
     let (cert, key) = pki.node(name, at.ip());
+    settings_with(at, peers, pki.path().join("ca.pem"), cert, key)
+}
+
+/// A static cluster at `at` with `peers`, the test timings, and this CA and
+/// node certificate.
+pub fn settings_with(
+    at: SocketAddr,
+    peers: &[SocketAddr],
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+) -> ClusterSettings {
     ClusterSettings {
         listen: at,
         advertise: at,
@@ -57,7 +69,7 @@ pub fn settings(pki: &Pki, name: &str, at: SocketAddr, peers: &[SocketAddr]) -> 
         dns_server: None,
         refresh: Duration::from_secs(1),
         peer_timeout: Duration::from_millis(300),
-        ca: pki.path().join("ca.pem"),
+        ca,
         cert,
         key,
     }

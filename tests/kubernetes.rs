@@ -100,18 +100,13 @@ fn cluster_settings(
     at: SocketAddr,
     peers: &[SocketAddr],
 ) -> ClusterSettings {
-    ClusterSettings {
-        listen: at,
-        advertise: at,
-        peers: peers.to_vec(),
-        peers_dns: None,
-        dns_server: None,
-        refresh: Duration::from_secs(1),
-        peer_timeout: Duration::from_millis(300),
-        ca: dir.join("ca/ca.pem"),
-        cert: dir.join(format!("certs/{name}/{name}.pem")),
-        key: dir.join(format!("certs/{name}/{name}-key.pem")),
-    }
+    crate::cluster::settings_with(
+        at,
+        peers,
+        dir.join("ca/ca.pem"),
+        dir.join(format!("certs/{name}/{name}.pem")),
+        dir.join(format!("certs/{name}/{name}-key.pem")),
+    )
 }
 
 /// `node-certs` makes one certificate per node that `kubectl get nodes`

@@ -699,13 +699,10 @@ pub fn read_tar(
     Ok(())
 }
 
-/// Feeds an OCI layout folder (or an unpacked docker save archive).
-pub fn read_dir(
-    import: &mut Import,
-    root: &Path,
-    progress: &mut dyn FnMut(u64),
-) -> Result<(), ImportError> {
-    let mut read = 0u64;
+/// The regular files under `root` (links and other kinds left out), each
+/// as its path relative to `root` and its size.
+pub fn files_under(root: &Path) -> io::Result<Vec<(PathBuf, u64)>> {
+    let mut files = Vec::new();
     let mut pending = vec![PathBuf::new()];
     while let Some(rel) = pending.pop() {
         for entry in fs::read_dir(root.join(&rel))? {
@@ -715,13 +712,26 @@ pub fn read_dir(
             if kind.is_dir() {
                 pending.push(rel);
             } else if kind.is_file() {
-                let mut file = File::open(entry.path())?;
-                let size = file.metadata()?.len();
-                import.add(&rel.to_string_lossy(), size, &mut file)?;
-                read += size;
-                progress(read);
+                files.push((rel, entry.metadata()?.len()));
             }
         }
+    }
+    Ok(files)
+}
+
+/// Feeds an OCI layout folder (or an unpacked docker save archive).
+pub fn read_dir(
+    import: &mut Import,
+    root: &Path,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(), ImportError> {
+    let mut read = 0u64;
+    for (rel, _) in files_under(root)? {
+        let mut file = File::open(root.join(&rel))?;
+        let size = file.metadata()?.len();
+        import.add(&rel.to_string_lossy(), size, &mut file)?;
+        read += size;
+        progress(read);
     }
     Ok(())
 }

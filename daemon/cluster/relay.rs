@@ -130,7 +130,8 @@ impl Relays {
     }
 
     /// Peers that have `digest` from here (receiving it, or recently).
-    pub fn receivers(&self, digest: &Digest) -> usize {
+    #[cfg(test)]
+    fn receivers(&self, digest: &Digest) -> usize {
         let now = Instant::now();
         self.sending
             .lock()

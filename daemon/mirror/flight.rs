@@ -393,7 +393,7 @@ impl Flights {
             Err(e) => return Phase::Failed(e.to_string().into()),
         };
         let plan = transfer::plan(&ep, &cfg.settings, resp.headers(), total);
-        let relay = resp.extensions().get::<upstream::Relayed>().map(|r| r.0);
+        let relay = resp.extensions().get::<upstream::Relayed>().cloned();
         let (moved, sources) = transfer::run(
             &ctx,
             &parts,
@@ -492,7 +492,7 @@ impl Flights {
                         StatusCode::OK if whole => return Err(AttemptError::Unranged),
                         s => return Err(AttemptError::Status(s)),
                     };
-                    let relay = resp.extensions().get::<upstream::Relayed>().map(|r| r.0);
+                    let relay = resp.extensions().get::<upstream::Relayed>().cloned();
                     Ok(Ranged {
                         ep,
                         body: resp.into_body(),
@@ -541,7 +541,7 @@ pub(super) struct Ranged {
     pub ep: Arc<Endpoint>,
     pub body: Incoming,
     pub skip: u64,
-    pub relay: Option<std::net::SocketAddr>,
+    pub relay: Option<upstream::Relayed>,
 }
 
 /// A fetch task's hold on its flight. Whatever ends the task, a panic

@@ -4,7 +4,6 @@
 //! about to finish); a peer's silent stream is cut at once once the
 //! cluster's probe found the peer down.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +15,7 @@ use tokio::sync::watch;
 use super::flight::Flights;
 use crate::cache::ingest::Progress;
 use crate::reference::Digest;
-use crate::upstream::{self, Endpoint, UpstreamRequest};
+use crate::upstream::{self, Endpoint, Relayed, UpstreamRequest};
 
 /// How often a fetch's pace is looked at.
 const PACE_TICK: Duration = Duration::from_secs(1);
@@ -91,15 +90,11 @@ pub(super) struct Pace<'a> {
 }
 
 impl<'a> Pace<'a> {
-    pub fn new(ctx: &'a Ctx<'a>, ep: &Arc<Endpoint>, relay: Option<SocketAddr>) -> Pace<'a> {
+    pub fn new(ctx: &'a Ctx<'a>, ep: &Arc<Endpoint>, relay: Option<Relayed>) -> Pace<'a> {
         let now = Instant::now();
-        let relay = relay.zip(ctx.flights.cluster()).map(|(member, cluster)| {
-            let key = crate::cluster::peer_base(member)
-                .parse::<url::Url>()
-                .map(|u| u.to_string())
-                .unwrap_or_default();
-            (key, cluster.watch(member))
-        });
+        let relay = relay
+            .zip(ctx.flights.cluster())
+            .map(|(r, cluster)| (r.key, cluster.watch(r.member)));
         Pace {
             ctx,
             peer: ep.is_peer().then(|| ep.clone()),

@@ -341,7 +341,7 @@ impl Pieces {
 pub(super) async fn run(
     ctx: &Ctx<'_>,
     parts: &Parts,
-    (first, relay): (Arc<Endpoint>, Option<std::net::SocketAddr>),
+    (first, relay): (Arc<Endpoint>, Option<crate::upstream::Relayed>),
     body: Incoming,
     total: Option<u64>,
     plan: Option<Plan>,
@@ -401,7 +401,7 @@ async fn head(
     ctx: &Ctx<'_>,
     pieces: &Pieces,
     parts: &Parts,
-    (mut ep, relay): (Arc<Endpoint>, Option<std::net::SocketAddr>),
+    (mut ep, relay): (Arc<Endpoint>, Option<crate::upstream::Relayed>),
     mut body: Incoming,
     total: Option<u64>,
     plan: Option<Plan>,

@@ -98,6 +98,7 @@ impl ProxyChoice {
             names
                 .iter()
                 .find_map(|n| std::env::var(n).ok().filter(|v| !v.trim().is_empty()))
+                .map(|v| proxy_or_none(&v))
                 .unwrap_or_default()
         };
         let all = first(&["ALL_PROXY", "all_proxy"]);
@@ -114,14 +115,8 @@ impl ProxyChoice {
     pub fn overridden(&self, proxy: Option<&str>, no_proxy: Option<&str>) -> ProxyChoice {
         let mut c = self.clone();
         if let Some(p) = proxy {
-            let p = p.trim();
-            let p = if p.eq_ignore_ascii_case("none") {
-                ""
-            } else {
-                p
-            };
-            c.http = p.to_string();
-            c.https = p.to_string();
+            c.http = proxy_or_none(p);
+            c.https = c.http.clone();
         }
         if let Some(n) = no_proxy {
             c.no_proxy = n.to_string();
@@ -140,18 +135,22 @@ impl ProxyChoice {
     }
 
     fn matcher(&self) -> Matcher {
-        let none_is_empty = |v: &str| {
-            if v.trim().eq_ignore_ascii_case("none") {
-                String::new()
-            } else {
-                v.trim().to_string()
-            }
-        };
         Matcher::builder()
-            .http(none_is_empty(&self.http))
-            .https(none_is_empty(&self.https))
+            .http(self.http.clone())
+            .https(self.https.clone())
             .no(self.no_proxy.clone())
             .build()
+    }
+}
+
+/// A proxy setting as the choice keeps it: trimmed, `none` (any case) as
+/// no proxy (empty).
+fn proxy_or_none(v: &str) -> String {
+    let v = v.trim();
+    if v.eq_ignore_ascii_case("none") {
+        String::new()
+    } else {
+        v.to_string()
     }
 }
 

@@ -482,6 +482,20 @@ impl Containerd {
     }
 }
 
+/// Waits (20 s at most) until `what` accepts connections on loopback `port`.
+async fn listening(what: &str, port: u16) {
+    wait_for(
+        &format!("{what} to listen"),
+        Duration::from_secs(20),
+        || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        },
+    )
+    .await;
+}
+
 /// Debian's squid on a loopback port: CONNECT to any port but `deny_ports`,
 /// with Basic credentials when `login` is given; `access.log` records
 /// every CONNECT it was asked for.
@@ -534,12 +548,7 @@ impl Squid {
         let mut cmd = Command::new("squid");
         cmd.args(["-N", "-f"]).arg(d.join("squid.conf"));
         let proc = Process::spawn(cmd, dir, "squid");
-        wait_for("squid to listen", Duration::from_secs(20), || async {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-        })
-        .await;
+        listening("squid", port).await;
         Squid { proc, port }
     }
 
@@ -595,12 +604,7 @@ impl Dante {
             .arg("-p")
             .arg(d.join("danted.pid"));
         let proc = Process::spawn(cmd, dir, "dante");
-        wait_for("dante to listen", Duration::from_secs(20), || async {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-        })
-        .await;
+        listening("dante", port).await;
         Dante { proc, port }
     }
 
