@@ -251,6 +251,12 @@ async fn the_cache_tools_never_break_the_running_daemon() {
     )
     .await;
     assert_eq!(status, StatusCode::OK);
+    // A blob is stored a moment after its last byte went out.
+    let stored = crate::support::blob_path(cache.path(), &other);
+    wait_until("the first blob stored", Duration::from_secs(10), || {
+        stored.exists()
+    })
+    .await;
     let pulling = tokio::spawn({
         let url = format!("{base}/v2/app/blobs/{digest}?ns=reg.test");
         async move { stream_on(&http_client(), &url, None, None).await }
