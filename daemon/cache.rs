@@ -25,6 +25,7 @@ pub mod pins;
 pub(crate) mod pool;
 pub(crate) mod read;
 pub mod room;
+pub(crate) mod spans;
 pub mod verify;
 
 pub use gc::{Limits, Report, Stats};

@@ -76,6 +76,11 @@ pub struct UpstreamSettings {
     /// starts its own namespace's fetch when that one brings less than
     /// this many bytes per second over [`TAKEOVER_WINDOW`].
     pub takeover_rate: u64,
+    /// After a range read of a blob that is not cached: fetch the rest of
+    /// the blob at once (true, `range_rest = "background"`), so it is
+    /// verified and cached, or only the ranges readers ask for
+    /// (`"on-demand"`), which are never cached.
+    pub range_rest_background: bool,
     /// Namespaces without a hosts.d folder.
     pub implicit_namespaces: ImplicitPolicy,
     /// When not empty, the only namespaces without a hosts.d folder served.
@@ -103,6 +108,7 @@ impl Default for UpstreamSettings {
             parallel_fetches: 6,
             parallel_threshold: 32 << 20,
             takeover_rate: 1 << 20,
+            range_rest_background: true,
             implicit_namespaces: ImplicitPolicy::Public,
             allowed_namespaces: Vec::new(),
             proxy: None,
@@ -405,6 +411,22 @@ impl Settings {
                             }
                             "no_proxy" => {
                                 u.no_proxy = Some(f.str()?.to_string());
+                                return Ok(());
+                            }
+                            "range_rest" => {
+                                u.range_rest_background = match f.str()? {
+                                    "background" => true,
+                                    "on-demand" => false,
+                                    other => {
+                                        return Err(f
+                                            .src
+                                            .error(
+                                                f.span.clone(),
+                                                format!("`range_rest` is \"background\" or \"on-demand\", not {other:?}"),
+                                            )
+                                            .into())
+                                    }
+                                };
                                 return Ok(());
                             }
                             // Zero is meaningful here: no wait, no back-off.

@@ -10,13 +10,15 @@
 
 mod access;
 mod blob;
+mod conn;
+mod fetch;
 pub mod flight;
 mod limit;
 mod list;
 mod multipart;
 mod pace;
+mod pieces;
 pub mod range;
-mod transfer;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

@@ -27,6 +27,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::room::{NoRoom, Reservation};
+use super::spans::{Present, Spans};
 use super::Store;
 use crate::oci::ServeError;
 use crate::reference::{Digest, Namespace};
@@ -67,15 +68,29 @@ pub struct Progress {
     pub written: u64,
     /// The blob's size, once known from the upstream's headers.
     pub total: Option<u64>,
+    /// Every byte range in the file, the start and parts further on (a
+    /// range fetched ahead for a reader there).
+    pub present: Present,
 }
 
 impl Progress {
     pub fn complete(len: u64) -> Progress {
+        let present = Present::default();
+        present.add(0, len);
         Progress {
             phase: Phase::Done,
             written: len,
             total: Some(len),
+            present,
         }
+    }
+
+    /// Where the bytes readable from `pos` end: the written run `pos` is in.
+    pub fn readable_from(&self, pos: u64) -> u64 {
+        if pos < self.written {
+            return self.written;
+        }
+        self.present.run_end(pos)
     }
 }
 
@@ -139,6 +154,7 @@ impl Ingest {
             phase: Phase::Connecting,
             written: 0,
             total: None,
+            present: Present::default(),
         });
         Ok(Ingest {
             store: store.clone(),
@@ -351,7 +367,7 @@ pub struct Parts {
 /// What the writes and the hash share.
 #[derive(Default)]
 struct Shared {
-    done: Done,
+    done: Spans,
     /// Written batches kept for the hash, by offset.
     retained: BTreeMap<u64, Arc<Vec<Bytes>>>,
     retained_bytes: usize,
@@ -395,6 +411,7 @@ impl Parts {
         let (file, shared) = (self.file.clone(), self.shared.clone());
         let (progress, total) = (self.progress.clone(), self.total);
         let reservation = self.reservation.clone();
+        let present = self.progress.borrow().present.clone();
         let job = super::pool::run(move || -> io::Result<()> {
             let len: usize = chunks.iter().map(Bytes::len).sum();
             let end = offset + len as u64;
@@ -414,23 +431,15 @@ impl Parts {
                     s.retained_bytes += len;
                     s.retained.insert(offset, Arc::new(chunks));
                 }
-                s.done.add(offset, end)
+                s.done.insert(offset, end);
+                s.done.prefix()
             };
-            progress.send_if_modified(|p| {
-                let grew = prefix > p.written;
-                if grew {
-                    p.written = prefix;
-                }
-                grew
-            });
+            present.add(offset, end);
+            // Readers of the start and of parts further on, and the hash.
+            progress.send_modify(|p| p.written = p.written.max(prefix));
             Ok(())
         });
         async move { job.await? }
-    }
-
-    /// The blob's size as announced, if it was.
-    pub fn total(&self) -> Option<u64> {
-        self.total
     }
 
     /// Stops without verifying (the source broke).
@@ -456,38 +465,6 @@ fn write_all_at(file: &File, chunks: &[Bytes], mut offset: u64) -> io::Result<()
         }
     }
     Ok(())
-}
-
-/// The byte ranges of a blob written so far, merged.
-#[derive(Default)]
-struct Done {
-    ranges: BTreeMap<u64, u64>,
-}
-
-impl Done {
-    /// Adds `start..end` and returns how long the contiguous start is.
-    fn add(&mut self, mut start: u64, mut end: u64) -> u64 {
-        if let Some((&s, &e)) = self.ranges.range(..=start).next_back() {
-            if e >= start {
-                start = s;
-                end = end.max(e);
-            }
-        }
-        while let Some((&s, &e)) = self.ranges.range(start..).next() {
-            if s > end {
-                break;
-            }
-            end = end.max(e);
-            self.ranges.remove(&s);
-        }
-        self.ranges.insert(start, end);
-        self.prefix()
-    }
-
-    /// How long the contiguous start is.
-    fn prefix(&self) -> u64 {
-        self.ranges.get(&0).copied().unwrap_or(0)
-    }
 }
 
 /// What the hash takes next.
@@ -643,20 +620,5 @@ mod tests {
             ingest_in(&gap).await,
             Err(IngestError::Write { .. })
         ));
-    }
-
-    #[test]
-    fn parts_merge_into_a_contiguous_start() {
-        let mut d = Done::default();
-        assert_eq!(d.add(10, 20), 0);
-        assert_eq!(d.add(30, 40), 0);
-        assert_eq!(d.add(0, 5), 5);
-        assert_eq!(d.add(5, 10), 20);
-        assert_eq!(d.add(20, 30), 40);
-        assert_eq!(d.ranges.len(), 1);
-        assert_eq!(d.add(50, 60), 40);
-        assert_eq!(d.add(45, 55), 40);
-        assert_eq!(d.add(40, 45), 60);
-        assert_eq!(d.ranges.len(), 1);
     }
 }

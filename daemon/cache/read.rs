@@ -164,8 +164,7 @@ impl Body for TeeBody {
                         let rest = stream(
                             file,
                             this.progress.clone(),
-                            this.received,
-                            Some(this.total),
+                            (this.received, Some(this.total), true),
                             held,
                             this.zero_copy.take(),
                             None,
@@ -205,7 +204,9 @@ impl Body for TeeBody {
 }
 
 /// Streams bytes `start..end` of `file` (to the end of the blob when `end`
-/// is `None`) as `progress` allows. `held` keeps the blob from eviction.
+/// is `None`) as `progress` allows; `whole`: the response is the whole
+/// blob, whose last byte waits for the verification. `held` keeps the
+/// blob from eviction.
 ///
 /// A task per response waits for the file to grow without holding a
 /// thread; each read is a short job on the disk pool, a chunk or two
@@ -213,8 +214,7 @@ impl Body for TeeBody {
 pub fn stream(
     file: impl Into<Arc<File>>,
     progress: watch::Receiver<Progress>,
-    start: u64,
-    end: Option<u64>,
+    (start, end, whole): (u64, Option<u64>, bool),
     held: InUse,
     zero_copy: Option<Part>,
     foreign: Option<Foreign>,
@@ -228,6 +228,7 @@ pub fn stream(
             held,
             zero_copy,
             foreign,
+            whole,
             sent_elsewhere: None,
             _guard: None,
         };
@@ -279,6 +280,8 @@ struct Read {
     zero_copy: Option<Part>,
     /// While the bytes come from another route's fetch.
     foreign: Option<Foreign>,
+    /// The response is the whole blob.
+    whole: bool,
     /// Bytes `.1..` `.2` of the blob that were sent from another route's
     /// file (`.0`), to compare with this route's own before the end.
     sent_elsewhere: Option<(Arc<File>, u64, u64)>,
@@ -431,13 +434,18 @@ async fn feed(
                 );
             }
         }
-        let readable = match &p.phase {
-            Phase::Verified | Phase::Done => p.written,
-            // Hold back the final byte until the digest is confirmed.
-            _ => match p.total {
-                Some(t) => p.written.min(t.saturating_sub(1)),
-                None => p.written,
-            },
+        // What is in the file from `pos` on: the written start of the
+        // blob, or a part fetched ahead for a range read there.
+        let run = p.readable_from(pos);
+        let readable = match (&p.phase, p.total) {
+            (Phase::Verified | Phase::Done, _) => p.written,
+            // A read of the whole blob gets its final byte only once the
+            // digest is confirmed: nobody gets a complete transfer of
+            // unverified bytes. A part further on is a range as the
+            // upstream would answer it (the route's own fetch only; see
+            // `foreign` below).
+            (_, Some(t)) if read.whole => run.min(t.saturating_sub(1)),
+            _ => run,
         };
         let stop = end.or(p.total);
         let mut upto = stop.map_or(readable, |s| s.min(readable));

@@ -19,7 +19,7 @@ use http::{Response, StatusCode};
 use tokio::sync::{mpsc, watch};
 
 use super::access;
-use super::flight::{Reading, Source, Want};
+use super::flight::{Flight, Reading, Source, Want, Wanting};
 use super::multipart;
 use super::range::{self, RangeSpec};
 use super::{internal, Mirror, Pull};
@@ -86,13 +86,11 @@ impl Mirror {
         // Several ranges are read from this route's own copy only (so no
         // part waits on another route's verification or takeover).
         let several = header.is_some_and(|h| h.contains(','));
+        let first = header.and_then(range::first);
         let mut opened = self
-            .open_source(pull, &repository, &digest, !several)
+            .open_source(pull, &repository, &digest, (!several, first))
             .await?;
-        let held = match opened.reading.take() {
-            Some(reading) => held.keeping(reading),
-            None => held,
-        };
+        let reading = opened.reading.take();
         let mut total = opened.progress.borrow().total;
         if header.is_some() && total.is_none() {
             // A body of unknown size: a range is answered once the size is
@@ -104,6 +102,14 @@ impl Mirror {
         if window.spec == RangeSpec::Unsatisfiable {
             return builder.body(full(Bytes::new())).map_err(internal);
         }
+        // A blob in flight fetches what this read asks for.
+        let held = match reading {
+            Some(reading) => {
+                let wants = wants(reading.flight(), &window.spec, total, &pull.snap);
+                held.keeping((reading, wants))
+            }
+            None => held,
+        };
         if let RangeSpec::Multi(ranges) = &window.spec {
             let t = total.unwrap_or_default();
             let parts = multipart::Parts::new(ranges, t, &digest);
@@ -131,7 +137,7 @@ impl Mirror {
         pull: &Pull<'_>,
         repository: &Repository,
         digest: &Digest,
-        mut follow_others: bool,
+        (mut follow_others, range): (bool, Option<(u64, Option<u64>)>),
     ) -> Result<Opened, ServeError> {
         loop {
             let source = self
@@ -143,6 +149,7 @@ impl Mirror {
                     digest,
                     peer: pull.peer,
                     follow_others,
+                    range,
                 })
                 .await
                 .map_err(internal)?;
@@ -239,6 +246,7 @@ impl Mirror {
                         digest: &digest,
                         peer,
                         follow_others: false,
+                        range: None,
                     };
                     match flights.get_or_start(want).await {
                         Ok(Source::Cached(file, len)) => {
@@ -310,6 +318,29 @@ impl Mirror {
             .body(full(Bytes::new()))
             .map_err(internal)
     }
+}
+
+/// Registers what a read of `spec` waits for in the flight's table: a
+/// whole read wants the whole blob; a range read its ranges (and the rest
+/// of the blob, fetched after them, when `range_rest = "background"`).
+fn wants(
+    flight: &Arc<Flight>,
+    spec: &RangeSpec,
+    total: Option<u64>,
+    snap: &crate::snapshot::Snapshot,
+) -> Vec<Wanting> {
+    let ranges: &[(u64, u64)] = match spec {
+        RangeSpec::Part(a, b) => &[(*a, *b)],
+        RangeSpec::Multi(ranges) => ranges,
+        RangeSpec::Full | RangeSpec::Unsatisfiable => {
+            flight.pieces.fetch_rest(false);
+            return Vec::new();
+        }
+    };
+    if snap.upstream.settings.range_rest_background && total.is_some() {
+        flight.pieces.fetch_rest(true);
+    }
+    ranges.iter().map(|&(a, b)| flight.want(a, b + 1)).collect()
 }
 
 /// The blob's size once its fetch knows it: from the upstream's headers,
@@ -412,8 +443,14 @@ fn body(
                 whole: w.spec == RangeSpec::Full,
                 ..f
             });
+            let whole = w.spec == RangeSpec::Full || w.start == 0;
             boxed(read::stream(
-                file, progress, w.start, w.end, held, part, foreign,
+                file,
+                progress,
+                (w.start, w.end, whole),
+                held,
+                part,
+                foreign,
             ))
         }
     }

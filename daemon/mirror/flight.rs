@@ -23,22 +23,20 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::{Method, Response, StatusCode};
-use hyper::body::Incoming;
+use http::Method;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch, Notify};
 
 use super::access;
+use super::fetch;
 use super::limit::Limits;
-use super::pace::{Ctx, Unranged};
-use super::transfer;
-use crate::cache::ingest::{Ingest, IngestError, Phase, Progress, ReserveError};
+use super::pieces::Pieces;
+use crate::cache::ingest::{Ingest, Phase, Progress};
 use crate::cache::{pool, Store};
 use crate::cluster::{Cluster, PeerRole};
-use crate::oci::{content_length, Content, ServeError};
 use crate::reference::{Digest, Namespace, Repository};
 use crate::snapshot::Snapshot;
-use crate::upstream::{self, AttemptError, ByteRange, Endpoint, Upstream, UpstreamRequest};
+use crate::upstream::{Upstream, UpstreamRequest};
 
 /// One blob being fetched through one route.
 pub struct Flight {
@@ -50,11 +48,19 @@ pub struct Flight {
     /// Whether that namespace was public when the fetch began: only then
     /// may clients of other namespaces follow it.
     pub public: bool,
+    /// Who fetches which bytes, and what readers wait for.
+    pub pieces: Arc<Pieces>,
     /// Clients reading it now.
     readers: AtomicUsize,
 }
 
 impl Flight {
+    /// A reader waits for bytes `start..end`: they are fetched at once if
+    /// nobody fetches them yet. Until the guard drops.
+    pub fn want(&self, start: u64, end: u64) -> Wanting {
+        Wanting(self.pieces.clone(), self.pieces.want(start, end))
+    }
+
     /// Counts a client reading this fetch until the guard drops.
     pub fn reading(self: &Arc<Self>) -> Reading {
         self.readers.fetch_add(1, Ordering::Relaxed);
@@ -69,9 +75,24 @@ impl Flight {
 /// A client reading a fetch (see [`Flight::reading`]).
 pub struct Reading(Arc<Flight>);
 
+impl Reading {
+    pub fn flight(&self) -> &Arc<Flight> {
+        &self.0
+    }
+}
+
 impl Drop for Reading {
     fn drop(&mut self) {
         self.0.readers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A reader's range in a flight's table (see [`Flight::want`]).
+pub struct Wanting(Arc<Pieces>, u64);
+
+impl Drop for Wanting {
+    fn drop(&mut self) {
+        self.0.unwant(self.1);
     }
 }
 
@@ -106,6 +127,9 @@ pub struct Want<'a> {
     pub peer: Option<PeerRole>,
     /// Whether another route's public fetch may be followed.
     pub follow_others: bool,
+    /// A range read: its first range (first byte, last byte if bounded),
+    /// which a new fetch asks for first. `None`: a read of the whole blob.
+    pub range: Option<(u64, Option<u64>)>,
 }
 
 /// Frames the starting request may lag behind before it is switched to
@@ -141,11 +165,6 @@ impl Flights {
             landed: AtomicU64::new(0),
             idle: Notify::new(),
         })
-    }
-
-    /// The cluster, in cluster mode.
-    pub(super) fn cluster(&self) -> Option<&Arc<Cluster>> {
-        self.cluster.as_ref()
     }
 
     /// How many fetches are under way.
@@ -203,6 +222,7 @@ impl Flights {
             digest,
             peer,
             follow_others,
+            range,
         } = want;
         let cfg = &snap.upstream;
         /// What the map says, decided under its lock.
@@ -210,7 +230,7 @@ impl Flights {
             Answer(Source),
             LookAgain,
             Prepare,
-            Started(Arc<Flight>, Ingest, Option<Arc<upstream::PeerPlan>>),
+            Started(Arc<Flight>, Ingest, Option<Arc<crate::upstream::PeerPlan>>),
         }
         let mut prepared: Option<(Ingest, File)> = None;
         // Looks again after a landing, a few times at most (then, at
@@ -275,11 +295,20 @@ impl Flights {
                                         (None, Some(c)) => c.plan(cfg, ns, digest),
                                         _ => None,
                                     };
+                                    // A whole read fetches the whole blob;
+                                    // a range read its range, and the rest
+                                    // as the settings say.
+                                    let background = cfg.settings.range_rest_background;
+                                    let pieces = Pieces::new(
+                                        range.is_none() || background,
+                                        range.is_some() && background,
+                                    );
                                     let flight = Arc::new(Flight {
                                         progress: ingest.subscribe(),
                                         file,
                                         route: ns.clone(),
                                         public: !cfg.is_private(ns),
+                                        pieces: Arc::new(pieces),
                                         readers: AtomicUsize::new(0),
                                     });
                                     map.entry(digest.clone()).or_default().push(flight.clone());
@@ -333,7 +362,7 @@ impl Flights {
                             flight: flight.clone(),
                             ingest: Some(ingest),
                         };
-                        tokio::spawn(landing.fly(snap.clone(), req, leader));
+                        tokio::spawn(landing.fly(snap.clone(), req, range, leader));
                         return Ok(Source::Flight {
                             flight,
                             leader: Some(leader_rx),
@@ -344,204 +373,6 @@ impl Flights {
             }
         }
     }
-
-    /// Find an endpoint, reserve the space, move the body in
-    /// ([`transfer`]: resumed where it breaks, over several connections
-    /// when it is big and slow), verify, record the route as an origin,
-    /// commit.
-    async fn fetch(
-        &self,
-        snap: &Snapshot,
-        req: &UpstreamRequest,
-        digest: &Digest,
-        flight: &Flight,
-        ingest: &mut Ingest,
-        leader: mpsc::Sender<Bytes>,
-    ) -> Phase {
-        let cfg = &snap.upstream;
-        let (ep, resp) = match self.find(cfg, req).await {
-            Ok(found) => found,
-            Err(unavailable) => return unavailable,
-        };
-        let answered = Instant::now();
-        let total = content_length(resp.headers());
-        match ingest.reserve(total).await {
-            Ok(()) => {}
-            // No room without evicting: a quick 503 (the client goes to
-            // the registry itself); the collector makes room for the next.
-            Err(ReserveError::NoRoom(e)) => {
-                tracing::warn!(%digest, namespace = %req.namespace, error = %e, "blob not fetched");
-                return Phase::Unavailable(ServeError::Unavailable(format!(
-                    "blob not cached: {e}"
-                )));
-            }
-            Err(e) => return Phase::Failed(e.to_string().into()),
-        }
-        let readers = || flight.readers();
-        let progress = ingest.subscribe();
-        let ctx = Ctx {
-            flights: self,
-            cfg,
-            req,
-            digest,
-            readers: &readers,
-            progress: &progress,
-            started: answered,
-        };
-        let parts = match ingest.parts(total) {
-            Ok(p) => p,
-            Err(e) => return Phase::Failed(e.to_string().into()),
-        };
-        let plan = transfer::plan(&ep, &cfg.settings, resp.headers(), total);
-        let relay = resp.extensions().get::<upstream::Relayed>().cloned();
-        let (moved, sources) = transfer::run(
-            &ctx,
-            &parts,
-            (ep, relay),
-            resp.into_body(),
-            total,
-            plan,
-            leader,
-        )
-        .await;
-        let verified = match moved {
-            Ok(len) => ingest.verify(parts, len).await,
-            Err(why) => {
-                parts.stop();
-                return Phase::Failed(why.into());
-            }
-        };
-        let len = match verified {
-            Ok(len) => len,
-            Err(e @ IngestError::Write { .. }) => return Phase::Failed(e.to_string().into()),
-            Err(e @ IngestError::Mismatch { .. }) => {
-                let why = e.to_string();
-                for ep in &sources {
-                    self.upstream.report_failure(cfg, ep, &why);
-                }
-                return Phase::Failed(why.into());
-            }
-        };
-        if let Err(e) = ingest.commit(&req.namespace).await {
-            tracing::warn!(%digest, error = %e, "verified blob could not be stored");
-            return Phase::Verified;
-        }
-        let from_peer = sources.first().is_some_and(|ep| ep.is_peer());
-        let source = if from_peer { "peer" } else { "upstream" };
-        let m = &crate::metrics::METRICS;
-        m.blob_fetches.inc(&[("source", source)]);
-        if from_peer {
-            m.peer_bytes.add(&[("direction", "received")], len);
-        } else {
-            m.upstream_bytes.add(&[], len);
-        }
-        m.blob_committed(len);
-        let endpoints: Vec<&str> = sources.iter().map(|ep| ep.key()).collect();
-        tracing::info!(%digest, bytes = len, namespace = %req.namespace,
-            endpoint = endpoints.join(" "), "blob cached");
-        Phase::Done
-    }
-
-    /// The blob's bytes `range`: a 206 whose `Content-Range` starts there
-    /// (and agrees on the size); with `whole_ok`, also a 200 of the whole
-    /// blob, whose first bytes the caller then skips (the number comes
-    /// back). Endpoints are tried in plan order. `Ignored` when no endpoint
-    /// answered with the range but one sent the whole blob instead.
-    pub(super) async fn ranged(
-        &self,
-        cfg: &upstream::Config,
-        req: &UpstreamRequest,
-        range: ByteRange,
-        total: Option<u64>,
-        whole_ok: bool,
-    ) -> Result<Ranged, Unranged> {
-        let ranged = UpstreamRequest {
-            range: Some(range),
-            ..req.clone()
-        };
-        let mut ignored = false;
-        let found = self
-            .upstream
-            .first_success(cfg, &ranged, |ep, resp| {
-                let status = resp.status();
-                let whole = status == StatusCode::OK && content_length(resp.headers()) == total;
-                ignored |= whole;
-                async move {
-                    let skip = match status {
-                        StatusCode::PARTIAL_CONTENT => {
-                            let answered = resp
-                                .headers()
-                                .get(http::header::CONTENT_RANGE)
-                                .and_then(|v| v.to_str().ok())
-                                .and_then(content_range);
-                            match answered {
-                                Some((start, size))
-                                    if start == range.start
-                                        && (size.is_none() || size == total) =>
-                                {
-                                    0
-                                }
-                                _ => {
-                                    return Err(AttemptError::Invalid(
-                                        "answered another range than asked".into(),
-                                    ))
-                                }
-                            }
-                        }
-                        StatusCode::OK if whole && whole_ok => range.start,
-                        StatusCode::OK if whole => return Err(AttemptError::Unranged),
-                        s => return Err(AttemptError::Status(s)),
-                    };
-                    let relay = resp.extensions().get::<upstream::Relayed>().cloned();
-                    Ok(Ranged {
-                        ep,
-                        body: resp.into_body(),
-                        skip,
-                        relay,
-                    })
-                }
-            })
-            .await;
-        match found {
-            Ok((found, _)) => Ok(found),
-            Err(e) if ignored => {
-                tracing::info!(error = %e, "the endpoints ignore Range");
-                Err(Unranged::Ignored)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot fetch the range on any endpoint");
-                Err(Unranged::Failed(e.to_string()))
-            }
-        }
-    }
-
-    /// The first endpoint that answers 200 for the blob.
-    async fn find(
-        &self,
-        cfg: &upstream::Config,
-        req: &UpstreamRequest,
-    ) -> Result<(Arc<Endpoint>, Response<Incoming>), Phase> {
-        self.upstream
-            .first_success(cfg, req, |ep, resp| async move {
-                if resp.status() != StatusCode::OK {
-                    return Err(AttemptError::Status(resp.status()));
-                }
-                Ok((ep, resp))
-            })
-            .await
-            .map(|(found, _)| found)
-            .map_err(|exhausted| Phase::Unavailable(exhausted.into_error(Content::Blob)))
-    }
-}
-
-/// A ranged answer ([`Flights::ranged`]): the endpoint, its body, the
-/// bytes to skip at its start (a whole-blob answer), and the member that
-/// serves it when a peer sent this node on ([`upstream::Relayed`]).
-pub(super) struct Ranged {
-    pub ep: Arc<Endpoint>,
-    pub body: Incoming,
-    pub skip: u64,
-    pub relay: Option<upstream::Relayed>,
 }
 
 /// A fetch task's hold on its flight. Whatever ends the task, a panic
@@ -557,7 +388,13 @@ struct Landing {
 
 impl Landing {
     /// The fetch task: a slot, then the fetch, then the end.
-    async fn fly(mut self, snap: Arc<Snapshot>, req: UpstreamRequest, leader: mpsc::Sender<Bytes>) {
+    async fn fly(
+        mut self,
+        snap: Arc<Snapshot>,
+        req: UpstreamRequest,
+        range: Option<(u64, Option<u64>)>,
+        leader: mpsc::Sender<Bytes>,
+    ) {
         let this = self.flights.clone();
         let _held = this.store.hold(&self.digest);
         let (digest, flight) = (self.digest.clone(), self.flight.clone());
@@ -567,9 +404,16 @@ impl Landing {
         let outcome = match this.limits.acquire(&snap.upstream, &req.namespace).await {
             Ok(_slot) => {
                 let started = Instant::now();
-                let outcome = this
-                    .fetch(&snap, &req, &digest, &flight, ingest, leader)
-                    .await;
+                let outcome = fetch::blob(
+                    (&this.upstream, this.cluster.as_ref()),
+                    &snap,
+                    &req,
+                    (&digest, range),
+                    (&flight.pieces, &|| flight.readers()),
+                    ingest,
+                    leader,
+                )
+                .await;
                 let result = match outcome {
                     Phase::Done | Phase::Verified => "ok",
                     Phase::Unavailable(_) => "unavailable",
@@ -609,17 +453,6 @@ impl Drop for Landing {
     }
 }
 
-/// `Content-Range: bytes START-END/SIZE`: the start and the size (`*`: unknown).
-fn content_range(v: &str) -> Option<(u64, Option<u64>)> {
-    let (range, size) = v.trim().strip_prefix("bytes ")?.split_once('/')?;
-    let start = range.split_once('-')?.0.trim().parse().ok()?;
-    let size = match size.trim() {
-        "*" => None,
-        n => Some(n.parse().ok()?),
-    };
-    Some((start, size))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -643,6 +476,7 @@ mod tests {
             file: ingest.reader().unwrap(),
             route: "reg.test".parse().unwrap(),
             public: true,
+            pieces: Arc::new(Pieces::new(true, false)),
             readers: AtomicUsize::new(0),
         });
         flights
@@ -670,14 +504,5 @@ mod tests {
             .unwrap();
         assert!(phase.failure().is_some(), "{phase:?}");
         assert_eq!(crate::cache::read_dir_len(&dir.path().join("tmp")), 0);
-    }
-
-    #[test]
-    fn content_ranges() {
-        use super::content_range;
-        assert_eq!(content_range("bytes 100-199/200"), Some((100, Some(200))));
-        assert_eq!(content_range("bytes 5-9/*"), Some((5, None)));
-        assert_eq!(content_range("bytes */200"), None);
-        assert_eq!(content_range("items 1-2/3"), None);
     }
 }

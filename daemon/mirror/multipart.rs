@@ -88,8 +88,7 @@ impl Parts {
             let bytes = read::stream(
                 file.clone(),
                 progress.clone(),
-                a,
-                Some(b + 1),
+                (a, Some(b + 1), a == 0),
                 store.hold(&digest),
                 None,
                 None,

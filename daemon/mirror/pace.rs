@@ -12,17 +12,17 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::sync::watch;
 
-use super::flight::Flights;
 use crate::cache::ingest::Progress;
+use crate::cluster::Cluster;
 use crate::reference::Digest;
-use crate::upstream::{self, Endpoint, Relayed, UpstreamRequest};
+use crate::upstream::{self, Endpoint, Relayed, Upstream, UpstreamRequest};
 
 /// How often a fetch's pace is looked at.
 const PACE_TICK: Duration = Duration::from_secs(1);
 
 /// How long a fetch nobody reads any more goes on: it ends then, unless
 /// at its pace it would finish within as long again.
-const ABANDONED_WINDOW: Duration = Duration::from_secs(5);
+pub(super) const ABANDONED_WINDOW: Duration = Duration::from_secs(5);
 
 /// Resumes of one blob before giving up.
 pub(super) const MAX_RESUMES: u32 = 5;
@@ -53,7 +53,8 @@ impl Cut {
 
 /// What every connection of one blob fetch shares.
 pub(super) struct Ctx<'a> {
-    pub flights: &'a Flights,
+    pub upstream: &'a Upstream,
+    pub cluster: Option<&'a Arc<Cluster>>,
     pub cfg: &'a upstream::Config,
     pub req: &'a UpstreamRequest,
     pub digest: &'a Digest,
@@ -93,7 +94,7 @@ impl<'a> Pace<'a> {
     pub fn new(ctx: &'a Ctx<'a>, ep: &Arc<Endpoint>, relay: Option<Relayed>) -> Pace<'a> {
         let now = Instant::now();
         let relay = relay
-            .zip(ctx.flights.cluster())
+            .zip(ctx.cluster)
             .map(|(r, cluster)| (r.key, cluster.watch(r.member)));
         Pace {
             ctx,
@@ -141,8 +142,7 @@ impl<'a> Pace<'a> {
             )));
         }
         if let Some(peer) = &self.peer {
-            if now - self.last_data > PACE_TICK
-                && self.ctx.flights.upstream.health.backing_off(peer.key())
+            if now - self.last_data > PACE_TICK && self.ctx.upstream.health.backing_off(peer.key())
             {
                 return Err(Cut::Broken(
                     "the peer went silent and its probe failed".into(),
@@ -150,8 +150,7 @@ impl<'a> Pace<'a> {
             }
         }
         if let Some((key, _)) = &self.relay {
-            if now - self.last_data > PACE_TICK && self.ctx.flights.upstream.health.backing_off(key)
-            {
+            if now - self.last_data > PACE_TICK && self.ctx.upstream.health.backing_off(key) {
                 return Err(Cut::Broken(
                     "the member relaying the blob went silent and its probe failed".into(),
                 ));
@@ -207,17 +206,10 @@ impl<'a> Pace<'a> {
     }
 }
 
-/// A range no endpoint could serve.
-pub(super) enum Unranged {
-    /// The endpoints sent the whole blob instead.
-    Ignored,
-    Failed(String),
-}
-
 impl Ctx<'_> {
     /// Marks `ep` failed for a while (see [`upstream::Upstream::report_failure`]).
     pub fn report_failure(&self, ep: &Endpoint, why: &str) {
-        self.flights.upstream.report_failure(self.cfg, ep, why);
+        self.upstream.report_failure(self.cfg, ep, why);
     }
 }
 

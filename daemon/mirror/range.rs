@@ -52,6 +52,20 @@ pub fn parse(header: &str, total: u64) -> RangeSpec {
     }
 }
 
+/// The first range of a `Range` header as the client wrote it, before
+/// the blob's size is known: first byte, and last byte when bounded.
+/// `None` for a suffix range (`-N`: it needs the size), another unit, or
+/// a malformed header.
+pub fn first(header: &str) -> Option<(u64, Option<u64>)> {
+    let specs = header.trim().strip_prefix("bytes=")?;
+    let (a, b) = specs.split(',').next()?.trim().split_once('-')?;
+    let a = a.trim().parse().ok()?;
+    match b.trim() {
+        "" => Some((a, None)),
+        b => b.parse().ok().filter(|&b| b >= a).map(|b| (a, Some(b))),
+    }
+}
+
 enum One {
     Range(u64, u64),
     Unsatisfiable,
@@ -128,6 +142,15 @@ mod tests {
         assert_eq!(parse("bytes=5-1", 100), Full);
         assert_eq!(parse("items=0-1", 100), Full);
         assert_eq!(parse("bytes=x-", 100), Full);
+    }
+
+    #[test]
+    fn first_ranges_before_the_size_is_known() {
+        assert_eq!(first("bytes=100-199"), Some((100, Some(199))));
+        assert_eq!(first("bytes=5-, 0-1"), Some((5, None)));
+        assert_eq!(first("bytes=-500"), None);
+        assert_eq!(first("bytes=9-1"), None);
+        assert_eq!(first("items=0-1"), None);
     }
 
     #[test]

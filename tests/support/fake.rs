@@ -110,6 +110,8 @@ struct Shared {
     content: Mutex<HashMap<String, Content>>,
     seen: Mutex<Vec<Seen>>,
     truncated: std::sync::atomic::AtomicUsize,
+    /// Blob body bytes handed to the connections, by path.
+    blob_bytes: Mutex<HashMap<String, Arc<std::sync::atomic::AtomicU64>>>,
 }
 
 pub struct Fake {
@@ -267,6 +269,21 @@ impl Fake {
         self.shared.seen.lock().clone()
     }
 
+    /// Blob body bytes this fake has sent (what the daemon's fetches cost
+    /// the upstream).
+    pub fn blob_bytes(&self) -> u64 {
+        self.blob_bytes_of("")
+    }
+
+    /// The same for blob paths that contain `needle` (a digest).
+    pub fn blob_bytes_of(&self, needle: &str) -> u64 {
+        let map = self.shared.blob_bytes.lock();
+        map.iter()
+            .filter(|(k, _)| k.contains(needle))
+            .map(|(_, n)| n.load(std::sync::atomic::Ordering::Relaxed))
+            .sum()
+    }
+
     /// Requests whose path (without query) contains `needle`.
     pub fn hits(&self, needle: &str) -> usize {
         self.seen()
@@ -387,7 +404,9 @@ async fn handle(s: &Shared, addr: SocketAddr, req: Request<Incoming>) -> Respons
         Content::Repeated { .. } => "application/octet-stream".into(),
     };
     let total = content.len();
-    let range = parse_range(req.headers(), total).filter(|_| !b.ignore_range);
+    // Generated blobs are sent whole.
+    let ranged = !b.ignore_range && matches!(content, Content::Bytes { .. });
+    let range = parse_range(req.headers(), total).filter(|_| ranged);
     let (code, start, end) = match range {
         Some((a, z)) => (StatusCode::PARTIAL_CONTENT, a, z),
         None => (StatusCode::OK, 0, total),
@@ -467,19 +486,58 @@ async fn handle(s: &Shared, addr: SocketAddr, req: Request<Incoming>) -> Respons
         }
         .boxed(),
     };
+    let body = if key.contains("/blobs/") {
+        Counted {
+            inner: body,
+            sent: s.blob_bytes.lock().entry(key.clone()).or_default().clone(),
+        }
+        .boxed()
+    } else {
+        body
+    };
     r.body(body).unwrap()
+}
+
+/// A body that counts the bytes it hands out.
+struct Counted {
+    inner: FakeBody,
+    sent: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Body for Counted {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.sent
+                    .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        polled
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 fn parse_range(h: &HeaderMap, total: usize) -> Option<(usize, usize)> {
     let v = h.get("range")?.to_str().ok()?.strip_prefix("bytes=")?;
     let (a, z) = v.split_once('-')?;
     let a: usize = a.parse().ok()?;
+    // As RFC 9110 says: a last byte past the end means the end.
     let z = if z.is_empty() {
         total
     } else {
-        z.parse::<usize>().ok()? + 1
+        (z.parse::<usize>().ok()? + 1).min(total)
     };
-    (a < z && z <= total).then_some((a, z))
+    (a < z).then_some((a, z))
 }
 
 /// Sends one chunk, then nothing ever again.

@@ -1,0 +1,456 @@
+//! Who fetches which bytes of one blob: the piece table of a flight.
+//!
+//! A blob in flight is a set of byte ranges: those in the file or being
+//! fetched (`covered`), each fetched range held by one connection (a
+//! claim), and the ranges readers wait for (wants). A connection takes
+//! the next range to fetch from here ([`Pieces::claim`]): first the start
+//! of a range a reader waits for that nobody fetches, else, while the rest
+//! of the blob is to be fetched, the lowest range nobody fetches (so the
+//! hash, which follows the blob's start, keeps up).
+//!
+//! Zero waste: with an upstream that answers ranges ([`Runs::Bounded`])
+//! every request asks for a bounded range that nobody else fetches, and
+//! is read to its end; no request is ever cut for another's sake, so the
+//! upstream sends each byte once. Ranges are kept short enough that a
+//! reader waiting inside one is reached soon: a single stream's runs
+//! start at [`FIRST_RUN`] and double up to what the connection brings in
+//! [`RUN_TIME`]; when the rest is split over several connections, each
+//! takes a share of what is left, smaller towards the end, so they finish
+//! together without one taking over another's range.
+//!
+//! An endpoint that answers with the whole blob (it ignores `Range`, or
+//! a cluster peer, asked for whole blobs) is one stream to the end
+//! ([`Runs::Whole`]): nothing else fetches beside it, and readers of
+//! parts further on wait for it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use crate::cache::spans::Spans;
+
+/// A single stream's first range.
+pub const FIRST_RUN: u64 = 1 << 20;
+
+/// The least a range asked for a reader spans (a little read-ahead).
+pub const MIN_RUN: u64 = 256 << 10;
+
+/// The most one request asks for.
+pub const MAX_RUN: u64 = 64 << 20;
+
+/// A single stream's ranges grow up to what it brings in this long: a
+/// reader waiting inside the range being fetched waits at most about this.
+pub const RUN_TIME: Duration = Duration::from_millis(500);
+
+/// How the blob's endpoint answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Runs {
+    /// Bounded ranges, several connections at once if need be.
+    Bounded,
+    /// One whole stream.
+    Whole,
+}
+
+/// A flight's piece table; see the module's documentation.
+pub struct Pieces {
+    state: Mutex<Table>,
+    changed: Notify,
+}
+
+struct Table {
+    total: Option<u64>,
+    runs: Runs,
+    /// In the file, or claimed.
+    covered: Spans,
+    claims: HashMap<u64, Claim>,
+    /// Ranges readers wait for, by registration.
+    wants: BTreeMap<u64, (u64, u64)>,
+    next_id: u64,
+    /// Whether the rest of the blob is fetched without a reader asking.
+    rest: bool,
+    /// Whether the rest is fetched even once nobody reads (a range read
+    /// with the rest fetched in the background).
+    keep: bool,
+    /// Connections for the rest: one, or the plan's once split.
+    connections: usize,
+    /// The next single-stream run.
+    run: u64,
+    /// When the first answer came.
+    started: Option<Instant>,
+    /// Why the blob cannot be completed.
+    failed: Option<String>,
+}
+
+struct Claim {
+    end: u64,
+    pos: u64,
+    /// Taken for a reader.
+    wanted: bool,
+}
+
+/// A range a connection fetches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claimed {
+    pub id: u64,
+    pub start: u64,
+    pub end: u64,
+}
+
+impl Pieces {
+    pub fn new(rest: bool, keep: bool) -> Pieces {
+        Pieces {
+            state: Mutex::new(Table {
+                total: None,
+                runs: Runs::Bounded,
+                covered: Spans::default(),
+                claims: HashMap::new(),
+                wants: BTreeMap::new(),
+                next_id: 0,
+                rest,
+                keep: keep && rest,
+                connections: 1,
+                run: FIRST_RUN,
+                started: None,
+                failed: None,
+            }),
+            changed: Notify::new(),
+        }
+    }
+
+    fn update<T>(&self, f: impl FnOnce(&mut Table) -> T) -> T {
+        let out = f(&mut self.state.lock());
+        self.changed.notify_waiters();
+        out
+    }
+
+    /// Resolves at the table's next change.
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
+
+    /// The first answer came: the blob's size (when known), how its
+    /// endpoint answers, and the range it carries (`start..end`), claimed
+    /// by the connection that carries it.
+    pub fn answered(&self, total: Option<u64>, runs: Runs, start: u64, end: u64) -> Claimed {
+        self.update(|t| {
+            t.total = total;
+            t.runs = runs;
+            t.started = Some(Instant::now());
+            if runs == Runs::Bounded {
+                t.run = (end - start).max(FIRST_RUN).saturating_mul(2).min(MAX_RUN);
+            }
+            t.claim(start, end, start > 0)
+        })
+    }
+
+    pub fn total(&self) -> Option<u64> {
+        self.state.lock().total
+    }
+
+    pub fn runs(&self) -> Runs {
+        self.state.lock().runs
+    }
+
+    /// A reader waits for `start..end`; [`Pieces::unwant`] when it is done.
+    pub fn want(&self, start: u64, end: u64) -> u64 {
+        self.update(|t| {
+            let id = t.next_id;
+            t.next_id += 1;
+            t.wants.insert(id, (start, end));
+            id
+        })
+    }
+
+    pub fn unwant(&self, id: u64) {
+        self.update(|t| t.wants.remove(&id));
+    }
+
+    /// The rest of the blob is wanted (a whole read); `keep`: even once
+    /// nobody reads it.
+    pub fn fetch_rest(&self, keep: bool) {
+        self.update(|t| {
+            t.rest = true;
+            t.keep |= keep;
+        });
+    }
+
+    /// Whether the blob is fetched even while nobody reads it.
+    pub fn kept(&self) -> bool {
+        self.state.lock().keep
+    }
+
+    /// The rest goes over `n` connections (its one stream is slow).
+    pub fn split(&self, n: usize) {
+        self.update(|t| t.connections = t.connections.max(n));
+    }
+
+    pub fn is_split(&self) -> bool {
+        self.state.lock().connections > 1
+    }
+
+    /// The next range for a connection, or `None`: nothing for it to do.
+    pub fn claim(&self) -> Option<Claimed> {
+        self.update(Table::next)
+    }
+
+    /// Whether another connection would have something to do now (with
+    /// `running` connections, of at most `max`).
+    pub fn needs_connection(&self, running: usize, max: usize) -> bool {
+        let t = self.state.lock();
+        if running >= max || t.total.is_none() || t.failed.is_some() {
+            return false;
+        }
+        if t.runs == Runs::Whole {
+            return running == 0 && t.gap(0).is_some() && (t.rest || !t.wants.is_empty());
+        }
+        // A reader whose next byte nobody fetches gets a connection at
+        // once; the rest of its range follows on the connection that took
+        // its start.
+        let starved = t.wants.values().any(|&(a, _)| t.covered.run_end(a) == a);
+        let resting = t.claims.values().filter(|c| !c.wanted).count();
+        starved || (t.rest && resting < t.connections && t.gap(0).is_some())
+    }
+
+    /// A connection reached `pos` of its range.
+    pub fn advance(&self, id: u64, pos: u64) {
+        if let Some(c) = self.state.lock().claims.get_mut(&id) {
+            c.pos = pos;
+        }
+    }
+
+    /// The range is in the file.
+    pub fn finish(&self, id: u64) {
+        self.update(|t| t.claims.remove(&id));
+    }
+
+    /// The range is in the file; the connection's next range, at once (no
+    /// other connection is started for the work it takes on).
+    pub fn finish_and_claim(&self, id: u64) -> Option<Claimed> {
+        self.update(|t| {
+            t.claims.remove(&id);
+            t.next()
+        })
+    }
+
+    /// The range could not be fetched past `pos`: what is left of it is
+    /// nobody's, and the blob cannot be completed (why).
+    pub fn fail(&self, id: u64, pos: u64, why: &str) {
+        self.update(|t| {
+            if let Some(c) = t.claims.remove(&id) {
+                t.covered.remove(pos, c.end);
+            }
+            t.failed.get_or_insert_with(|| why.to_string());
+        });
+    }
+
+    /// Why the blob cannot be completed, if it cannot.
+    pub fn failed(&self) -> Option<String> {
+        self.state.lock().failed.clone()
+    }
+
+    /// Every byte is in the file.
+    pub fn complete(&self) -> bool {
+        let t = self.state.lock();
+        t.claims.is_empty() && t.total.is_some_and(|n| t.covered.prefix() >= n)
+    }
+
+    /// How long the bytes not yet brought would take at what one
+    /// connection has brought since the first answer.
+    pub fn time_left_on_one(&self) -> Option<Duration> {
+        let t = self.state.lock();
+        let rate = t.stream_rate()?;
+        let left = t.total?.saturating_sub(t.brought()) as f64;
+        Some(Duration::from_secs_f64((left / rate.max(1.0)).min(1e9)))
+    }
+}
+
+impl Table {
+    fn claim(&mut self, start: u64, end: u64, wanted: bool) -> Claimed {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.covered.insert(start, end);
+        self.claims.insert(
+            id,
+            Claim {
+                end,
+                pos: start,
+                wanted,
+            },
+        );
+        Claimed { id, start, end }
+    }
+
+    /// Bytes brought so far: finished ranges and the claims' progress.
+    fn brought(&self) -> u64 {
+        let claimed: u64 = self
+            .claims
+            .values()
+            .map(|c| c.end.saturating_sub(c.pos))
+            .sum();
+        self.covered.len().saturating_sub(claimed)
+    }
+
+    /// Bytes a second one connection has brought since the first answer.
+    fn stream_rate(&self) -> Option<f64> {
+        let elapsed = self.started?.elapsed().as_secs_f64().max(1e-3);
+        Some(self.brought() as f64 / elapsed / self.claims.len().max(1) as f64)
+    }
+
+    /// The first range nobody has or fetches from `from` on.
+    fn gap(&self, from: u64) -> Option<(u64, u64)> {
+        self.covered.gap(from, self.total?)
+    }
+
+    /// The first range a reader waits for that nobody fetches.
+    fn wanted_gap(&self) -> Option<(u64, u64)> {
+        self.wants.values().find_map(|&(a, b)| {
+            let (s, e) = self.gap(a)?;
+            (s < b).then_some((s, e.min(b.max(s + MIN_RUN))))
+        })
+    }
+
+    /// The most one request asks for now: a share of what is left once
+    /// the rest is split, else what one connection brings in [`RUN_TIME`].
+    fn cap(&self) -> u64 {
+        if self.connections > 1 {
+            let left = self.total.unwrap_or(0).saturating_sub(self.covered.len());
+            return (left / (2 * self.connections as u64)).clamp(MIN_RUN, MAX_RUN);
+        }
+        self.stream_rate()
+            .map_or(FIRST_RUN, |r| (r * RUN_TIME.as_secs_f64()) as u64)
+            .clamp(FIRST_RUN, MAX_RUN)
+    }
+
+    /// How much one request of the rest asks for: a single stream's runs
+    /// double up to [`Table::cap`].
+    fn piece(&mut self) -> u64 {
+        if self.connections > 1 {
+            return self.cap();
+        }
+        let run = self.run.min(self.cap());
+        self.run = self.run.saturating_mul(2).min(MAX_RUN);
+        run
+    }
+
+    fn next(&mut self) -> Option<Claimed> {
+        if self.failed.is_some() {
+            return None;
+        }
+        let total = self.total?;
+        if self.runs == Runs::Whole {
+            // One stream from the first byte nobody has to the end.
+            if !self.claims.is_empty() {
+                return None;
+            }
+            let (s, _) = self.gap(0)?;
+            return Some(self.claim(s, total, false));
+        }
+        if let Some((s, e)) = self.wanted_gap() {
+            let end = e.min(s.saturating_add(self.cap().max(MIN_RUN)));
+            return Some(self.claim(s, end, true));
+        }
+        let resting = self.claims.values().filter(|c| !c.wanted).count();
+        if !self.rest || resting >= self.connections {
+            return None;
+        }
+        let (s, gap_end) = self.gap(0)?;
+        let len = self.piece();
+        Some(self.claim(s, gap_end.min(s.saturating_add(len)), false))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readers_ranges_first_then_the_rest_lowest_first() {
+        let p = Pieces::new(true, false);
+        let first = p.answered(Some(100 << 20), Runs::Bounded, 0, FIRST_RUN);
+        assert_eq!((first.start, first.end), (0, FIRST_RUN));
+        // One stream for the rest: the second connection has nothing.
+        assert_eq!(p.claim(), None);
+        let rest = p.finish_and_claim(first.id).unwrap();
+        assert_eq!(rest.start, FIRST_RUN);
+        assert!(rest.end - rest.start >= FIRST_RUN);
+        assert_eq!(p.claim(), None);
+        // A reader far ahead: its range at once, on another connection.
+        let w = p.want(90 << 20, (90 << 20) + 100);
+        assert!(p.needs_connection(2, 6));
+        let r = p.claim().unwrap();
+        assert_eq!((r.start, r.end), (90 << 20, (90 << 20) + MIN_RUN));
+        assert!(!p.needs_connection(3, 6));
+        p.unwant(w);
+        // Nothing is asked twice: the rest skips what is claimed.
+        let mut at = rest.end;
+        let mut next = p.finish_and_claim(rest.id);
+        while let Some(c) = next {
+            assert_eq!(c.start, at, "lowest first, no overlap");
+            assert!(c.end - c.start <= MAX_RUN);
+            at = if c.end == 90 << 20 { r.end } else { c.end };
+            next = p.finish_and_claim(c.id);
+        }
+        assert_eq!(at, 100 << 20);
+        assert!(!p.complete(), "the reader's range is still being fetched");
+        p.finish(r.id);
+        assert!(p.complete());
+    }
+
+    #[test]
+    fn on_demand_fetches_only_what_readers_ask() {
+        let p = Pieces::new(false, false);
+        let first = p.answered(Some(64 << 20), Runs::Bounded, 1 << 20, 2 << 20);
+        p.finish(first.id);
+        assert_eq!(p.claim(), None);
+        assert!(!p.needs_connection(0, 6));
+        let w = p.want(10 << 20, 30 << 20);
+        let c = p.claim().unwrap();
+        assert_eq!(c.start, 10 << 20);
+        assert!(c.end <= 30 << 20 && c.end - c.start <= (20 << 20));
+        p.finish(c.id);
+        p.unwant(w);
+        assert!(!p.complete());
+        // A whole read turns the rest on.
+        p.fetch_rest(false);
+        assert_eq!(p.claim().unwrap().start, 0);
+    }
+
+    #[test]
+    fn a_split_rest_shrinks_its_pieces_towards_the_end() {
+        let p = Pieces::new(true, false);
+        let f = p.answered(Some(256 << 20), Runs::Bounded, 0, FIRST_RUN);
+        p.finish(f.id);
+        p.split(4);
+        let mut sizes = Vec::new();
+        while let Some(c) = p.claim() {
+            sizes.push(c.end - c.start);
+            p.finish(c.id);
+        }
+        assert!(sizes.windows(2).all(|w| w[1] <= w[0]), "{sizes:?}");
+        assert_eq!(sizes.iter().sum::<u64>(), 255 << 20);
+        assert!(p.complete());
+    }
+
+    #[test]
+    fn a_failed_range_fails_the_blob_and_frees_its_rest() {
+        let p = Pieces::new(true, false);
+        let f = p.answered(Some(10 << 20), Runs::Bounded, 0, FIRST_RUN);
+        p.fail(f.id, 1000, "broke");
+        assert_eq!(p.failed().as_deref(), Some("broke"));
+        assert_eq!(p.state.lock().covered.len(), 1000);
+        assert_eq!(p.claim(), None);
+    }
+
+    #[test]
+    fn a_whole_stream_is_the_only_one() {
+        let p = Pieces::new(false, false);
+        let f = p.answered(Some(10 << 20), Runs::Whole, 0, 10 << 20);
+        let _w = p.want(5 << 20, 6 << 20);
+        assert_eq!(p.claim(), None);
+        assert!(!p.needs_connection(1, 6));
+        p.finish(f.id);
+        assert!(p.complete());
+    }
+}
