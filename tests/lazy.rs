@@ -8,7 +8,9 @@ use std::time::Duration;
 use http::StatusCode;
 
 use crate::support::fake::{Behaviour, Fake};
-use crate::support::{get, http_client, noise, request, sha256, stream_on, Daemon};
+use crate::support::{
+    get, http_client, noise, quick_upstream, request, sha256, stream_on, wait_until, Daemon,
+};
 
 /// The parts of a `multipart/byteranges` body: each part's
 /// `Content-Range` and bytes.
@@ -166,7 +168,7 @@ async fn several_ranges_get_one_part_each_cold_in_flight_and_cached() {
 /// right bytes.
 #[tokio::test]
 async fn a_lazy_pullers_scattered_reads_get_the_right_bytes() {
-    let (blob, _up, digest, d) = slow_blob(4 << 20, 31, 8 << 20).await;
+    let (blob, up, digest, d) = slow_blob(4 << 20, 31, 8 << 20).await;
     let url = d.url(&format!("/v2/app/blobs/{digest}?ns=reg.test"));
     let read = |a: usize, b: usize| {
         let url = url.clone();
@@ -222,6 +224,199 @@ async fn a_lazy_pullers_scattered_reads_get_the_right_bytes() {
         r.bytes().as_ref(),
         blob.as_slice(),
         "and the whole blob after"
+    );
+    // The reads' ranges first, the rest in the background: the upstream
+    // sent each byte once.
+    assert_eq!(up.blob_bytes(), n as u64);
+    d.stop().await;
+}
+
+/// Bytes `a..=b` of the blob at `url`: status, Content-Range, bytes.
+async fn range_of(url: &str, a: usize, b: usize) -> (StatusCode, String, Vec<u8>) {
+    let r = request(
+        http::Method::GET,
+        url,
+        &[("range", &format!("bytes={a}-{b}"))],
+    )
+    .await;
+    (
+        r.status,
+        r.header("content-range").to_string(),
+        r.bytes().to_vec(),
+    )
+}
+
+/// With `range_rest = "on-demand"`: a 64 KiB read near the end of a cold
+/// 8 MiB blob is asked of the upstream at once, as its own range (with a
+/// little read-ahead), not after the 7 MiB before it; a later read over
+/// it and past it fetches only the bytes not there yet; a whole read then
+/// fetches the rest, each byte once, and the blob is verified and stored.
+#[tokio::test]
+async fn a_cold_range_is_asked_for_at_once_and_later_reads_fetch_only_what_is_missing() {
+    let len = 8 << 20;
+    let blob = noise(len, 41);
+    let up = Fake::start(Behaviour {
+        rate: Some(4 << 20),
+        ..Behaviour::default()
+    })
+    .await;
+    let digest = up.put_blob("app", &blob);
+    let d = Daemon::builder()
+        .hosts("reg.test", format!("server = \"{}\"\n", up.url()))
+        .upstream(nodemirror::config::UpstreamSettings {
+            range_rest_background: false,
+            ..quick_upstream()
+        })
+        .start()
+        .await;
+    let url = d.url(&format!("/v2/app/blobs/{digest}?ns=reg.test"));
+    let (a, b) = (7 << 20, (7 << 20) + (64 << 10) - 1);
+    let (status, range, bytes) = range_of(&url, a, b).await;
+    assert_eq!(
+        (status, range),
+        (StatusCode::PARTIAL_CONTENT, format!("bytes {a}-{b}/{len}"))
+    );
+    assert_eq!(bytes, &blob[a..=b]);
+    let asked: Vec<String> = up
+        .seen()
+        .iter()
+        .filter_map(|s| Some(s.headers.get("range")?.to_str().ok()?.to_string()))
+        .collect();
+    let read_ahead = a + (256 << 10);
+    assert_eq!(asked, [format!("bytes={a}-{}", read_ahead - 1)]);
+    assert_eq!(up.blob_bytes(), 256 << 10);
+    // Over what is there and past it: only the missing bytes are asked.
+    let c = (7 << 20) + (512 << 10) - 1;
+    let (status, _, bytes) = range_of(&url, a, c).await;
+    assert_eq!(status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(bytes, &blob[a..=c]);
+    assert_eq!(up.blob_bytes(), 512 << 10);
+    assert!(
+        !d.blob_path(&digest).exists(),
+        "ranges alone are never stored"
+    );
+    // A whole read: the rest, once.
+    let (status, body) = stream_on(&http_client(), &url, None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body.unwrap(), (len as u64, digest.clone()));
+    let path = d.blob_path(&digest);
+    wait_until("the blob stored", Duration::from_secs(20), || path.exists()).await;
+    assert_eq!(up.blob_bytes(), len as u64);
+    d.stop().await;
+}
+
+/// By default a cold range read is answered from its own range and the
+/// rest of the blob follows in the background, though nobody reads it:
+/// the blob is verified and stored, and the upstream sent each byte once.
+#[tokio::test]
+async fn a_cold_range_read_fetches_the_rest_in_the_background() {
+    let len = 8 << 20;
+    let (blob, up, digest, d) = slow_blob(len, 42, 2 << 20).await;
+    let url = d.url(&format!("/v2/app/blobs/{digest}?ns=reg.test"));
+    let (a, b) = (len - 51, len - 1);
+    let (status, _, bytes) = range_of(&url, a, b).await;
+    assert_eq!(status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(bytes, &blob[a..=b]);
+    // Answered long before the blob could have come (4 s at this rate).
+    assert!(
+        up.blob_bytes() < len as u64 / 2,
+        "{} bytes fetched before the footer was answered",
+        up.blob_bytes()
+    );
+    let path = d.blob_path(&digest);
+    wait_until("the blob stored", Duration::from_secs(30), || path.exists()).await;
+    assert_eq!(up.blob_bytes(), len as u64);
+    d.stop().await;
+}
+
+/// Zero waste: a cold blob read by a dozen clients at once, whole, in
+/// single ranges (one that hangs up early, as containerd's parallel fetch
+/// does with `bytes=N-`) and in several ranges at once, from an upstream
+/// behind a front that caps each connection (so the rest is also split
+/// over several connections). The upstream writes each answer as fast as
+/// its socket takes it, as a registry does: a connection the daemon
+/// closed early would have cost it what it wrote ahead. Every client gets
+/// its bytes, and the upstream sent the blob's bytes once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_readers_of_a_cold_blob_cost_the_upstream_its_bytes_once() {
+    let len = 6 << 20;
+    let blob = noise(len, 43);
+    let up = Fake::start(Behaviour::default()).await;
+    let digest = up.put_blob("app", &blob);
+    let (front, _task) = crate::support::capped_front(up.addr, 2 << 20).await;
+    let d = Daemon::builder()
+        .hosts(
+            "reg.test",
+            format!(
+                "server = \"http://{front}\"\nparallel_fetches = 4\nparallel_threshold = \"1MiB\"\n"
+            ),
+        )
+        .start()
+        .await;
+    let url = d.url(&format!("/v2/app/blobs/{digest}?ns=reg.test"));
+    let whole = |delay: u64| {
+        let url = url.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            let (status, body) = stream_on(&http_client(), &url, None, None).await;
+            assert_eq!(status, StatusCode::OK);
+            body.unwrap().1
+        }
+    };
+    let single = |a: usize, b: usize| {
+        let url = url.clone();
+        async move { range_of(&url, a, b).await }
+    };
+    let early = {
+        let url = url.clone();
+        async move {
+            let header = format!("bytes={}-", 3 << 20);
+            let (status, _) = stream_on(&http_client(), &url, Some(&header), Some(512 << 10)).await;
+            status
+        }
+    };
+    let several = |header: &'static str| multi(&d, &digest, header);
+    let (w, s, e, m) = tokio::join!(
+        futures_util::future::join_all([whole(0), whole(50), whole(300), whole(900)]),
+        futures_util::future::join_all([
+            single(len - 51, len - 1),
+            single(5 << 20, (5 << 20) + 70_000),
+            single(1_000_000, 2_500_000),
+            single(100, 4_195),
+        ]),
+        early,
+        futures_util::future::join_all([
+            several("bytes=0-99,4194304-4198399,6000000-6000999"),
+            several("bytes=2097152-2162687,-4096"),
+        ]),
+    );
+    assert!(w.iter().all(|got| *got == digest), "{w:?}");
+    for ((status, _, bytes), (a, b)) in s.into_iter().zip([
+        (len - 51, len - 1),
+        (5 << 20, (5 << 20) + 70_000),
+        (1_000_000, 2_500_000),
+        (100, 4_195),
+    ]) {
+        assert_eq!(status, StatusCode::PARTIAL_CONTENT);
+        assert_eq!(bytes, &blob[a..=b], "{a}-{b}");
+    }
+    assert_eq!(e, StatusCode::PARTIAL_CONTENT);
+    let (status, got) = &m[0];
+    assert_eq!(*status, StatusCode::PARTIAL_CONTENT);
+    expect(
+        &blob,
+        got,
+        &[(0, 99), (4194304, 4198399), (6000000, 6000999)],
+    );
+    let (status, got) = &m[1];
+    assert_eq!(*status, StatusCode::PARTIAL_CONTENT);
+    expect(&blob, got, &[(2097152, 2162687), (len - 4096, len - 1)]);
+    let path = d.blob_path(&digest);
+    wait_until("the blob stored", Duration::from_secs(30), || path.exists()).await;
+    assert_eq!(
+        up.blob_bytes(),
+        len as u64,
+        "the upstream sent each byte once"
     );
     d.stop().await;
 }

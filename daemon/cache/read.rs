@@ -4,9 +4,12 @@
 //! stays small whatever the blob size and however many clients read, and
 //! no thread waits on a slow fetch or a slow client.
 //!
-//! The last byte of a blob in flight is released only after the flight has
-//! verified the digest: a client never receives a complete transfer of
-//! unverified bytes. If the flight fails, the client's body ends in an error.
+//! A read of a blob in flight may go as far as the run of written bytes
+//! it is in (the blob's start, or a part fetched ahead for a range read
+//! there). The last byte of a read of the whole blob is released only
+//! after the flight has verified the digest: a client never receives a
+//! complete transfer of unverified bytes. If the flight fails, the
+//! client's body ends in an error.
 //!
 //! A reader may follow a fetch that runs for another route ([`Foreign`]):
 //! then it sends bytes before the verification only for a read of the

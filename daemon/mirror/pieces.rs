@@ -205,12 +205,15 @@ impl Pieces {
         if t.runs == Runs::Whole {
             return running == 0 && t.gap(0).is_some() && (t.rest || !t.wants.is_empty());
         }
-        // A reader whose next byte nobody fetches gets a connection at
-        // once; the rest of its range follows on the connection that took
-        // its start.
+        // A reader whose first byte nobody fetches gets a connection at
+        // once; the rest of its range follows on the connections working
+        // for readers (one is started when none is).
         let starved = t.wants.values().any(|&(a, _)| t.covered.run_end(a) == a);
-        let resting = t.claims.values().filter(|c| !c.wanted).count();
-        starved || (t.rest && resting < t.connections && t.gap(0).is_some())
+        let for_readers = t.claims.values().filter(|c| c.wanted).count();
+        let resting = t.claims.len() - for_readers;
+        starved
+            || (for_readers == 0 && t.wanted_gap().is_some())
+            || (t.rest && resting < t.connections && t.gap(0).is_some())
     }
 
     /// A connection reached `pos` of its range.
@@ -410,6 +413,14 @@ mod tests {
         assert_eq!(c.start, 10 << 20);
         assert!(c.end <= 30 << 20 && c.end - c.start <= (20 << 20));
         p.finish(c.id);
+        p.unwant(w);
+        // A reader's range over what is there and past it: a connection
+        // for what is missing, though its first byte is there.
+        let w = p.want(10 << 20, 40 << 20);
+        assert!(p.needs_connection(0, 6));
+        let more = p.claim().unwrap();
+        assert_eq!(more.start, c.end);
+        p.finish(more.id);
         p.unwant(w);
         assert!(!p.complete());
         // A whole read turns the rest on.
