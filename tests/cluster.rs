@@ -1263,3 +1263,57 @@ async fn a_relay_that_stops_is_left_for_the_next_endpoint() {
         assert_eq!(body.unwrap(), (content.len() as u64, digest.clone()));
     }
 }
+
+/// A lazy puller's cold range on a node that does not own the blob: the
+/// node asks its owner for that range and the owner asks the upstream for
+/// it at once, so the range is answered long before the blob could have
+/// come; the rest follows in the background (the owner from the
+/// upstream, the node from the owner), and the upstream sends the blob's
+/// bytes once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_range_goes_to_the_owner_as_a_range() {
+    let up = Fake::start(Behaviour {
+        rate: Some(2 << 20),
+        ..Behaviour::default()
+    })
+    .await;
+    let pki = Pki::new();
+    let hosts = [("slow.test", hosts_toml(&[], Some(&up.url())))];
+    let (nodes, members) = cluster(&pki, 84, 2, &hosts).await;
+    let len = 8 << 20;
+    let (content, digest) = owned_by(&members, members[1], len, 900);
+    up.put_blob("app", &content);
+    let r = crate::support::request(
+        http::Method::GET,
+        &url(&nodes[0], "slow.test", &digest),
+        &[("range", &format!("bytes={}-{}", len - 51, len - 1))],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(r.bytes().as_ref(), &content[len - 51..]);
+    assert!(
+        up.blob_bytes() < len as u64 / 2,
+        "{} bytes fetched before the range was answered",
+        up.blob_bytes()
+    );
+    let first = up
+        .seen()
+        .iter()
+        .find_map(|s| Some(s.headers.get("range")?.to_str().ok()?.to_string()));
+    // (With read-ahead: the size is not known yet, the answer ends at the
+    // blob's end.)
+    assert!(
+        first
+            .as_deref()
+            .is_some_and(|r| r.starts_with(&format!("bytes={}-", len - 51))),
+        "the owner asked the upstream for the range first: {first:?}"
+    );
+    for node in &nodes {
+        let path = node.blob_path(&digest);
+        wait_until("the blob stored", Duration::from_secs(30), || path.exists()).await;
+    }
+    assert_eq!(up.blob_bytes(), len as u64, "the upstream sent it once");
+    for d in nodes {
+        d.stop().await;
+    }
+}

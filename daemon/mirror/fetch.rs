@@ -5,8 +5,9 @@
 //! range read) or for the blob's first [`FIRST_RUN`] bytes, on the
 //! endpoints in plan order; its `206` gives the size. An endpoint that
 //! answers with the whole blob instead (`200`) is one stream to the end.
-//! A blob fetched from cluster peers is asked for whole (the peers' tree
-//! counts whole copies).
+//! In cluster mode a whole read asks its peers for the whole blob (the
+//! relay tree counts whole copies); a range read asks them, like any
+//! endpoint, for its range and then ranges.
 //!
 //! After that, connections take ranges from the table: a reader's range
 //! nobody fetches gets a connection at once (up to the endpoint's
@@ -82,8 +83,10 @@ pub(super) async fn blob(
     leader: mpsc::Sender<Bytes>,
 ) -> Phase {
     let cfg = &snap.upstream;
-    // Blobs from cluster peers are asked for whole.
-    let whole = req.peers.is_some();
+    // A whole read of a blob the cluster's peers may have asks for it
+    // whole (the relay tree counts whole copies); a range read asks its
+    // range of them too, and the rest in ranges.
+    let whole = req.peers.is_some() && range.is_none();
     let first = match first(upstream, cfg, req, range, whole).await {
         Ok(first) => first,
         Err(e) => return Phase::Unavailable(e),
