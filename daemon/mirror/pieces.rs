@@ -15,8 +15,9 @@
 //! reader waiting inside one is reached soon: a single stream's runs
 //! start at [`FIRST_RUN`] and double up to what the connection brings in
 //! [`RUN_TIME`]; when the rest is split over several connections, each
-//! takes a share of what is left, smaller towards the end, so they finish
-//! together without one taking over another's range.
+//! takes that much at a time, or a share of what is left once that is
+//! less (a quarter of it at least), so they finish close together without
+//! one taking over another's range.
 //!
 //! An endpoint that answers with the whole blob (it ignores `Range`, or
 //! a cluster peer, asked for whole blobs) is one stream to the end
@@ -79,6 +80,9 @@ struct Table {
     run: u64,
     /// When the first answer came.
     started: Option<Instant>,
+    /// One connection's rate when the rest was split (what the pieces of
+    /// the rest are sized by).
+    split_rate: Option<f64>,
     /// Why the blob cannot be completed.
     failed: Option<String>,
 }
@@ -113,6 +117,7 @@ impl Pieces {
                 connections: 1,
                 run: FIRST_RUN,
                 started: None,
+                split_rate: None,
                 failed: None,
             }),
             changed: Notify::new(),
@@ -183,7 +188,12 @@ impl Pieces {
 
     /// The rest goes over `n` connections (its one stream is slow).
     pub fn split(&self, n: usize) {
-        self.update(|t| t.connections = t.connections.max(n));
+        self.update(|t| {
+            if t.connections == 1 && n > 1 {
+                t.split_rate = t.stream_rate();
+            }
+            t.connections = t.connections.max(n);
+        });
     }
 
     pub fn is_split(&self) -> bool {
@@ -314,14 +324,14 @@ impl Table {
         })
     }
 
-    /// The most one request asks for now: a share of what is left once
-    /// the rest is split, else what one connection brings in [`RUN_TIME`].
+    /// The most one request asks for now: what one connection brings in
+    /// [`RUN_TIME`], so a reader inside a range being fetched is reached
+    /// within about that, and connections sharing the rest finish within
+    /// about that of each other (with few requests: one per half second
+    /// of a connection's work).
     fn cap(&self) -> u64 {
-        if self.connections > 1 {
-            let left = self.total.unwrap_or(0).saturating_sub(self.covered.len());
-            return (left / (2 * self.connections as u64)).clamp(MIN_RUN, MAX_RUN);
-        }
-        self.stream_rate()
+        self.split_rate
+            .or_else(|| self.stream_rate())
             .map_or(FIRST_RUN, |r| (r * RUN_TIME.as_secs_f64()) as u64)
             .clamp(FIRST_RUN, MAX_RUN)
     }
@@ -330,7 +340,12 @@ impl Table {
     /// double up to [`Table::cap`].
     fn piece(&mut self) -> u64 {
         if self.connections > 1 {
-            return self.cap();
+            // A share of what is left while that is less, so every
+            // connection has work to the end; never under a quarter of
+            // the cap (requests stay few).
+            let cap = self.cap();
+            let left = self.total.unwrap_or(0).saturating_sub(self.covered.len());
+            return (left / self.connections as u64).clamp((cap / 4).max(MIN_RUN), cap);
         }
         let run = self.run.min(self.cap());
         self.run = self.run.saturating_mul(2).min(MAX_RUN);
@@ -429,18 +444,35 @@ mod tests {
     }
 
     #[test]
-    fn a_split_rest_shrinks_its_pieces_towards_the_end() {
+    fn a_split_rest_goes_in_pieces_of_half_a_second_of_one_connection() {
         let p = Pieces::new(true, false);
-        let f = p.answered(Some(256 << 20), Runs::Bounded, 0, FIRST_RUN);
+        let f = p.answered(Some(256 << 20), Runs::Bounded, 0, 8 << 20);
+        // 8 MiB in a second on one connection: pieces of 4 MiB.
+        p.state.lock().started = Some(Instant::now() - Duration::from_secs(1));
         p.finish(f.id);
         p.split(4);
-        let mut sizes = Vec::new();
-        while let Some(c) = p.claim() {
-            sizes.push(c.end - c.start);
+        let claims: Vec<Claimed> = (0..4).map_while(|_| p.claim()).collect();
+        assert_eq!(claims.len(), 4, "four connections");
+        assert_eq!(p.claim(), None);
+        let mut at = 8 << 20;
+        for c in &claims {
+            assert_eq!(c.start, at);
+            assert!((4_000_000..=4 << 20).contains(&(c.end - c.start)), "{c:?}");
+            at = c.end;
+        }
+        let mut n = 4;
+        let mut next = p.finish_and_claim(claims[0].id);
+        while let Some(c) = next {
+            assert_eq!(c.start, at);
+            at = c.end;
+            n += 1;
+            next = p.finish_and_claim(c.id);
+        }
+        for c in &claims[1..] {
             p.finish(c.id);
         }
-        assert!(sizes.windows(2).all(|w| w[1] <= w[0]), "{sizes:?}");
-        assert_eq!(sizes.iter().sum::<u64>(), 255 << 20);
+        assert_eq!(at, 256 << 20);
+        assert!(n < 80, "{n} requests");
         assert!(p.complete());
     }
 
