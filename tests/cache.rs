@@ -522,7 +522,7 @@ async fn a_broken_blob_transfer_resumes_where_it_stopped() {
         .hosts("whole.test", hosts_toml(&[], Some(&whole.url())))
         .start()
         .await;
-    // Each asked for a bounded range (the blob's first MiB, all of it);
+    // Each asked for a bounded range (the blob's first MiBs, all of it);
     // the resume asks for the rest of that range, or, from an endpoint
     // that answered with the whole blob, the rest of the blob.
     for (ns, content, resumed_at, resume) in [
@@ -546,7 +546,7 @@ async fn a_broken_blob_transfer_resumes_where_it_stopped() {
                     .get("range")
                     .map(|v| v.to_str().unwrap().to_string())
             })
-            .filter(|r| r != "bytes=0-1048575")
+            .filter(|r| !r.starts_with("bytes=0-"))
             .collect();
         assert_eq!(ranged, [resume], "{ns}");
         wait_for_file(&d.blob_path(&digest)).await;

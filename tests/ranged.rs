@@ -236,23 +236,27 @@ async fn a_broken_piece_continues_where_it_stopped() {
         .filter_map(|s| Some(s.headers.get("range")?.to_str().ok()?.to_string()))
         .collect();
     assert!(
-        from_good.contains(&"bytes=100000-1048575".to_string()),
+        from_good.iter().any(|r| r.starts_with("bytes=100000-")),
         "{from_good:?}"
     );
     // The first range broke twice and was resumed twice, each time from
     // where it broke up to its end.
-    let first: Vec<String> = head
+    let asked: Vec<String> = head
         .seen()
         .iter()
         .filter_map(|s| Some(s.headers.get("range")?.to_str().ok()?.to_string()))
-        .filter(|r| r.ends_with("-1048575"))
+        .collect();
+    let end = asked[0].strip_prefix("bytes=0-").expect("the start first");
+    let first: Vec<&String> = asked
+        .iter()
+        .filter(|r| r.ends_with(&format!("-{end}")))
         .collect();
     assert_eq!(
         first,
         [
-            "bytes=0-1048575",
-            "bytes=100000-1048575",
-            "bytes=200000-1048575"
+            &format!("bytes=0-{end}"),
+            &format!("bytes=100000-{end}"),
+            &format!("bytes=200000-{end}")
         ]
     );
     d.stop().await;

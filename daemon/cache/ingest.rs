@@ -13,24 +13,24 @@
 //! Where the bytes come from is not this module's concern: the mirror's
 //! single-flight fetch pushes them in; the store knows nothing of upstreams.
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use sha2::{Digest as _, Sha256};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+mod hash;
+
 use super::room::{NoRoom, Reservation};
-use super::spans::{Present, Spans};
+use super::spans::Present;
 use super::Store;
 use crate::oci::ServeError;
 use crate::reference::{Digest, Namespace};
+use hash::{hash_in_order, Shared};
 
 /// Where an ingest stands.
 #[derive(Clone, Debug)]
@@ -138,13 +138,6 @@ const RETAINED: usize = 8 << 20;
 /// last byte waits for anyway), so the hash takes batches from memory
 /// instead of reading them back from the file.
 const HASH_LAG: u64 = RETAINED as u64;
-
-/// Bytes hashed per job when the hash reads the file.
-const HASH_STEP: usize = 4 << 20;
-
-/// Bytes one hash job takes at most before it lets the pool's other jobs
-/// (client reads, other ingests) have the thread: about 25 ms of SHA-256.
-const HASH_TURN: u64 = 32 << 20;
 
 impl Ingest {
     /// Starts an ingest of `digest` into a new temporary file.
@@ -364,21 +357,6 @@ pub struct Parts {
     reservation: Arc<Mutex<Reservation>>,
 }
 
-/// What the writes and the hash share.
-#[derive(Default)]
-struct Shared {
-    done: Spans,
-    /// Written batches kept for the hash, by offset.
-    retained: BTreeMap<u64, Arc<Vec<Bytes>>>,
-    retained_bytes: usize,
-    /// How far the hash is.
-    hashed: u64,
-    /// Writes waiting for the hash to catch up.
-    caught_up: Arc<tokio::sync::Notify>,
-    /// The blob's length, once every byte is written.
-    end: Option<u64>,
-}
-
 impl Parts {
     /// Waits, before a write at `offset` that extends the readable start,
     /// until the hash is less than [`HASH_LAG`] behind it. Writes further
@@ -465,119 +443,6 @@ fn write_all_at(file: &File, chunks: &[Bytes], mut offset: u64) -> io::Result<()
         }
     }
     Ok(())
-}
-
-/// What the hash takes next.
-enum Next {
-    Batch(Arc<Vec<Bytes>>),
-    /// Read `len` bytes at `at` from the file.
-    File {
-        at: u64,
-        len: usize,
-    },
-    Wait,
-    Finished,
-}
-
-/// How a hash job ended.
-enum Turn {
-    CaughtUp,
-    More,
-    Finished,
-}
-
-impl Shared {
-    /// Takes what the hash does next: the written batch at the hashed
-    /// offset when kept, else the written start from the file, else
-    /// nothing yet, or the end. Wakes writes waiting for the hash.
-    fn next_for_hash(&mut self) -> Next {
-        let hashed = self.hashed;
-        // Batches the hash passed (a part written twice) are dropped.
-        while let Some(entry) = self.retained.first_entry() {
-            if *entry.key() >= hashed {
-                break;
-            }
-            let len: usize = entry.remove().iter().map(Bytes::len).sum();
-            self.retained_bytes -= len;
-        }
-        let ready = self.done.prefix();
-        let next = if let Some(batch) = self.retained.remove(&hashed) {
-            let len: usize = batch.iter().map(Bytes::len).sum();
-            self.retained_bytes -= len;
-            self.hashed += len as u64;
-            Next::Batch(batch)
-        } else if ready > hashed {
-            let upto = self.retained.keys().next().map_or(ready, |&k| k.min(ready));
-            let len = (upto - hashed).min(HASH_STEP as u64) as usize;
-            self.hashed += len as u64;
-            Next::File { at: hashed, len }
-        } else if self.end == Some(hashed) {
-            Next::Finished
-        } else {
-            Next::Wait
-        };
-        if !matches!(next, Next::Wait) {
-            self.caught_up.notify_waiters();
-        }
-        next
-    }
-}
-
-/// Hashes the blob in order as its contiguous start grows: written
-/// batches from memory where kept, the file elsewhere. Ends at the length
-/// [`Ingest::verify`] sets.
-///
-/// One job on the disk pool hashes what is written, batch after batch,
-/// until it caught up or took its turn ([`HASH_TURN`]), so the hash does
-/// not wait for a wake-up between batches (it is the slowest stage of a
-/// cold pull; measured on 2 cores, one job per batch left it idle a third
-/// of the time); it holds no thread while nothing is written.
-async fn hash_in_order(
-    file: Arc<File>,
-    shared: Arc<Mutex<Shared>>,
-    mut progress: watch::Receiver<Progress>,
-) -> io::Result<Digest> {
-    let mut hasher = Sha256::new();
-    let mut buf = Vec::new();
-    loop {
-        // Seen before the job looks, so a write that lands after it
-        // looked wakes the wait below.
-        progress.borrow_and_update();
-        let (f, s) = (file.clone(), shared.clone());
-        let turn;
-        (hasher, buf, turn) = super::pool::run(move || -> io::Result<_> {
-            let mut taken = 0;
-            while taken < HASH_TURN {
-                let next = s.lock().next_for_hash();
-                match next {
-                    Next::Batch(batch) => {
-                        for c in batch.iter() {
-                            hasher.update(c);
-                            taken += c.len() as u64;
-                        }
-                    }
-                    Next::File { at, len } => {
-                        buf.resize(len, 0);
-                        f.read_exact_at(&mut buf, at)?;
-                        hasher.update(&buf);
-                        taken += len as u64;
-                    }
-                    Next::Wait => return Ok((hasher, buf, Turn::CaughtUp)),
-                    Next::Finished => return Ok((hasher, buf, Turn::Finished)),
-                }
-            }
-            Ok((hasher, buf, Turn::More))
-        })
-        .await??;
-        match turn {
-            Turn::Finished => return Ok(Digest::from_hasher(hasher)),
-            Turn::More => continue,
-            Turn::CaughtUp => {}
-        }
-        if progress.changed().await.is_err() {
-            return Err(io::Error::other("the ingest ended before its last part"));
-        }
-    }
 }
 
 #[cfg(test)]

@@ -2,8 +2,11 @@
 //! piece table ([`super::pieces`]) until none is left for it, asks the
 //! endpoints for each (`Range: bytes=A-B`, in plan order), writes the
 //! bytes at their offsets, and continues a range where its connection
-//! broke or crawled, on the same endpoint or the next. Memory stays
-//! bounded: each connection holds at most two write batches.
+//! broke or crawled, on the same endpoint or the next. Its next range is
+//! claimed and asked for (on a task of its own) while the last quarter of
+//! the current one comes in, so the stream does not pause between ranges.
+//! Memory stays bounded: each connection holds at most two write batches
+//! (and the answer to its next request, which the kernel buffers).
 
 use std::future::Future;
 use std::io;
@@ -45,14 +48,46 @@ pub(super) struct Conn {
 /// plan order: a `206` that starts there, or with `whole_ok` a `200` of the
 /// whole blob (whose first bytes are skipped).
 async fn ask(ctx: &Ctx<'_>, range: ByteRange, whole_ok: bool) -> Result<Conn, String> {
-    let total = ctx.progress.borrow().total;
+    ask_owned(asking(ctx, range), whole_ok).await
+}
+
+/// What a request for a range needs, owned (it may run on a task of its
+/// own): the upstream, the configuration, the request, the blob's size.
+type Asking = (
+    Arc<crate::upstream::Upstream>,
+    Arc<crate::snapshot::Snapshot>,
+    UpstreamRequest,
+    Option<u64>,
+    crate::reference::Digest,
+);
+
+fn asking(ctx: &Ctx<'_>, range: ByteRange) -> Asking {
     let asked = UpstreamRequest {
         range: Some(range),
         ..ctx.req.clone()
     };
-    let found = ctx
-        .upstream
-        .first_success(ctx.cfg, &asked, |ep, resp| {
+    let total = ctx.progress.borrow().total;
+    let (upstream, snap) = ctx.owned.clone();
+    (upstream, snap, asked, total, ctx.digest.clone())
+}
+
+/// Sends the request for a connection's next range now, on a task of its
+/// own, while the connection reads the end of its current one: the
+/// answer is there when it gets to it (no pause between ranges).
+fn ask_ahead(ctx: &Ctx<'_>, range: ByteRange) -> tokio::task::JoinHandle<Result<Conn, String>> {
+    tokio::spawn(ask_owned(asking(ctx, range), false))
+}
+
+async fn ask_owned(
+    (upstream, snap, asked, total, digest): Asking,
+    whole_ok: bool,
+) -> Result<Conn, String> {
+    let range = asked.range.unwrap_or(ByteRange {
+        start: 0,
+        end: None,
+    });
+    let found = upstream
+        .first_success(&snap.upstream, &asked, |ep, resp| {
             let status = resp.status();
             let whole = status == StatusCode::OK && content_length(resp.headers()) == total;
             async move {
@@ -84,7 +119,7 @@ async fn ask(ctx: &Ctx<'_>, range: ByteRange, whole_ok: bool) -> Result<Conn, St
         })
         .await;
     found.map(|(conn, _)| conn).map_err(|e| {
-        tracing::warn!(digest = %ctx.digest, error = %e, "cannot fetch the range on any endpoint");
+        tracing::warn!(%digest, error = %e, "cannot fetch the range on any endpoint");
         e.to_string()
     })
 }
@@ -137,27 +172,44 @@ pub(super) async fn worker(
         if leader.as_ref().is_some_and(|(_, at)| *at != claimed.start) {
             leader = None;
         }
-        match range(
+        let mut next: Ahead = None;
+        let done = range(
             ctx,
             pieces,
-            parts,
-            sources,
-            claimed,
-            conn.take(),
+            (parts, sources),
+            (claimed, conn.take()),
             &mut leader,
+            &mut next,
         )
-        .await
-        {
+        .await;
+        let failed = |why: &str| {
+            if let Some((n, asked)) = &next {
+                asked.abort();
+                pieces.fail(n.id, n.start, why);
+            }
+        };
+        match done {
             Ok(end) if pieces.total().is_none() => return Ok(Some(end)),
-            Ok(_) => match pieces.finish_and_claim(claimed.id) {
-                Some(next) => claimed = next,
-                None => return Ok(None),
+            Ok(_) => match next.take() {
+                // Asked for already: its answer (or, when that failed,
+                // asked again by `range`).
+                Some((n, asked)) => {
+                    pieces.finish(claimed.id);
+                    claimed = n;
+                    conn = asked.await.ok().and_then(Result::ok);
+                }
+                None => match pieces.finish_and_claim(claimed.id) {
+                    Some(n) => claimed = n,
+                    None => return Ok(None),
+                },
             },
             Err((Stop::Write(e), pos)) => {
+                failed(&e.to_string());
                 pieces.fail(claimed.id, pos, &e.to_string());
                 return Err(e);
             }
             Err((Stop::Cut(cut), pos)) => {
+                failed(cut.why());
                 pieces.fail(claimed.id, pos, cut.why());
                 return Ok(None);
             }
@@ -165,16 +217,19 @@ pub(super) async fn worker(
     }
 }
 
+/// A connection's next range, claimed and asked for while it reads the
+/// end of its current one.
+type Ahead = Option<(Claimed, tokio::task::JoinHandle<Result<Conn, String>>)>;
+
 /// Fetches one range, continuing where a connection broke while it
 /// brings something new and resumes are left. Returns where it ended.
 async fn range(
     ctx: &Ctx<'_>,
     pieces: &Pieces,
-    parts: &Parts,
-    sources: &Sources,
-    c: Claimed,
-    mut conn: Option<Conn>,
+    (parts, sources): (&Parts, &Sources),
+    (c, mut conn): (Claimed, Option<Conn>),
     leader: &mut Leader,
+    next: &mut Ahead,
 ) -> Result<u64, (Stop, u64)> {
     let whole = pieces.runs() == Runs::Whole;
     let sized = pieces.total().is_some();
@@ -206,7 +261,18 @@ async fn range(
             resumed_metric(&ep);
         }
         let mut pace = Pace::new(ctx, &ep, relay);
-        let cut = match pump(&mut body, &mut pace, &mut w, (c, skip), pieces, leader).await {
+        let ahead = (!whole).then_some((ctx, &mut *next));
+        let cut = match pump(
+            &mut body,
+            &mut pace,
+            &mut w,
+            (c, skip),
+            pieces,
+            leader,
+            ahead,
+        )
+        .await
+        {
             Ok(()) => {
                 return match w.drain().await {
                     Ok(()) => Ok(w.position()),
@@ -245,8 +311,24 @@ async fn pump(
     (c, mut skip): (Claimed, u64),
     pieces: &Pieces,
     leader: &mut Leader,
+    mut ahead: Option<(&Ctx<'_>, &mut Ahead)>,
 ) -> Result<(), Stop> {
+    // The next range is asked for once the last quarter of this one is
+    // coming in.
+    let ask_at = c.end - (c.end - c.start) / 4;
     while w.position() < c.end {
+        if let Some((ctx, next)) = ahead.as_mut().filter(|_| w.position() >= ask_at) {
+            if next.is_none() {
+                **next = pieces.claim_next(c.id).map(|n| {
+                    let range = ByteRange {
+                        start: n.start,
+                        end: Some(n.end),
+                    };
+                    (n, ask_ahead(ctx, range))
+                });
+            }
+            ahead = None;
+        }
         let Some(mut data) = receive(pace, body, w).await? else {
             if c.end == u64::MAX {
                 return Ok(()); // a body of unknown size ends here

@@ -2,7 +2,7 @@
 //! the piece table ([`super::pieces`]) hands them out.
 //!
 //! The first request asks for the range the starting reader wants (a
-//! range read) or for the blob's first [`FIRST_RUN`] bytes, on the
+//! range read) or for the blob's first [`FIRST_RUN`] bytes (at most), on the
 //! endpoints in plan order; its `206` gives the size. An endpoint that
 //! answers with the whole blob instead (`200`) is one stream to the end.
 //! In cluster mode a whole read asks its peers for the whole blob (the
@@ -74,8 +74,8 @@ pub fn split_connections(ep: &Endpoint, s: &UpstreamSettings, total: Option<u64>
 /// range as the flight's piece table says), verify, record the route
 /// as an origin, commit.
 pub(super) async fn blob(
-    (upstream, cluster): (&Upstream, Option<&Arc<Cluster>>),
-    snap: &Snapshot,
+    (owned, cluster): (&Arc<Upstream>, Option<&Arc<Cluster>>),
+    snap: &Arc<Snapshot>,
     req: &UpstreamRequest,
     (digest, range): (&Digest, Option<(u64, Option<u64>)>),
     (pieces, readers): (&Pieces, &(dyn Fn() -> usize + Sync)),
@@ -83,6 +83,7 @@ pub(super) async fn blob(
     leader: mpsc::Sender<Bytes>,
 ) -> Phase {
     let cfg = &snap.upstream;
+    let upstream: &Upstream = owned;
     // A whole read of a blob the cluster's peers may have asks for it
     // whole (the relay tree counts whole copies); a range read asks its
     // range of them too, and the rest in ranges.
@@ -108,6 +109,7 @@ pub(super) async fn blob(
     let readers = || readers() + usize::from(pieces.kept());
     let progress = ingest.subscribe();
     let ctx = Ctx {
+        owned: (owned.clone(), snap.clone()),
         upstream,
         cluster,
         cfg,
@@ -194,14 +196,26 @@ pub(super) async fn first(
     want: Option<(u64, Option<u64>)>,
     whole: bool,
 ) -> Result<First, ServeError> {
+    // At most an eighth of the smallest blob the endpoints may split, so
+    // that a blob worth splitting is split early (4 MiB by default).
+    let first_run = upstream
+        .plan(cfg, req)
+        .iter()
+        .filter(|ep| !ep.is_peer())
+        .map(|ep| {
+            ep.parallel_threshold
+                .unwrap_or(cfg.settings.parallel_threshold)
+        })
+        .min()
+        .map_or(FIRST_RUN, |t| (t / 8).clamp(MIN_RUN, FIRST_RUN));
     let range = (!whole).then(|| match want {
         Some((a, last)) => ByteRange {
             start: a,
-            end: Some(last.map_or(a + FIRST_RUN, |l| (l + 1).max(a + MIN_RUN))),
+            end: Some(last.map_or(a + first_run, |l| (l + 1).max(a + MIN_RUN))),
         },
         None => ByteRange {
             start: 0,
-            end: Some(FIRST_RUN),
+            end: Some(first_run),
         },
     });
     let asked = UpstreamRequest {

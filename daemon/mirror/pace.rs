@@ -53,6 +53,9 @@ impl Cut {
 
 /// What every connection of one blob fetch shares.
 pub(super) struct Ctx<'a> {
+    /// The same upstream and configuration, owned, for a request sent
+    /// ahead on a task of its own (the next range of a connection).
+    pub owned: (Arc<Upstream>, Arc<crate::snapshot::Snapshot>),
     pub upstream: &'a Upstream,
     pub cluster: Option<&'a Arc<Cluster>>,
     pub cfg: &'a upstream::Config,

@@ -13,8 +13,8 @@
 //! is read to its end; no request is ever cut for another's sake, so the
 //! upstream sends each byte once. Ranges are kept short enough that a
 //! reader waiting inside one is reached soon: a single stream's runs
-//! start at [`FIRST_RUN`] and double up to what the connection brings in
-//! [`RUN_TIME`]; when the rest is split over several connections, each
+//! start at [`FIRST_RUN`] and grow eightfold up to what the connection
+//! brings in [`RUN_TIME`]; when the rest is split over several connections, each
 //! takes that much at a time, or a share of what is left once that is
 //! less (a quarter of it at least), so they finish close together without
 //! one taking over another's range.
@@ -32,18 +32,27 @@ use tokio::sync::Notify;
 
 use crate::cache::spans::Spans;
 
-/// A single stream's first range.
-pub const FIRST_RUN: u64 = 1 << 20;
+/// A single stream's first range, at most (less when the endpoints may
+/// split small blobs: an eighth of their `parallel_threshold`).
+pub const FIRST_RUN: u64 = 4 << 20;
+
+/// The least one request of the rest asks for, however slow the stream.
+pub const MIN_CAP: u64 = 1 << 20;
 
 /// The least a range asked for a reader spans (a little read-ahead).
 pub const MIN_RUN: u64 = 256 << 10;
 
 /// The most one request asks for.
-pub const MAX_RUN: u64 = 64 << 20;
+pub const MAX_RUN: u64 = 256 << 20;
+
+/// A single stream's runs grow by this factor, up to what it brings in
+/// [`RUN_TIME`]: few requests for a fast stream (a 256 MiB blob in four),
+/// while a rate measured on too little is never trusted far.
+const GROWTH: u64 = 8;
 
 /// A single stream's ranges grow up to what it brings in this long: a
 /// reader waiting inside the range being fetched waits at most about this.
-pub const RUN_TIME: Duration = Duration::from_millis(500);
+pub const RUN_TIME: Duration = Duration::from_millis(250);
 
 /// How the blob's endpoint answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,7 +153,10 @@ impl Pieces {
             t.runs = runs;
             t.started = Some(Instant::now());
             if runs == Runs::Bounded {
-                t.run = (end - start).max(FIRST_RUN).saturating_mul(2).min(MAX_RUN);
+                t.run = (end - start)
+                    .max(MIN_CAP)
+                    .saturating_mul(GROWTH)
+                    .min(MAX_RUN);
             }
             t.claim(start, end, start > 0)
         })
@@ -236,6 +248,21 @@ impl Pieces {
     /// The range is in the file.
     pub fn finish(&self, id: u64) {
         self.update(|t| t.claims.remove(&id));
+    }
+
+    /// The next range of the connection holding `id`, claimed while it
+    /// still reads that one (its next request is sent ahead).
+    pub fn claim_next(&self, id: u64) -> Option<Claimed> {
+        self.update(|t| {
+            let held = t.claims.get_mut(&id)?;
+            // Counted as done for the connections' share of the rest.
+            let wanted = std::mem::replace(&mut held.wanted, true);
+            let next = t.next();
+            if let Some(held) = t.claims.get_mut(&id) {
+                held.wanted = wanted;
+            }
+            next
+        })
     }
 
     /// The range is in the file; the connection's next range, at once (no
@@ -332,12 +359,12 @@ impl Table {
     fn cap(&self) -> u64 {
         self.split_rate
             .or_else(|| self.stream_rate())
-            .map_or(FIRST_RUN, |r| (r * RUN_TIME.as_secs_f64()) as u64)
-            .clamp(FIRST_RUN, MAX_RUN)
+            .map_or(MIN_CAP, |r| (r * RUN_TIME.as_secs_f64()) as u64)
+            .clamp(MIN_CAP, MAX_RUN)
     }
 
     /// How much one request of the rest asks for: a single stream's runs
-    /// double up to [`Table::cap`].
+    /// grow by [`GROWTH`] up to [`Table::cap`].
     fn piece(&mut self) -> u64 {
         if self.connections > 1 {
             // A share of what is left while that is less, so every
@@ -348,7 +375,7 @@ impl Table {
             return (left / self.connections as u64).clamp((cap / 4).max(MIN_RUN), cap);
         }
         let run = self.run.min(self.cap());
-        self.run = self.run.saturating_mul(2).min(MAX_RUN);
+        self.run = self.run.saturating_mul(GROWTH).min(MAX_RUN);
         run
     }
 
@@ -392,7 +419,7 @@ mod tests {
         assert_eq!(p.claim(), None);
         let rest = p.finish_and_claim(first.id).unwrap();
         assert_eq!(rest.start, FIRST_RUN);
-        assert!(rest.end - rest.start >= FIRST_RUN);
+        assert!(rest.end - rest.start >= MIN_CAP);
         assert_eq!(p.claim(), None);
         // A reader far ahead: its range at once, on another connection.
         let w = p.want(90 << 20, (90 << 20) + 100);
@@ -414,6 +441,18 @@ mod tests {
         assert!(!p.complete(), "the reader's range is still being fetched");
         p.finish(r.id);
         assert!(p.complete());
+    }
+
+    #[test]
+    fn a_connections_next_range_is_claimed_while_it_reads_the_end_of_its_current_one() {
+        let p = Pieces::new(true, false);
+        let f = p.answered(Some(100 << 20), Runs::Bounded, 0, FIRST_RUN);
+        let n = p.claim_next(f.id).unwrap();
+        assert_eq!(n.start, FIRST_RUN);
+        assert_eq!(p.claim(), None, "still one stream");
+        assert!(!p.needs_connection(1, 6));
+        p.finish(f.id);
+        assert_eq!(p.claim_next(n.id).unwrap().start, n.end);
     }
 
     #[test]
@@ -444,11 +483,11 @@ mod tests {
     }
 
     #[test]
-    fn a_split_rest_goes_in_pieces_of_half_a_second_of_one_connection() {
+    fn a_split_rest_goes_in_pieces_of_a_quarter_second_of_one_connection() {
         let p = Pieces::new(true, false);
         let f = p.answered(Some(256 << 20), Runs::Bounded, 0, 8 << 20);
-        // 8 MiB in a second on one connection: pieces of 4 MiB.
-        p.state.lock().started = Some(Instant::now() - Duration::from_secs(1));
+        // 16 MiB in a second on one connection: pieces of 4 MiB.
+        p.state.lock().started = Some(Instant::now() - Duration::from_millis(500));
         p.finish(f.id);
         p.split(4);
         let claims: Vec<Claimed> = (0..4).map_while(|_| p.claim()).collect();
