@@ -105,7 +105,7 @@ impl Mirror {
         // A blob in flight fetches what this read asks for.
         let held = match reading {
             Some(reading) => {
-                let wants = wants(reading.flight(), &window.spec, total, &pull.snap);
+                let wants = wants(reading.flight(), &window.spec, &pull.snap);
                 held.keeping((reading, wants))
             }
             None => held,
@@ -323,12 +323,7 @@ impl Mirror {
 /// Registers what a read of `spec` waits for in the flight's table: a
 /// whole read wants the whole blob; a range read its ranges (and the rest
 /// of the blob, fetched after them, when `range_rest = "background"`).
-fn wants(
-    flight: &Arc<Flight>,
-    spec: &RangeSpec,
-    total: Option<u64>,
-    snap: &crate::snapshot::Snapshot,
-) -> Vec<Wanting> {
+fn wants(flight: &Arc<Flight>, spec: &RangeSpec, snap: &crate::snapshot::Snapshot) -> Vec<Wanting> {
     let ranges: &[(u64, u64)] = match spec {
         RangeSpec::Part(a, b) => &[(*a, *b)],
         RangeSpec::Multi(ranges) => ranges,
@@ -337,7 +332,7 @@ fn wants(
             return Vec::new();
         }
     };
-    if snap.upstream.settings.range_rest_background && total.is_some() {
+    if snap.upstream.settings.range_rest_background {
         flight.pieces.fetch_rest(true);
     }
     ranges.iter().map(|&(a, b)| flight.want(a, b + 1)).collect()

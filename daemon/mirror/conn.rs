@@ -19,6 +19,7 @@ use http::{HeaderMap, StatusCode};
 use hyper::body::Incoming;
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::pace::{resumed_metric, Ctx, Cut, Pace, MAX_RESUMES};
 use super::pieces::{Claimed, Pieces, Runs};
@@ -67,15 +68,17 @@ fn asking(ctx: &Ctx<'_>, range: ByteRange) -> Asking {
         ..ctx.req.clone()
     };
     let total = ctx.progress.borrow().total;
-    let (upstream, snap) = ctx.owned.clone();
+    let (upstream, snap) = (ctx.upstream.clone(), ctx.snap.clone());
     (upstream, snap, asked, total, ctx.digest.clone())
 }
 
 /// Sends the request for a connection's next range now, on a task of its
 /// own, while the connection reads the end of its current one: the
 /// answer is there when it gets to it (no pause between ranges).
-fn ask_ahead(ctx: &Ctx<'_>, range: ByteRange) -> tokio::task::JoinHandle<Result<Conn, String>> {
-    tokio::spawn(ask_owned(asking(ctx, range), false))
+/// The task is aborted if the connection is dropped before it takes the
+/// answer (the fetch ended), so no request outlives its fetch.
+fn ask_ahead(ctx: &Ctx<'_>, range: ByteRange) -> AbortOnDropHandle<Result<Conn, String>> {
+    AbortOnDropHandle::new(tokio::spawn(ask_owned(asking(ctx, range), false)))
 }
 
 async fn ask_owned(
@@ -219,7 +222,7 @@ pub(super) async fn worker(
 
 /// A connection's next range, claimed and asked for while it reads the
 /// end of its current one.
-type Ahead = Option<(Claimed, tokio::task::JoinHandle<Result<Conn, String>>)>;
+type Ahead = Option<(Claimed, AbortOnDropHandle<Result<Conn, String>>)>;
 
 /// Fetches one range, continuing where a connection broke while it
 /// brings something new and resumes are left. Returns where it ended.

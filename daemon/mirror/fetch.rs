@@ -109,10 +109,9 @@ pub(super) async fn blob(
     let readers = || readers() + usize::from(pieces.kept());
     let progress = ingest.subscribe();
     let ctx = Ctx {
-        owned: (owned.clone(), snap.clone()),
-        upstream,
+        upstream: owned.clone(),
+        snap: snap.clone(),
         cluster,
-        cfg,
         req,
         digest,
         readers: &readers,
@@ -124,8 +123,8 @@ pub(super) async fn blob(
         Err(e) => return Phase::Failed(e.to_string().into()),
     };
     let split = match first.runs {
-        super::pieces::Runs::Bounded => split_connections(&first.conn.ep, &cfg.settings, total),
-        super::pieces::Runs::Whole => 1,
+        Runs::Bounded => split_connections(&first.conn.ep, &cfg.settings, total),
+        Runs::Whole => 1,
     };
     let sources = Sources::default();
     let moved = run(

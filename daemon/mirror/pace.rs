@@ -53,12 +53,12 @@ impl Cut {
 
 /// What every connection of one blob fetch shares.
 pub(super) struct Ctx<'a> {
-    /// The same upstream and configuration, owned, for a request sent
-    /// ahead on a task of its own (the next range of a connection).
-    pub owned: (Arc<Upstream>, Arc<crate::snapshot::Snapshot>),
-    pub upstream: &'a Upstream,
+    /// Owned, so that a request may go ahead on a task of its own (the
+    /// next range of a connection).
+    pub upstream: Arc<Upstream>,
+    /// The configuration the fetch started with.
+    pub snap: Arc<crate::snapshot::Snapshot>,
     pub cluster: Option<&'a Arc<Cluster>>,
-    pub cfg: &'a upstream::Config,
     pub req: &'a UpstreamRequest,
     pub digest: &'a Digest,
     /// How many clients read the blob besides the fetch itself.
@@ -136,7 +136,7 @@ impl<'a> Pace<'a> {
     }
 
     fn check(&mut self) -> Result<(), Cut> {
-        let s = &self.ctx.cfg.settings;
+        let s = &self.ctx.cfg().settings;
         let now = Instant::now();
         if now - self.last_data > s.idle_timeout {
             return Err(Cut::Broken(format!(
@@ -210,9 +210,14 @@ impl<'a> Pace<'a> {
 }
 
 impl Ctx<'_> {
+    /// The upstream configuration the fetch started with.
+    pub fn cfg(&self) -> &upstream::Config {
+        &self.snap.upstream
+    }
+
     /// Marks `ep` failed for a while (see [`upstream::Upstream::report_failure`]).
     pub fn report_failure(&self, ep: &Endpoint, why: &str) {
-        self.upstream.report_failure(self.cfg, ep, why);
+        self.upstream.report_failure(self.cfg(), ep, why);
     }
 }
 

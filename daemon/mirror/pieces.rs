@@ -208,13 +208,9 @@ impl Pieces {
         });
     }
 
-    pub fn is_split(&self) -> bool {
-        self.state.lock().connections > 1
-    }
-
     /// The next range for a connection, or `None`: nothing for it to do.
     pub fn claim(&self) -> Option<Claimed> {
-        self.update(Table::next)
+        self.update(|t| t.next(None))
     }
 
     /// Whether another connection would have something to do now (with
@@ -253,16 +249,7 @@ impl Pieces {
     /// The next range of the connection holding `id`, claimed while it
     /// still reads that one (its next request is sent ahead).
     pub fn claim_next(&self, id: u64) -> Option<Claimed> {
-        self.update(|t| {
-            let held = t.claims.get_mut(&id)?;
-            // Counted as done for the connections' share of the rest.
-            let wanted = std::mem::replace(&mut held.wanted, true);
-            let next = t.next();
-            if let Some(held) = t.claims.get_mut(&id) {
-                held.wanted = wanted;
-            }
-            next
-        })
+        self.update(|t| t.claims.contains_key(&id).then(|| t.next(Some(id)))?)
     }
 
     /// The range is in the file; the connection's next range, at once (no
@@ -270,7 +257,7 @@ impl Pieces {
     pub fn finish_and_claim(&self, id: u64) -> Option<Claimed> {
         self.update(|t| {
             t.claims.remove(&id);
-            t.next()
+            t.next(None)
         })
     }
 
@@ -354,8 +341,8 @@ impl Table {
     /// The most one request asks for now: what one connection brings in
     /// [`RUN_TIME`], so a reader inside a range being fetched is reached
     /// within about that, and connections sharing the rest finish within
-    /// about that of each other (with few requests: one per half second
-    /// of a connection's work).
+    /// about that of each other (with few requests: one per quarter
+    /// second of a connection's work).
     fn cap(&self) -> u64 {
         self.split_rate
             .or_else(|| self.stream_rate())
@@ -379,7 +366,10 @@ impl Table {
         run
     }
 
-    fn next(&mut self) -> Option<Claimed> {
+    /// The next range for a connection; `holder`: the claim that
+    /// connection still reads, counted as done (its next range is asked
+    /// for ahead).
+    fn next(&mut self, holder: Option<u64>) -> Option<Claimed> {
         if self.failed.is_some() {
             return None;
         }
@@ -396,7 +386,11 @@ impl Table {
             let end = e.min(s.saturating_add(self.cap().max(MIN_RUN)));
             return Some(self.claim(s, end, true));
         }
-        let resting = self.claims.values().filter(|c| !c.wanted).count();
+        let resting = self
+            .claims
+            .iter()
+            .filter(|&(id, c)| !c.wanted && Some(*id) != holder)
+            .count();
         if !self.rest || resting >= self.connections {
             return None;
         }
