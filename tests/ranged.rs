@@ -165,6 +165,50 @@ async fn a_fast_big_blob_stays_one_stream() {
     d.stop().await;
 }
 
+/// An upstream slow to answer (far away, or slow to look a blob up) but
+/// fast to send: a range is asked for before the answer to it is needed,
+/// so the stream does not wait an answer's time at each request. The
+/// first range here is 1 MiB (an eighth of an 8 MiB `parallel_threshold`);
+/// the third range is asked for when the first is in, before the
+/// second's answer came.
+#[tokio::test]
+async fn an_upstream_slow_to_answer_gets_the_next_ranges_asked_ahead() {
+    let delay = Duration::from_millis(400);
+    let up = Fake::start(Behaviour {
+        answer_delay: Some(delay),
+        ..Behaviour::default()
+    })
+    .await;
+    let content = crate::support::noise(16 << 20, 5);
+    let digest = up.put_blob("app", &content);
+    let hosts = format!(
+        "server = \"{}\"\nparallel_threshold = \"8MiB\"\nparallel_fetches = 1\n",
+        up.url()
+    );
+    let d = Daemon::builder().hosts("far.test", hosts).start().await;
+    let (status, body) = stream_on(&http_client(), &url(&d, "far.test", &digest), None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body.unwrap(), (content.len() as u64, digest.clone()));
+    stored(&d, &digest).await;
+    let asked: Vec<_> = up
+        .seen()
+        .into_iter()
+        .filter(|s| s.method == http::Method::GET && s.uri.contains("/blobs/"))
+        .collect();
+    let spans = ranges(&up);
+    assert_eq!(spans.len(), asked.len(), "every request bounded: {spans:?}");
+    assert_eq!(covered_once(spans.clone(), content.len() as u64), 0);
+    assert_eq!(spans[0], (0, (1 << 20) - 1));
+    assert!(asked.len() >= 3, "{spans:?}");
+    assert!(
+        asked[2].at < asked[1].at + delay,
+        "the third range was asked {:?} after the second, whose answer takes {delay:?}",
+        asked[2].at - asked[1].at
+    );
+    assert_eq!(up.blob_bytes(), content.len() as u64);
+    d.stop().await;
+}
+
 /// Pieces whose connections break are continued where they broke, on the
 /// same endpoint or the next; what arrived is never asked for again. The
 /// first stream, broken twice, is resumed twice.

@@ -3,8 +3,9 @@
 //! endpoints for each (`Range: bytes=A-B`, in plan order), writes the
 //! bytes at their offsets, and continues a range where its connection
 //! broke or crawled, on the same endpoint or the next. Its next range is
-//! claimed and asked for (on a task of its own) while the last quarter of
-//! the current one comes in, so the stream does not pause between ranges.
+//! claimed and asked for (on a task of its own) while the current one
+//! comes in, early enough for the answer to be there when it ends (see
+//! [`Pieces::ask_early`]), so the stream does not pause between ranges.
 //! Memory stays bounded: each connection holds at most two write batches
 //! (and the answer to its next request, which the kernel buffers).
 
@@ -12,7 +13,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
@@ -43,6 +44,8 @@ pub(super) struct Conn {
     pub body: Incoming,
     pub skip: u64,
     pub relay: Option<Relayed>,
+    /// How long the answer took to come.
+    pub took: Duration,
 }
 
 /// A range of the blob (`start..end`, or to its end), on the endpoints in
@@ -72,6 +75,18 @@ fn asking(ctx: &Ctx<'_>, range: ByteRange) -> Asking {
     (upstream, snap, asked, total, ctx.digest.clone())
 }
 
+/// Claims the next range of the connection holding `id` and asks for it
+/// ahead.
+fn ask_next(ctx: &Ctx<'_>, pieces: &Pieces, id: u64) -> Ahead {
+    pieces.claim_next(id).map(|n| {
+        let range = ByteRange {
+            start: n.start,
+            end: Some(n.end),
+        };
+        (n, ask_ahead(ctx, range))
+    })
+}
+
 /// Sends the request for a connection's next range now, on a task of its
 /// own, while the connection reads the end of its current one: the
 /// answer is there when it gets to it (no pause between ranges).
@@ -89,6 +104,7 @@ async fn ask_owned(
         start: 0,
         end: None,
     });
+    let asked_at = Instant::now();
     let found = upstream
         .first_success(&snap.upstream, &asked, |ep, resp| {
             let status = resp.status();
@@ -117,6 +133,7 @@ async fn ask_owned(
                     body: resp.into_body(),
                     skip,
                     relay,
+                    took: asked_at.elapsed(),
                 })
             }
         })
@@ -171,11 +188,12 @@ pub(super) async fn worker(
             None => return Ok(None),
         },
     };
+    let mut asked_next: Ahead = None;
     loop {
         if leader.as_ref().is_some_and(|(_, at)| *at != claimed.start) {
             leader = None;
         }
-        let mut next: Ahead = None;
+        let mut next: Ahead = asked_next.take();
         let done = range(
             ctx,
             pieces,
@@ -199,6 +217,11 @@ pub(super) async fn worker(
                 Some((n, asked)) => {
                     pieces.finish(claimed.id);
                     claimed = n;
+                    // A range shorter than an answer's wait: the one
+                    // after it is asked for before its answer is read.
+                    if pieces.ask_early(n.end - n.start) {
+                        asked_next = ask_next(ctx, pieces, n.id);
+                    }
                     conn = asked.await.ok().and_then(Result::ok);
                 }
                 None => match pieces.finish_and_claim(claimed.id) {
@@ -246,6 +269,7 @@ async fn range(
             mut body,
             skip,
             relay,
+            took,
         } = match conn.take() {
             Some(conn) => conn,
             None => {
@@ -259,6 +283,7 @@ async fn range(
                 }
             }
         };
+        pieces.answer_took(took);
         sources.add(&ep);
         if resumed {
             resumed_metric(&ep);
@@ -317,18 +342,15 @@ async fn pump(
     mut ahead: Option<(&Ctx<'_>, &mut Ahead)>,
 ) -> Result<(), Stop> {
     // The next range is asked for once the last quarter of this one is
-    // coming in.
+    // coming in, or earlier when an answer takes longer than that.
     let ask_at = c.end - (c.end - c.start) / 4;
     while w.position() < c.end {
-        if let Some((ctx, next)) = ahead.as_mut().filter(|_| w.position() >= ask_at) {
+        if let Some((ctx, next)) = ahead
+            .as_mut()
+            .filter(|_| w.position() >= ask_at || pieces.ask_early(c.end - w.position()))
+        {
             if next.is_none() {
-                **next = pieces.claim_next(c.id).map(|n| {
-                    let range = ByteRange {
-                        start: n.start,
-                        end: Some(n.end),
-                    };
-                    (n, ask_ahead(ctx, range))
-                });
+                **next = ask_next(ctx, pieces, c.id);
             }
             ahead = None;
         }

@@ -222,6 +222,7 @@ pub(super) async fn first(
         ..req.clone()
     };
     let mut unsatisfiable = false;
+    let asked_at = Instant::now();
     let found = upstream
         .first_success(cfg, &asked, |ep, resp| {
             let status = resp.status();
@@ -252,6 +253,7 @@ pub(super) async fn first(
                         body: resp.into_body(),
                         skip: 0,
                         relay,
+                        took: asked_at.elapsed(),
                     },
                     total,
                     runs,

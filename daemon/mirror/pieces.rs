@@ -14,10 +14,12 @@
 //! upstream sends each byte once. Ranges are kept short enough that a
 //! reader waiting inside one is reached soon: a single stream's runs
 //! start at [`FIRST_RUN`] and grow eightfold up to what the connection
-//! brings in [`RUN_TIME`]; when the rest is split over several connections, each
-//! takes that much at a time, or a share of what is left once that is
-//! less (a quarter of it at least), so they finish close together without
-//! one taking over another's range.
+//! brings in [`RUN_TIME`] (a tail under a quarter of a run goes with
+//! it), each asked for before the answer to it is needed
+//! ([`Pieces::ask_early`]); when the rest is split over several
+//! connections, each takes that much at a time, or a share of what is
+//! left once that is less (a quarter of it at least), so they finish
+//! close together without one taking over another's range.
 //!
 //! An endpoint that answers with the whole blob (it ignores `Range`, or
 //! a cluster peer, asked for whole blobs) is one stream to the end
@@ -46,7 +48,7 @@ pub const MIN_RUN: u64 = 256 << 10;
 pub const MAX_RUN: u64 = 256 << 20;
 
 /// A single stream's runs grow by this factor, up to what it brings in
-/// [`RUN_TIME`]: few requests for a fast stream (a 256 MiB blob in four),
+/// [`RUN_TIME`]: few requests for a fast stream (a 256 MiB blob in three),
 /// while a rate measured on too little is never trusted far.
 const GROWTH: u64 = 8;
 
@@ -87,6 +89,8 @@ struct Table {
     connections: usize,
     /// The next single-stream run.
     run: u64,
+    /// What the first request asked for.
+    first: u64,
     /// When the first answer came.
     started: Option<Instant>,
     /// One connection's rate when the rest was split (what the pieces of
@@ -94,9 +98,12 @@ struct Table {
     split_rate: Option<f64>,
     /// Why the blob cannot be completed.
     failed: Option<String>,
+    /// How long an answer takes to come (the last ones, averaged).
+    latency: Option<Duration>,
 }
 
 struct Claim {
+    start: u64,
     end: u64,
     pos: u64,
     /// Taken for a reader.
@@ -125,9 +132,11 @@ impl Pieces {
                 keep: keep && rest,
                 connections: 1,
                 run: FIRST_RUN,
+                first: FIRST_RUN,
                 started: None,
                 split_rate: None,
                 failed: None,
+                latency: None,
             }),
             changed: Notify::new(),
         }
@@ -153,6 +162,7 @@ impl Pieces {
             t.runs = runs;
             t.started = Some(Instant::now());
             if runs == Runs::Bounded {
+                t.first = end - start;
                 t.run = (end - start)
                     .max(MIN_CAP)
                     .saturating_mul(GROWTH)
@@ -160,6 +170,29 @@ impl Pieces {
             }
             t.claim(start, end, start > 0)
         })
+    }
+
+    /// An answer took `took` to come.
+    pub fn answer_took(&self, took: Duration) {
+        let mut t = self.state.lock();
+        t.latency = Some(t.latency.map_or(took, |l| (l + took) / 2));
+    }
+
+    /// Whether a connection with `left` bytes of its range still to read
+    /// asks for its next range now rather than in the range's last
+    /// quarter: when what is left takes less than two answers' waits at
+    /// the stream's pace (once that is measured), so that the next answer
+    /// is there when the range ends. Only while the rest of the blob is
+    /// fetched: a reader's ranges are asked for as the reader comes.
+    pub fn ask_early(&self, left: u64) -> bool {
+        let t = self.state.lock();
+        if t.runs != Runs::Bounded || !t.rest || !t.measured() {
+            return false;
+        }
+        match (t.stream_rate(), t.latency) {
+            (Some(r), Some(l)) => (left as f64) < r * 2.0 * l.as_secs_f64(),
+            _ => false,
+        }
     }
 
     pub fn total(&self) -> Option<u64> {
@@ -301,6 +334,7 @@ impl Table {
         self.claims.insert(
             id,
             Claim {
+                start,
                 end,
                 pos: start,
                 wanted,
@@ -319,10 +353,18 @@ impl Table {
         self.covered.len().saturating_sub(claimed)
     }
 
-    /// Bytes a second one connection has brought since the first answer.
+    /// Bytes a second one connection has brought since the first answer
+    /// (a range asked for ahead is not read yet: not counted as one).
     fn stream_rate(&self) -> Option<f64> {
         let elapsed = self.started?.elapsed().as_secs_f64().max(1e-3);
-        Some(self.brought() as f64 / elapsed / self.claims.len().max(1) as f64)
+        let reading = self.claims.values().filter(|c| c.pos > c.start).count();
+        Some(self.brought() as f64 / elapsed / reading.max(1) as f64)
+    }
+
+    /// Whether the stream's pace is measured on enough bytes to ask
+    /// early by: the first request's.
+    fn measured(&self) -> bool {
+        self.brought() >= self.first
     }
 
     /// The first range nobody has or fetches from `from` on.
@@ -361,7 +403,14 @@ impl Table {
             let left = self.total.unwrap_or(0).saturating_sub(self.covered.len());
             return (left / self.connections as u64).clamp((cap / 4).max(MIN_RUN), cap);
         }
-        let run = self.run.min(self.cap());
+        // A pace measured on few bytes is trusted for a run of at most
+        // eight times as many (or as the first request asked for).
+        let trusted = self
+            .brought()
+            .max(self.first)
+            .max(MIN_CAP)
+            .saturating_mul(GROWTH);
+        let run = self.run.min(self.cap()).min(trusted);
         self.run = self.run.saturating_mul(GROWTH).min(MAX_RUN);
         run
     }
@@ -396,7 +445,13 @@ impl Table {
         }
         let (s, gap_end) = self.gap(0)?;
         let len = self.piece();
-        Some(self.claim(s, gap_end.min(s.saturating_add(len)), false))
+        let mut end = gap_end.min(s.saturating_add(len));
+        // A tail of less than a quarter of this piece goes with it: a
+        // request less for a few percent more time on this one.
+        if gap_end - end < len / 4 && gap_end - s <= MAX_RUN {
+            end = gap_end;
+        }
+        Some(self.claim(s, end, false))
     }
 }
 
@@ -447,6 +502,62 @@ mod tests {
         assert!(!p.needs_connection(1, 6));
         p.finish(f.id);
         assert_eq!(p.claim_next(n.id).unwrap().start, n.end);
+    }
+
+    #[test]
+    fn a_short_tail_goes_with_the_piece_before_it() {
+        let p = Pieces::new(true, false);
+        let f = p.answered(Some(256 << 20), Runs::Bounded, 0, 4 << 20);
+        // 800 MiB a second on one connection: 200 MiB a quarter second.
+        p.state.lock().started = Some(Instant::now() - Duration::from_millis(10));
+        p.finish(f.id);
+        let second = p.claim().unwrap();
+        assert_eq!((second.start, second.end), (4 << 20, 36 << 20));
+        p.finish(second.id);
+        p.state.lock().started = Some(Instant::now() - Duration::from_millis(45));
+        // 220 MiB are left; the run is 200 MiB, the 20 MiB after it go too.
+        let third = p.claim().unwrap();
+        assert_eq!((third.start, third.end), (36 << 20, 256 << 20));
+        p.finish(third.id);
+        assert!(p.complete());
+    }
+
+    #[test]
+    fn the_next_range_is_asked_for_before_its_answer_would_come_late() {
+        const MIB: u64 = 1 << 20;
+        let p = Pieces::new(true, false);
+        let f = p.answered(Some(256 * MIB), Runs::Bounded, 0, MIB);
+        p.answer_took(Duration::from_millis(100));
+        p.state.lock().started = Some(Instant::now() - Duration::from_millis(10));
+        // Until the first range is in, its next one waits for its last
+        // quarter, as before.
+        p.advance(f.id, MIB / 2);
+        assert!(!p.ask_early(MIB / 2));
+        p.advance(f.id, 3 * MIB / 4);
+        let second = p.claim_next(f.id).unwrap();
+        assert_eq!((second.start, second.end), (MIB, 9 * MIB));
+        // The range asked ahead is not read yet: it does not halve the
+        // stream's pace (75 MiB a second, not 37.5).
+        let left = p.time_left_on_one().unwrap();
+        assert!(left < Duration::from_secs(5), "{left:?}");
+        // The first range in (1 MiB in 10 ms: 100 MiB a second); answers
+        // take 100 ms, the 8 MiB of the second range 80 ms: less than two
+        // answers' wait, so the third is asked for before the second's
+        // answer is read; a pace measured on 1 MiB sizes it at 8 MiB.
+        p.advance(f.id, MIB);
+        p.finish(f.id);
+        assert!(p.ask_early(8 * MIB));
+        let third = p.claim_next(second.id).unwrap();
+        assert_eq!((third.start, third.end), (9 * MIB, 17 * MIB));
+        // Answers in a millisecond: 8 MiB is more than two answers' wait.
+        p.state.lock().latency = Some(Duration::from_millis(1));
+        assert!(!p.ask_early(8 * MIB));
+        // Nothing to fetch beyond what readers ask: nothing early.
+        let q = Pieces::new(false, false);
+        let g = q.answered(Some(256 * MIB), Runs::Bounded, 0, MIB);
+        q.answer_took(Duration::from_millis(100));
+        q.advance(g.id, MIB);
+        assert!(!q.ask_early(MIB));
     }
 
     #[test]

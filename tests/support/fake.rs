@@ -71,6 +71,9 @@ pub struct Behaviour {
     pub rate: Option<u64>,
     /// Send generated blobs without a length (chunked).
     pub no_length: bool,
+    /// Wait this long before answering a blob request (a registry far
+    /// away, or slow to look a blob up).
+    pub answer_delay: Option<std::time::Duration>,
 }
 
 /// A request the fake saw.
@@ -79,6 +82,8 @@ pub struct Seen {
     pub method: Method,
     pub uri: String,
     pub headers: HeaderMap,
+    /// When it came in.
+    pub at: std::time::Instant,
 }
 
 #[derive(Clone)]
@@ -307,6 +312,7 @@ async fn handle(s: &Shared, addr: SocketAddr, req: Request<Incoming>) -> Respons
         method: req.method().clone(),
         uri: req.uri().to_string(),
         headers: req.headers().clone(),
+        at: std::time::Instant::now(),
     });
     let b = s.behaviour.lock().clone();
     let path = req.uri().path().to_string();
@@ -391,6 +397,9 @@ async fn handle(s: &Shared, addr: SocketAddr, req: Request<Incoming>) -> Respons
     let Some(content) = s.content.lock().get(&key).cloned() else {
         return status(StatusCode::NOT_FOUND, &[]);
     };
+    if let Some(d) = b.answer_delay.filter(|_| key.contains("/blobs/")) {
+        tokio::time::sleep(d).await;
+    }
     let digest = key.rsplit('/').next().unwrap_or("").to_string();
     let digest = if digest.starts_with("sha256:") {
         digest
