@@ -9,7 +9,10 @@ use http::StatusCode;
 
 use crate::support::fake::{Behaviour, Fake};
 use crate::support::real::{self, Registry};
-use crate::support::{capped_front, get, http_client, stream_on, wait_until, Daemon};
+use crate::support::{
+    capped_front, get, http_client, quick_upstream, stream_on, wait_until, Daemon,
+};
+use nodemirror::config::UpstreamSettings;
 
 /// 3 MiB of seeded noise (gzip cannot shrink it below the threshold).
 fn blob(seed: u64) -> Vec<u8> {
@@ -173,7 +176,9 @@ async fn a_fast_big_blob_stays_one_stream() {
 /// second's answer came.
 #[tokio::test]
 async fn an_upstream_slow_to_answer_gets_the_next_ranges_asked_ahead() {
-    let delay = Duration::from_millis(400);
+    // Long beside what reading 1 MiB takes even on a loaded machine: the
+    // third range is asked for early while that pace is above 1.5 MiB/s.
+    let delay = Duration::from_secs(3);
     let up = Fake::start(Behaviour {
         answer_delay: Some(delay),
         ..Behaviour::default()
@@ -185,7 +190,14 @@ async fn an_upstream_slow_to_answer_gets_the_next_ranges_asked_ahead() {
         "server = \"{}\"\nparallel_threshold = \"8MiB\"\nparallel_fetches = 1\n",
         up.url()
     );
-    let d = Daemon::builder().hosts("far.test", hosts).start().await;
+    let d = Daemon::builder()
+        .hosts("far.test", hosts)
+        .upstream(UpstreamSettings {
+            first_byte_timeout: Duration::from_secs(10),
+            ..quick_upstream()
+        })
+        .start()
+        .await;
     let (status, body) = stream_on(&http_client(), &url(&d, "far.test", &digest), None, None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body.unwrap(), (content.len() as u64, digest.clone()));

@@ -345,15 +345,6 @@ async fn pump(
     // coming in, or earlier when an answer takes longer than that.
     let ask_at = c.end - (c.end - c.start) / 4;
     while w.position() < c.end {
-        if let Some((ctx, next)) = ahead
-            .as_mut()
-            .filter(|_| w.position() >= ask_at || pieces.ask_early(c.end - w.position()))
-        {
-            if next.is_none() {
-                **next = ask_next(ctx, pieces, c.id);
-            }
-            ahead = None;
-        }
         let Some(mut data) = receive(pace, body, w).await? else {
             if c.end == u64::MAX {
                 return Ok(()); // a body of unknown size ends here
@@ -384,6 +375,18 @@ async fn pump(
             } else {
                 *leader = None;
             }
+        }
+        // Checked as each frame comes, before it is written: a range may
+        // come in a few large frames, its last quarter within one.
+        let reached = w.position() + data.len() as u64;
+        if let Some((ctx, next)) = ahead
+            .as_mut()
+            .filter(|_| reached >= ask_at || pieces.ask_early(c.end - reached))
+        {
+            if next.is_none() {
+                **next = ask_next(ctx, pieces, c.id);
+            }
+            ahead = None;
         }
         w.push(data).await?;
         pieces.advance(c.id, w.position());
