@@ -2,6 +2,12 @@
 
 use super::*;
 
+/// Backdates the first answer to `ms` milliseconds ago, so that what is
+/// brought shows a stream's pace.
+fn answered_ago(p: &Pieces, ms: u64) {
+    p.state.lock().started = Some(Instant::now() - Duration::from_millis(ms));
+}
+
 #[test]
 fn readers_ranges_first_then_the_rest_lowest_first() {
     let p = Pieces::new(true, false);
@@ -52,12 +58,12 @@ fn a_short_tail_goes_with_the_piece_before_it() {
     let p = Pieces::new(true, false);
     let f = p.answered(Some(256 << 20), Runs::Bounded, 0, 4 << 20);
     // 800 MiB a second on one connection: 200 MiB a quarter second.
-    p.state.lock().started = Some(Instant::now() - Duration::from_millis(10));
+    answered_ago(&p, 10);
     p.finish(f.id);
     let second = p.claim().unwrap();
     assert_eq!((second.start, second.end), (4 << 20, 36 << 20));
     p.finish(second.id);
-    p.state.lock().started = Some(Instant::now() - Duration::from_millis(45));
+    answered_ago(&p, 45);
     // 220 MiB are left; the run is 200 MiB, the 20 MiB after it go too.
     let third = p.claim().unwrap();
     assert_eq!((third.start, third.end), (36 << 20, 256 << 20));
@@ -71,7 +77,7 @@ fn the_next_range_is_asked_for_before_its_answer_would_come_late() {
     let p = Pieces::new(true, false);
     let f = p.answered(Some(256 * MIB), Runs::Bounded, 0, MIB);
     p.answer_took(Duration::from_millis(100));
-    p.state.lock().started = Some(Instant::now() - Duration::from_millis(10));
+    answered_ago(&p, 10);
     // Until the first range is in, its next one waits for its last
     // quarter, as before.
     p.advance(f.id, MIB / 2);
@@ -135,7 +141,7 @@ fn a_split_rest_goes_in_pieces_of_a_quarter_second_of_one_connection() {
     let p = Pieces::new(true, false);
     let f = p.answered(Some(256 << 20), Runs::Bounded, 0, 8 << 20);
     // 16 MiB in a second on one connection: pieces of 4 MiB.
-    p.state.lock().started = Some(Instant::now() - Duration::from_millis(500));
+    answered_ago(&p, 500);
     p.finish(f.id);
     p.split(4);
     let claims: Vec<Claimed> = (0..4).map_while(|_| p.claim()).collect();
